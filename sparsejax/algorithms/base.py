@@ -1,0 +1,110 @@
+"""The algorithm interface shared by every sparse-training method.
+
+An algorithm is an immutable dataclass of static hyperparameters with pure
+methods; `sparsejax.transforms.masked` calls them inside jit. It never holds
+arrays or mutable state: masks, counters and keys live in the optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sparsejax import distributions, masks
+
+PyTree = Any
+
+__all__ = ["Algorithm", "Dense", "SparseAlgorithm"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """Base class: a dense algorithm that never masks anything.
+
+    Subclasses override:
+      init_masks(params, key) -> masks at step 0.
+      is_update_step(step) -> traced bool, when ``updates_masks`` is True.
+      update_masks(masks, params, grads, step, key) -> new masks.
+    and set the class flags ``updates_masks``, ``skip_update_on_mask_step``
+    and ``reset_grown_moments``.
+    """
+
+    updates_masks = False
+    skip_update_on_mask_step = False
+    reset_grown_moments = False
+
+    def init_masks(self, params: PyTree, key: jax.Array) -> PyTree:
+        del key
+        return jax.tree.map(lambda p: None, params)
+
+    def is_update_step(self, step: jax.Array) -> jax.Array:
+        del step
+        return jnp.asarray(False)
+
+    def update_masks(
+        self, masks: PyTree, params: PyTree, grads: PyTree, step: jax.Array, key: jax.Array
+    ) -> PyTree:
+        del params, grads, step, key
+        return masks
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense(Algorithm):
+    """Dense training: ``masked(inner, Dense())`` behaves exactly like ``inner``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseAlgorithm(Algorithm):
+    """Common fields: the global target and how it is spread over layers.
+
+    Attributes:
+      sparsity: global target over the sparsified leaves, in [0, 1).
+      distribution: 'uniform', 'er' or 'erk' (see `sparsejax.distributions`).
+      power_scale: ERK exponent.
+      keep_dense: substrings of leaf names ('conv1/kernel') left dense.
+    """
+
+    sparsity: float = 0.9
+    distribution: str = "erk"
+    power_scale: float = 1.0
+    keep_dense: Sequence[str] = ()
+
+    def __post_init__(self):
+        masks.validate_sparsity(self.sparsity, "sparsity")
+        distributions.get(self.distribution)
+        if isinstance(self.keep_dense, str):
+            object.__setattr__(self, "keep_dense", (self.keep_dense,))
+        object.__setattr__(self, "keep_dense", tuple(self.keep_dense))
+
+    def layer_sparsities(self, params: PyTree) -> PyTree:
+        """Per-leaf target sparsities (Python floats, None where not sparsified)."""
+        fn = distributions.get(self.distribution)
+        kwargs = {"keep_dense": self.keep_dense}
+        if self.distribution == "erk":
+            kwargs["power_scale"] = self.power_scale
+        return fn(params, self.sparsity, **kwargs)
+
+    def dense_masks(self, params: PyTree) -> PyTree:
+        """All-True masks on the sparsified leaves, None elsewhere."""
+        return jax.tree.map(
+            lambda s, p: None if s is None else jnp.ones(jnp.shape(p), bool),
+            self.layer_sparsities(params),
+            params,
+            is_leaf=masks.is_none,
+        )
+
+    def random_masks(self, params: PyTree, key: jax.Array) -> PyTree:
+        """Random masks with each leaf's exact target density."""
+        sparsities = self.layer_sparsities(params)
+        leaves, treedef = jax.tree.flatten(sparsities, is_leaf=masks.is_none)
+        keys = jax.random.split(key, max(len(leaves), 1))
+        param_leaves = treedef.flatten_up_to(params)
+        out = [
+            None if s is None else masks.topk_mask(jax.random.uniform(k, jnp.shape(p)), s)
+            for s, k, p in zip(leaves, keys, param_leaves)
+        ]
+        return jax.tree.unflatten(treedef, out)

@@ -1,0 +1,217 @@
+"""Per-layer sparsities from one global target: uniform, ER and ERK.
+
+Each function returns a pytree shaped like ``params`` whose leaves are Python
+floats (the sparsity of that leaf) or ``None`` where the leaf is not sparsified.
+The default filter sparsifies kernels (leaves with ndim >= 2); biases, norms and
+anything named in ``keep_dense`` are left dense (``None``). Results depend only
+on shapes, so they are static under jit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from sparsejax.masks import validate_sparsity
+
+PyTree = Any
+FilterFn = Callable[[str, Any], bool]
+
+__all__ = ["default_filter", "er", "erk", "get", "path_name", "uniform"]
+
+
+def path_name(path: tuple) -> str:
+    """'conv1/kernel' style name of a pytree key path."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def default_filter(name: str, param: Any) -> bool:
+    """Sparsify kernels: every leaf with at least two dimensions."""
+    del name
+    return np.ndim(param) >= 2
+
+
+def _selected(params: PyTree, filter_fn: FilterFn | None, keep_dense: Sequence[str]):
+    """(names, shapes, treedef, selected flags) of the leaves of ``params``."""
+    if isinstance(keep_dense, str):
+        keep_dense = (keep_dense,)
+    filter_fn = default_filter if filter_fn is None else filter_fn
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [path_name(p) for p, _ in with_path]
+    shapes = [tuple(np.shape(x)) for _, x in with_path]
+    selected = [
+        bool(filter_fn(n, x)) and not any(k in n for k in keep_dense) and np.prod(s) > 0
+        for n, (_, x), s in zip(names, with_path, shapes)
+    ]
+    return names, shapes, treedef, selected
+
+
+def _exact_allocation(densities: Sequence[float], sizes: Sequence[int], sparsity: float):
+    """Integer nonzero counts near ``densities * sizes`` summing to round((1 - s) * total).
+
+    Largest-remainder rounding, never exceeding a layer's size, so the global
+    count is exact and each layer is within one weight of its real-valued share.
+    """
+    sizes = np.asarray(sizes, np.int64)
+    target = int(np.round((1.0 - sparsity) * sizes.sum()))
+    ideal = np.minimum(np.asarray(densities, np.float64) * sizes, sizes)
+    counts = np.floor(ideal).astype(np.int64)
+    remainder = target - counts.sum()
+    frac = ideal - counts
+    # Stable order: largest fractional part first, ties by layer order.
+    order = sorted(range(len(sizes)), key=lambda i: (-frac[i], i))
+    i = 0
+    while remainder > 0:
+        j = order[i % len(order)]
+        if counts[j] < sizes[j]:
+            counts[j] += 1
+            remainder -= 1
+        i += 1
+    while remainder < 0:  # Floating error can only overshoot by a weight or two.
+        j = order[::-1][i % len(order)]
+        if counts[j] > 0:
+            counts[j] -= 1
+            remainder += 1
+        i += 1
+    return counts
+
+
+def _finish(treedef, selected, sizes, counts_by_index):
+    leaves = []
+    for i, sel in enumerate(selected):
+        if not sel:
+            leaves.append(None)
+        else:
+            leaves.append(float(1.0 - counts_by_index[i] / sizes[i]))
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def uniform(
+    params: PyTree,
+    sparsity: float,
+    filter_fn: FilterFn | None = None,
+    keep_dense: Sequence[str] = (),
+) -> PyTree:
+    """The same sparsity for every sparsified leaf.
+
+    Args:
+      params: parameter pytree (only shapes are read).
+      sparsity: target in [0, 1).
+      filter_fn: ``(name, param) -> bool`` choosing the sparsified leaves
+        (default: ndim >= 2); ``name`` is like 'conv1/kernel'.
+      keep_dense: substrings of leaf names to leave dense.
+
+    Returns:
+      Pytree of per-leaf sparsities (float) or None.
+    """
+    validate_sparsity(sparsity)
+    _, shapes, treedef, selected = _selected(params, filter_fn, keep_dense)
+    return jax.tree.unflatten(treedef, [float(sparsity) if s else None for s in selected])
+
+
+def _erk_like(params, sparsity, raw_density_fn, filter_fn, keep_dense):
+    validate_sparsity(sparsity)
+    _, shapes, treedef, selected = _selected(params, filter_fn, keep_dense)
+    idx = [i for i, s in enumerate(selected) if s]
+    sizes = np.array([int(np.prod(shapes[i])) for i in idx], np.int64)
+    raw = np.array([raw_density_fn(shapes[i]) for i in idx], np.float64)
+    dense = np.zeros(len(idx), bool)
+    # Scale eps so that sum_l eps * raw_l * n_l (+ dense layers at full size)
+    # equals the nonzero budget; a layer whose density would pass 1 is made
+    # dense and the scale is solved again on the rest.
+    while True:
+        budget = (1.0 - sparsity) * sizes.sum() - sizes[dense].sum()
+        divisor = (raw[~dense] * sizes[~dense]).sum()
+        if divisor <= 0:
+            break
+        eps = budget / divisor
+        over = ~dense & (eps * raw > 1.0)
+        if not over.any():
+            break
+        dense |= over & (raw == raw[over].max())
+    densities = np.where(dense, 1.0, np.clip(eps * raw, 0.0, 1.0) if divisor > 0 else 1.0)
+    counts = _exact_allocation(densities, sizes, sparsity)
+    by_index = {i: c for i, c in zip(idx, counts)}
+    all_sizes = [int(np.prod(s)) for s in shapes]
+    return _finish(treedef, selected, all_sizes, by_index)
+
+
+def erk(
+    params: PyTree,
+    sparsity: float,
+    power_scale: float = 1.0,
+    filter_fn: FilterFn | None = None,
+    keep_dense: Sequence[str] = (),
+) -> PyTree:
+    """Erdős–Rényi-Kernel allocation: density ∝ (sum of dims / product of dims) ** power.
+
+    Args:
+      params: parameter pytree (only shapes are read).
+      sparsity: global target over the sparsified leaves, in [0, 1).
+      power_scale: exponent on the raw ERK density (1.0 in the paper; 0 gives uniform).
+      filter_fn: ``(name, param) -> bool`` choosing the sparsified leaves.
+      keep_dense: substrings of leaf names to leave dense (not sparsified).
+
+    Returns:
+      Pytree of per-leaf sparsities (float) or None. The implied nonzero counts,
+      round((1 - s_l) * n_l), sum to exactly round((1 - sparsity) * sum_l n_l).
+
+    Reference: Evci et al. 2020, "Rigging the Lottery: Making All Tickets
+    Winners". A kernel of shape (k_1, ..., c_in, c_out) gets density
+    eps * (sum_i dim_i / prod_i dim_i); eps is solved so the total matches the
+    target, and layers whose density would exceed 1 are made dense first.
+    """
+    return _erk_like(
+        params,
+        sparsity,
+        lambda shape: (np.sum(shape) / np.prod(shape)) ** power_scale,
+        filter_fn,
+        keep_dense,
+    )
+
+
+def er(
+    params: PyTree,
+    sparsity: float,
+    filter_fn: FilterFn | None = None,
+    keep_dense: Sequence[str] = (),
+) -> PyTree:
+    """Erdős–Rényi allocation: density ∝ (n_in + n_out) / (n_in * n_out), channels only.
+
+    Args and returns as in `erk`; for a kernel (..., c_in, c_out) only the two
+    channel dimensions enter the raw density (kernel dimensions do not).
+
+    Reference: Mocanu et al. 2018, "Scalable training of artificial neural
+    networks with adaptive sparse connectivity inspired by network science";
+    Evci et al. 2020.
+    """
+    return _erk_like(
+        params,
+        sparsity,
+        lambda shape: (shape[-2] + shape[-1]) / (shape[-2] * shape[-1]),
+        filter_fn,
+        keep_dense,
+    )
+
+
+_DISTRIBUTIONS = {"uniform": uniform, "erk": erk, "er": er}
+
+
+def get(name: str) -> Callable[..., PyTree]:
+    """Looks a distribution up by name ('uniform', 'er' or 'erk')."""
+    if name not in _DISTRIBUTIONS:
+        raise ValueError(
+            f"distribution={name!r} is unknown; known distributions: {sorted(_DISTRIBUTIONS)}"
+        )
+    return _DISTRIBUTIONS[name]

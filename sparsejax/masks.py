@@ -1,0 +1,318 @@
+"""Masks: boolean pytrees that select the live entries of parameters.
+
+A mask tree mirrors the parameter tree. A leaf is a boolean array of the
+parameter's shape, or ``None`` where the parameter is not sparsified. Every
+mask-building function here is pure and jit-able; the number of kept entries is
+exact (ties are broken deterministically by position), so densities are exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+__all__ = [
+    "apply_masks",
+    "block_mask",
+    "channel_mask",
+    "is_none",
+    "nm_mask",
+    "num_kept",
+    "sparsity_of",
+    "summary",
+    "topk_mask",
+    "topk_mask_by_count",
+    "validate_sparsity",
+]
+
+
+def is_none(x: Any) -> bool:
+    """`is_leaf` predicate that makes ``None`` mask entries visible to `jax.tree.map`."""
+    return x is None
+
+
+def validate_sparsity(sparsity: Any, name: str = "sparsity") -> None:
+    """Raises ValueError unless a concrete ``sparsity`` lies in [0, 1).
+
+    Traced values (inside jit) cannot be checked and are passed through.
+    """
+    if isinstance(sparsity, jax.core.Tracer):
+        return
+    value = np.asarray(sparsity)
+    if value.ndim != 0 or not np.issubdtype(value.dtype, np.number):
+        raise ValueError(f"{name} must be a scalar in [0, 1), got {sparsity!r}")
+    if not (0.0 <= float(value) < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {float(value)!r}")
+
+
+def num_kept(size: int, sparsity: Any) -> Any:
+    """Number of entries kept out of ``size`` at ``sparsity``: round((1 - sparsity) * size).
+
+    Works on Python floats (returns int) and on traced scalars (returns int32).
+    """
+    if isinstance(sparsity, (int, float)):
+        return int(np.round((1.0 - sparsity) * size))
+    return jnp.round((1.0 - sparsity) * size).astype(jnp.int32)
+
+
+def _rank_descending(scores: jax.Array) -> jax.Array:
+    """Rank of every entry of a flat array when sorted by descending score.
+
+    Rank 0 is the largest score; equal scores are ordered by position (lower
+    index first), which makes top-k selection deterministic. NaN ranks last.
+    """
+    flat = scores.reshape(-1)
+    # A stable argsort of the negated scores breaks ties by index.
+    order = jnp.argsort(-flat, stable=True)
+    return jnp.zeros_like(order).at[order].set(jnp.arange(flat.size, dtype=order.dtype))
+
+
+def topk_mask(scores: jax.Array, sparsity: Any) -> jax.Array:
+    """Keeps the round((1 - sparsity) * size) highest-scoring entries.
+
+    Args:
+      scores: array of any shape; larger means more important.
+      sparsity: fraction of entries to drop, in [0, 1); a Python float or a
+        traced scalar (so schedules can drive it inside jit).
+
+    Returns:
+      Boolean array of ``scores.shape`` with exactly round((1 - sparsity) * size)
+      True entries. Ties are broken by flat position (earlier entries win).
+
+    Raises:
+      ValueError: if a concrete ``sparsity`` is outside [0, 1).
+    """
+    validate_sparsity(sparsity)
+    scores = jnp.asarray(scores)
+    k = num_kept(scores.size, sparsity)
+    return topk_mask_by_count(scores, k)
+
+
+def topk_mask_by_count(scores: jax.Array, k: Any) -> jax.Array:
+    """Keeps exactly ``k`` highest-scoring entries (``k`` may be traced).
+
+    Args:
+      scores: array of any shape.
+      k: number of entries to keep, 0 <= k <= size.
+
+    Returns:
+      Boolean array of ``scores.shape`` with ``k`` True entries.
+    """
+    scores = jnp.asarray(scores)
+    if scores.size == 0:
+        return jnp.zeros(scores.shape, bool)
+    ranks = _rank_descending(scores.astype(jnp.float32) if scores.dtype == bool else scores)
+    return (ranks < k).reshape(scores.shape)
+
+
+def _normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
+    if not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis!r} is out of range for an array of rank {ndim}")
+    return int(axis) % ndim
+
+
+def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
+    """N:M mask: in every group of ``m`` consecutive entries along ``axis`` keep the ``n`` largest.
+
+    Args:
+      scores: array of any rank; ``scores.shape[axis]`` must be divisible by ``m``.
+      n: entries kept per group, 0 < n <= m.
+      m: group size along ``axis``.
+      axis: the grouped axis (for a convolution kernel, its input-channel axis).
+
+    Returns:
+      Boolean array of ``scores.shape`` with exactly ``n`` True entries in every group.
+
+    Raises:
+      ValueError: for n > m, non-positive n or m, an out-of-range axis, or an
+        axis length that ``m`` does not divide.
+
+    Reference: Mishra et al. 2021, "Accelerating Sparse Deep Neural Networks"
+    (2:4 sparsity on Ampere tensor cores); Zhou et al. 2021, "Learning N:M
+    Fine-grained Structured Sparse Neural Networks From Scratch".
+    """
+    scores = jnp.asarray(scores)
+    for name, value in (("n", n), ("m", m)):
+        if not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if n > m:
+        raise ValueError(f"n must be <= m, got n={n}, m={m}")
+    if scores.ndim == 0:
+        raise ValueError("scores must have at least one axis for an N:M mask, got a scalar")
+    axis = _normalize_axis(axis, scores.ndim)
+    if scores.shape[axis] % m:
+        raise ValueError(
+            f"m={m} must divide the length {scores.shape[axis]} of axis {axis} "
+            f"(scores.shape={tuple(scores.shape)})"
+        )
+    moved = jnp.moveaxis(scores, axis, -1)
+    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+    # Rank inside each group; stable sort breaks ties by position.
+    order = jnp.argsort(-groups, axis=-1, stable=True)
+    ranks = jnp.argsort(order, axis=-1, stable=True)
+    keep = (ranks < n).reshape(moved.shape)
+    return jnp.moveaxis(keep, -1, axis)
+
+
+def block_mask(scores: jax.Array, sparsity: Any, block_shape: Sequence[int]) -> jax.Array:
+    """Block-sparse mask: keeps whole blocks ranked by the sum of |scores| inside them.
+
+    Args:
+      scores: array of any rank.
+      sparsity: fraction of *blocks* dropped, in [0, 1).
+      block_shape: one block length per axis of ``scores``; each must divide
+        the corresponding dimension.
+
+    Returns:
+      Boolean array of ``scores.shape``, constant on every block, with exactly
+      round((1 - sparsity) * num_blocks) kept blocks.
+
+    Raises:
+      ValueError: for a block shape of the wrong rank, non-positive, or not
+        dividing the array shape; or a sparsity outside [0, 1).
+    """
+    scores = jnp.asarray(scores)
+    block_shape = tuple(block_shape)
+    if len(block_shape) != scores.ndim:
+        raise ValueError(
+            f"block_shape={block_shape} must have one entry per axis of scores "
+            f"(shape {tuple(scores.shape)})"
+        )
+    for dim, b in zip(scores.shape, block_shape):
+        if not isinstance(b, (int, np.integer)) or b <= 0 or dim % b:
+            raise ValueError(
+                f"block_shape={block_shape} must be positive and divide scores.shape="
+                f"{tuple(scores.shape)}"
+            )
+    validate_sparsity(sparsity)
+    grid = tuple(d // b for d, b in zip(scores.shape, block_shape))
+    split = []
+    for g, b in zip(grid, block_shape):
+        split += [g, b]
+    blocked = jnp.abs(scores).reshape(split)
+    block_scores = blocked.sum(axis=tuple(range(1, 2 * scores.ndim, 2)))
+    keep_blocks = topk_mask(block_scores, sparsity)
+    expanded = keep_blocks
+    for axis, b in enumerate(block_shape):
+        expanded = jnp.repeat(expanded, b, axis=axis)
+    return expanded
+
+
+def channel_mask(scores: jax.Array, sparsity: Any, axis: int = -1) -> jax.Array:
+    """Structured mask that keeps whole slices along ``axis`` (e.g. output channels).
+
+    Args:
+      scores: array of any rank.
+      sparsity: fraction of channels dropped, in [0, 1).
+      axis: the channel axis; each index along it is kept or dropped as a whole,
+        ranked by the L1 norm of its scores.
+
+    Returns:
+      Boolean array of ``scores.shape`` with exactly round((1 - sparsity) * C)
+      channels kept, C = ``scores.shape[axis]``.
+
+    Reference: Li et al. 2017, "Pruning Filters for Efficient ConvNets" (L1 filter norms).
+    """
+    scores = jnp.asarray(scores)
+    if scores.ndim == 0:
+        raise ValueError("scores must have at least one axis for a channel mask, got a scalar")
+    axis = _normalize_axis(axis, scores.ndim)
+    validate_sparsity(sparsity)
+    other = tuple(a for a in range(scores.ndim) if a != axis)
+    channel_scores = jnp.abs(scores).sum(axis=other)
+    keep = topk_mask(channel_scores, sparsity)
+    shape = [1] * scores.ndim
+    shape[axis] = scores.shape[axis]
+    return jnp.broadcast_to(keep.reshape(shape), scores.shape)
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+    """Zeroes the masked-out entries of ``params``; leaves with a ``None`` mask pass through.
+
+    Args:
+      params: parameter pytree.
+      masks: pytree of the same structure with boolean arrays or ``None``.
+
+    Returns:
+      A pytree like ``params`` with ``where(mask, p, 0)`` on every masked leaf.
+    """
+    return jax.tree.map(
+        lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
+        masks,
+        params,
+        is_leaf=is_none,
+    )
+
+
+def summary(tree: PyTree, masks: PyTree | None = None) -> dict[str, Any]:
+    """Counts of nonzeros, density and sparsity per leaf and overall.
+
+    Args:
+      tree: pytree of arrays (parameters or boolean masks).
+      masks: optional mask tree; when given, only leaves with a non-None mask
+        are counted (the "sparsified parameters") and the mask decides what is
+        live. Without it, every leaf of ``tree`` counts and nonzero entries are live.
+
+    Returns:
+      ``{"leaves": {path: {"size", "nonzeros", "density", "sparsity"}},
+      "size", "nonzeros", "density", "sparsity"}`` with Python numbers; the
+      global figures pool all counted leaves. Not jit-able (it reads values).
+    """
+    leaves = {}
+    if masks is None:
+        items = [
+            (jax.tree_util.keystr(path), leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+        ]
+    else:
+        items = [
+            (jax.tree_util.keystr(path), m)
+            for path, m in jax.tree_util.tree_leaves_with_path(masks, is_leaf=is_none)
+            if m is not None
+        ]
+    total = nonzero = 0
+    for name, leaf in items:
+        arr = np.asarray(leaf)
+        size, nnz = int(arr.size), int(np.count_nonzero(arr))
+        leaves[name] = {
+            "size": size,
+            "nonzeros": nnz,
+            "density": nnz / size if size else 1.0,
+            "sparsity": 1.0 - nnz / size if size else 0.0,
+        }
+        total += size
+        nonzero += nnz
+    density = nonzero / total if total else 1.0
+    return {
+        "leaves": leaves,
+        "size": total,
+        "nonzeros": nonzero,
+        "density": density,
+        "sparsity": 1.0 - density,
+    }
+
+
+def sparsity_of(params: PyTree, masks: PyTree) -> jax.Array:
+    """Global fraction of zeros over the leaves that have a mask (jit-able).
+
+    Args:
+      params: parameter pytree.
+      masks: mask pytree (None where not sparsified).
+
+    Returns:
+      float32 scalar; 0.0 when no leaf is masked.
+    """
+    masked = jax.tree.leaves(
+        jax.tree.map(lambda m, p: None if m is None else p, masks, params, is_leaf=is_none)
+    )
+    total = sum(p.size for p in masked)
+    if not total:
+        return jnp.zeros((), jnp.float32)
+    zeros = sum(jnp.sum(p == 0) for p in masked)
+    return (zeros / total).astype(jnp.float32)

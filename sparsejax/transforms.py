@@ -1,0 +1,220 @@
+"""The masked optax transform: sparse training as one `optax.GradientTransformation`.
+
+``masked(inner, algorithm)`` wraps any optax optimizer. Its state holds the
+masks, the step count and a key; the algorithm recomputes masks at its
+scheduled steps inside the jitted update (with `jax.lax.cond`), and the
+updates it emits zero the pruned weights exactly, whatever the inner
+optimizer does (momentum, Adam moments, decoupled weight decay ...):
+
+    pruned entries:  u = -w        so  w + u == 0 exactly
+    live entries:    u = inner(g * mask)
+
+There is no second call to forget. Use it as the outermost transform so it
+sees raw gradients (dynamic sparse training grows by gradient magnitude).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax.masks import apply_masks, is_none
+
+PyTree = Any
+
+__all__ = ["MaskedState", "get_masks", "masked", "reset_moments", "sparsify"]
+
+
+class MaskedState(NamedTuple):
+    """State of `masked`.
+
+    Attributes:
+      count: int32 scalar, number of updates applied so far (the step).
+      masks: mask pytree (bool arrays, None where a leaf is not sparsified).
+      rng: uint32 key data (``jax.random.key_data``) of the per-step base key;
+        step t uses ``fold_in(key, t)``, so no key has to be carried forward and
+        the state checkpoints as plain arrays.
+      inner_state: state of the wrapped optimizer.
+    """
+
+    count: jax.Array
+    masks: PyTree
+    rng: jax.Array
+    inner_state: optax.OptState
+
+
+def _param_like(params: PyTree):
+    treedef = jax.tree.structure(params)
+    shapes = [jnp.shape(p) for p in jax.tree.leaves(params)]
+
+    def check(x: Any) -> bool:
+        if x is None or jax.tree.structure(x) != treedef:
+            return False
+        return [jnp.shape(v) for v in jax.tree.leaves(x)] == shapes
+
+    return check
+
+
+def reset_moments(inner_state: optax.OptState, params: PyTree, where: PyTree) -> optax.OptState:
+    """Zeroes the optimizer slots of the entries selected by ``where``.
+
+    Every sub-tree of ``inner_state`` that has the structure and shapes of
+    ``params`` (Adam's mu and nu, momentum traces, Lion's mu ...) is treated as
+    a slot; other state (counts, schedules) is left alone. This works for any
+    optax optimizer without knowing its state types.
+
+    Args:
+      inner_state: an optax optimizer state.
+      params: the parameter pytree (structure and shapes only).
+      where: mask-like pytree, True where slots are reset, None where untouched.
+
+    Returns:
+      The state with ``slot[where] = 0`` in every slot.
+    """
+    is_slot = _param_like(params)
+
+    def reset(node):
+        if not is_slot(node):
+            return node
+        return jax.tree.map(
+            lambda w, v: v if w is None else jnp.where(w, jnp.zeros_like(v), v),
+            where,
+            node,
+            is_leaf=is_none,
+        )
+
+    return jax.tree.map(reset, inner_state, is_leaf=is_slot)
+
+
+def masked(
+    inner: optax.GradientTransformation,
+    algorithm: Any,
+    *,
+    key: jax.Array | None = None,
+) -> optax.GradientTransformation:
+    """Wraps ``inner`` so training follows ``algorithm``'s masks.
+
+    Args:
+      inner: any optax transformation (e.g. ``optax.adamw(1e-3)``).
+      algorithm: a sparse-training algorithm from `sparsejax.algorithms`
+        (``algorithms.get('rigl', sparsity=0.9, ...)``).
+      key: ``jax.random.key`` for the algorithm's randomness (random masks,
+        SET growth); defaults to ``jax.random.key(0)``.
+
+    Returns:
+      An `optax.GradientTransformation` whose ``update(grads, state, params)``
+      requires ``params``. Its state is a `MaskedState`.
+
+    On a mask-update step (``algorithm.is_update_step(count)``) the new masks
+    are computed from the current params, the incoming gradients and a step
+    key; the optimizer slots of newly grown weights are reset to zero when the
+    algorithm asks for it; and the inner update is skipped when the algorithm
+    says so (RigL and SET do). Otherwise the inner optimizer runs on the masked
+    gradient ``g * mask``.
+    """
+    if not isinstance(inner, optax.GradientTransformation):
+        raise ValueError(f"inner must be an optax.GradientTransformation, got {type(inner)!r}")
+    base_key = jax.random.key(0) if key is None else key
+    if not jnp.issubdtype(base_key.dtype, jax.dtypes.prng_key):
+        raise ValueError(f"key must be a typed key from jax.random.key, got dtype {base_key.dtype}")
+    init_key, step_base_key = jax.random.split(base_key)
+    key_data = jax.random.key_data(step_base_key)
+    has_schedule = algorithm.updates_masks
+
+    def init_fn(params):
+        masks = algorithm.init_masks(params, init_key)
+        return MaskedState(
+            count=jnp.zeros((), jnp.int32),
+            masks=masks,
+            rng=key_data,
+            inner_state=inner.init(params),
+        )
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("masked(...).update needs params (the pruned weights are zeroed from them)")
+        step = state.count
+        old_masks = state.masks
+        inner_state = state.inner_state
+        if has_schedule:
+            do_update = algorithm.is_update_step(step)
+            step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
+            new_masks = jax.lax.cond(
+                do_update,
+                lambda: algorithm.update_masks(old_masks, params, updates, step, step_key),
+                lambda: old_masks,
+            )
+            if algorithm.reset_grown_moments:
+                grown = jax.tree.map(
+                    lambda n, o: None if n is None else n & ~o, new_masks, old_masks, is_leaf=is_none
+                )
+                inner_state = reset_moments(inner_state, params, grown)
+        else:
+            do_update = None
+            new_masks = old_masks
+
+        masked_grads = apply_masks(updates, new_masks)
+
+        def ordinary():
+            return inner.update(masked_grads, inner_state, params)
+
+        if has_schedule and algorithm.skip_update_on_mask_step:
+            inner_updates, inner_state = jax.lax.cond(
+                do_update,
+                lambda: (jax.tree.map(jnp.zeros_like, updates), inner_state),
+                ordinary,
+            )
+        else:
+            inner_updates, inner_state = ordinary()
+
+        out = jax.tree.map(
+            lambda m, u, p: u if m is None else jnp.where(m, u, -p).astype(u.dtype),
+            new_masks,
+            inner_updates,
+            params,
+            is_leaf=is_none,
+        )
+        new_state = MaskedState(
+            count=optax.safe_int32_increment(step),
+            masks=new_masks,
+            rng=state.rng,
+            inner_state=inner_state,
+        )
+        return out, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def get_masks(opt_state: optax.OptState) -> PyTree:
+    """The masks held by the (first) `MaskedState` inside ``opt_state``.
+
+    Args:
+      opt_state: the state of `masked` or of a chain containing it.
+
+    Returns:
+      The mask pytree.
+
+    Raises:
+      ValueError: if there is no `MaskedState` in ``opt_state``.
+    """
+    found = [
+        node
+        for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, MaskedState))
+        if isinstance(node, MaskedState)
+    ]
+    if not found:
+        raise ValueError("opt_state holds no MaskedState: was the optimizer built with masked(...)?")
+    return found[0].masks
+
+
+def sparsify(params: PyTree, opt_state: optax.OptState) -> PyTree:
+    """Applies the masks of ``opt_state`` to ``params``.
+
+    Call it once after ``opt_state = tx.init(params)`` so the very first
+    forward pass already sees the initial sparse network (every later step
+    keeps pruned weights at zero by itself).
+    """
+    return apply_masks(params, get_masks(opt_state))
