@@ -16,7 +16,9 @@ PyTree = Any
 __all__ = ["get", "magnitude", "random", "saliency"]
 
 
-def magnitude(params: PyTree, grads: PyTree | None = None, *, key: jax.Array | None = None) -> PyTree:
+def magnitude(
+    params: PyTree, grads: PyTree | None = None, *, key: jax.Array | None = None
+) -> PyTree:
     """|w| for every entry.
 
     Args:

@@ -135,7 +135,9 @@ def masked(
 
     def update_fn(updates, state, params=None):
         if params is None:
-            raise ValueError("masked(...).update needs params (the pruned weights are zeroed from them)")
+            raise ValueError(
+                "masked(...).update needs params (the pruned weights are zeroed from them)"
+            )
         step = state.count
         old_masks = state.masks
         inner_state = state.inner_state
@@ -149,7 +151,10 @@ def masked(
             )
             if algorithm.reset_grown_moments:
                 grown = jax.tree.map(
-                    lambda n, o: None if n is None else n & ~o, new_masks, old_masks, is_leaf=is_none
+                    lambda n, o: None if n is None else n & ~o,
+                    new_masks,
+                    old_masks,
+                    is_leaf=is_none,
                 )
                 inner_state = reset_moments(inner_state, params, grown)
         else:
@@ -206,7 +211,9 @@ def get_masks(opt_state: optax.OptState) -> PyTree:
         if isinstance(node, MaskedState)
     ]
     if not found:
-        raise ValueError("opt_state holds no MaskedState: was the optimizer built with masked(...)?")
+        raise ValueError(
+            "opt_state holds no MaskedState: was the optimizer built with masked(...)?"
+        )
     return found[0].masks
 
 

@@ -100,7 +100,9 @@ def from_config(config: Mapping[str, Any], total_steps: int) -> Algorithm:
     known = set(_CONFIG_ONLY_KEYS).union(*(_fields(cls) for cls, _ in _REGISTRY.values()))
     unknown = sorted(set(config) - known)
     if unknown:
-        raise ValueError(f"config.sparsity has unknown key(s) {unknown}; known keys: {sorted(known)}")
+        raise ValueError(
+            f"config.sparsity has unknown key(s) {unknown}; known keys: {sorted(known)}"
+        )
     name = config.pop("algorithm", "dense")
     if "target" in config:
         config["sparsity"] = config.pop("target")

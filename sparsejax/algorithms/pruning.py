@@ -56,7 +56,9 @@ class Prune(SparseAlgorithm):
         super().__post_init__()
         scores.get(self.score)
         if self.schedule not in _SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} is unknown; known schedules: {_SCHEDULES}")
+            raise ValueError(
+                f"schedule={self.schedule!r} is unknown; known schedules: {_SCHEDULES}"
+            )
         self._schedule()  # Validates the step arguments.
 
     def _schedule(self) -> schedules.SparsitySchedule:
@@ -78,14 +80,12 @@ class Prune(SparseAlgorithm):
         return self._schedule().is_update_step(step)
 
     def update_masks(self, masks_tree, params, grads, step, key):
-        progress = (
-            self._schedule().sparsity(step) / self.sparsity if self.sparsity > 0 else 0.0
-        )
+        progress = self._schedule().sparsity(step) / self.sparsity if self.sparsity > 0 else 0.0
         score_tree = scores.get(self.score)(params, grads, key=key)
         return jax.tree.map(
-            lambda s_l, m, sc: None
-            if s_l is None
-            else masks.topk_mask(jnp.where(m, sc, -jnp.inf), s_l * progress),
+            lambda s_l, m, sc: (
+                None if s_l is None else masks.topk_mask(jnp.where(m, sc, -jnp.inf), s_l * progress)
+            ),
             self.layer_sparsities(params),
             masks_tree,
             score_tree,
