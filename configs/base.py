@@ -1,0 +1,64 @@
+"""Defaults shared by every config: MNIST-1D, the 1D CNN, Adam, dense training.
+
+Each experiment file calls `get_base_config()` and changes what it needs, and
+`apply_variant(config, arg)` handles ``file.py:runlocal`` (a tiny smoke run).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """The shared defaults. Durations are in optimizer steps."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.dataset = ml_collections.ConfigDict()
+    config.dataset.name = "mnist1d"
+    config.dataset.cache_dir = ""  # "" means $SPARSEJAX_DATA_DIR or ~/.cache/sparsejax.
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "cnn1d"
+    config.model.channels = 64
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "adam"
+    config.optimizer.learning_rate = 3e-3
+    config.optimizer.schedule = "cosine"
+    config.optimizer.warmup_steps = 0
+    config.optimizer.weight_decay = 0.0
+    config.optimizer.momentum = 0.9
+    config.optimizer.nesterov = False
+    config.optimizer.grad_clip_norm = 0.0
+
+    config.sparsity = ml_collections.ConfigDict()
+    config.sparsity.algorithm = "dense"
+
+    config.total_steps = 8000
+    config.batch_size = 100
+    config.log_every_steps = 100
+    config.eval_every_steps = 500
+    config.checkpoint_every_steps = 2000
+    config.keep_checkpoints = 2
+    config.progress_bar = True
+    return config
+
+
+def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Applies a ``file.py:VARIANT`` suffix; ``runlocal`` shrinks the run to seconds."""
+    if arg in (None, ""):
+        return config
+    if arg != "runlocal":
+        raise ValueError(f"config variant {arg!r} is unknown; known variants: ['runlocal']")
+    config.total_steps = 20
+    config.batch_size = 32
+    config.log_every_steps = 5
+    config.eval_every_steps = 10
+    config.checkpoint_every_steps = 10
+    config.model.channels = 8
+    config.progress_bar = False
+    for key in ("update_every_steps",):
+        if key in config.sparsity:
+            config.sparsity[key] = 5
+    return config

@@ -1,0 +1,17 @@
+"""RigL (Evci et al. 2020) at 90% ERK: drop smallest |w|, regrow by largest |gradient|.
+
+ΔT = 100 steps, T_end = 0.75 of training, initial drop fraction 0.3 with cosine decay.
+"""
+
+from configs.base import apply_variant, get_base_config
+
+
+def get_config(arg=None):
+    config = get_base_config()
+    config.sparsity.algorithm = "rigl"
+    config.sparsity.target = 0.9
+    config.sparsity.distribution = "erk"
+    config.sparsity.update_every_steps = 100
+    config.sparsity.end_fraction = 0.75
+    config.sparsity.drop_fraction = 0.3
+    return apply_variant(config, arg)
