@@ -1,0 +1,255 @@
+"""Flax Linen models for the experiments, chosen by name with `get_model`.
+
+All models are channels-last, take only the input (``__call__(self, x)``: no dropout, no
+BatchNorm, so no ``train`` flag and no mutable collections) and return logits
+``float32[batch, num_classes]``. Parameters are a plain pytree with readable paths
+(``params['conv1']['kernel']``) that sparsity masks can mirror.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "CNN1D",
+    "MLP",
+    "ResNet",
+    "get_model",
+]
+
+
+def _check_positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_positive_ints(values: Any, name: str) -> None:
+    if not isinstance(values, Sequence) or isinstance(values, str):
+        raise ValueError(f"{name} must be a sequence of positive ints, got {values!r}")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a sequence of positive ints, got {values!r}")
+
+
+class MLP(nn.Module):
+    """Multilayer perceptron: flatten, ``Dense + ReLU`` per hidden width, then a ``Dense`` head.
+
+    The MNIST-1D baseline MLP is the default (two hidden layers of 100).
+
+    Attributes:
+      features: hidden widths, e.g. ``(100, 100)``; may be empty (a linear classifier).
+      num_classes: output width.
+
+    Input ``x: float[batch, ...]`` (flattened), output logits ``float32[batch, num_classes]``.
+    Submodules ``hidden_0, hidden_1, ...`` and ``output``.
+
+    Reference: Greydanus, "Scaling down Deep Learning", 2020.
+    """
+
+    features: Sequence[int] = (100, 100)
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        _check_positive_ints(self.features, "features")
+        _check_positive_int(self.num_classes, "num_classes")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0], -1)
+        for i, width in enumerate(self.features):
+            x = nn.relu(nn.Dense(width, name=f"hidden_{i}")(x))
+        return nn.Dense(self.num_classes, name="output")(x)
+
+
+class CNN1D(nn.Module):
+    """The MNIST-1D 1D CNN: three strided ``Conv + ReLU`` layers, flatten, one ``Dense``.
+
+    conv1: kernel 5, stride 2, padding 1, ``1 -> channels`` input channels as given;
+    conv2 and conv3: kernel 3, stride 2, padding 1, ``channels -> channels``. A length-``L``
+    sequence shrinks as ``L' = (L + 2 - k) // 2 + 1``: 40 -> 19 -> 10 -> 5, so for MNIST-1D
+    the head ``dense`` sees ``5 * channels`` features (flattened length-major, channels-last).
+    The paper uses 25 channels; the default here is wider.
+
+    Attributes:
+      channels: width of every conv layer.
+      num_classes: output width.
+
+    Input ``x: float[batch, length, in_channels]`` (MNIST-1D: ``[batch, 40, 1]``), output logits
+    ``float32[batch, num_classes]``. Submodules ``conv1, conv2, conv3, dense``.
+
+    Reference: Greydanus, "Scaling down Deep Learning", 2020.
+    """
+
+    channels: int = 64
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        _check_positive_int(self.channels, "channels")
+        _check_positive_int(self.num_classes, "num_classes")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Explicit symmetric padding (not 'SAME') reproduces the paper's PyTorch lengths exactly.
+        x = nn.relu(nn.Conv(self.channels, (5,), strides=(2,), padding=((1, 1),), name="conv1")(x))
+        x = nn.relu(nn.Conv(self.channels, (3,), strides=(2,), padding=((1, 1),), name="conv2")(x))
+        x = nn.relu(nn.Conv(self.channels, (3,), strides=(2,), padding=((1, 1),), name="conv3")(x))
+        x = x.reshape(x.shape[0], -1)
+        return nn.Dense(self.num_classes, name="dense")(x)
+
+
+_NORMS = ("none", "group")
+_he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+class _BasicBlock(nn.Module):
+    """``relu(shortcut(x) + scale * (conv-norm-relu-conv-norm)(x))``, 3x3 convs."""
+
+    width: int
+    stride: int
+    norm: str
+    num_groups: int
+    residual_scale: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        use_bias = self.norm == "none"
+        conv = lambda name, stride: nn.Conv(
+            self.width,
+            (3, 3),
+            strides=(stride, stride),
+            padding=((1, 1), (1, 1)),
+            use_bias=use_bias,
+            kernel_init=_he_normal,
+            name=name,
+        )
+        branch = conv("conv1", self.stride)(x)
+        branch = _normalize(branch, self.norm, self.num_groups, "norm1")
+        branch = conv("conv2", 1)(nn.relu(branch))
+        branch = _normalize(branch, self.norm, self.num_groups, "norm2")
+        shortcut = x
+        if self.stride != 1 or x.shape[-1] != self.width:
+            # Option A of He et al.: parameter-free subsampling plus zero channels, as in their
+            # CIFAR ResNets (ResNet-20 has 0.27M parameters).
+            shortcut = x[:, :: self.stride, :: self.stride, :]
+            extra = self.width - x.shape[-1]
+            shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+        return nn.relu(shortcut + self.residual_scale * branch)
+
+
+def _normalize(x: jax.Array, norm: str, num_groups: int, name: str) -> jax.Array:
+    if norm == "group":
+        return nn.GroupNorm(num_groups=num_groups, name=name)(x)
+    return x
+
+
+class ResNet(nn.Module):
+    """Small CIFAR ResNet (ResNet-20 by default): stem, three stages of basic blocks, pool, head.
+
+    A 3x3 conv stem of width ``stage_widths[0]``, then ``num_blocks_per_stage`` basic blocks per
+    stage (the first block of stages 2 and 3 has stride 2), global average pooling and a
+    ``Dense`` head; depth is ``6 * num_blocks_per_stage + 2``. Shortcuts that change shape are
+    parameter-free (subsample and zero-pad channels, option A of the paper).
+
+    There is no BatchNorm (so no mutable ``batch_stats``). ``norm='group'`` puts a GroupNorm
+    after every conv. With ``norm='none'`` the convs get biases and each residual branch is
+    scaled by ``1 / sqrt(total_blocks)`` so activations stay O(1) with depth at initialization
+    (Hayou et al., "Stable ResNet", 2021): the output variance grows like
+    ``(1 + 1/B)^B <= e`` instead of ``2^B``.
+
+    Attributes:
+      num_classes: output width.
+      num_blocks_per_stage: basic blocks in each stage (3 gives ResNet-20).
+      stage_widths: channels of the three stages.
+      norm: ``'none'`` or ``'group'``.
+      num_groups: GroupNorm groups; must divide every stage width (8 divides 16/32/64).
+
+    Input ``x: float[batch, height, width, 3]`` (CIFAR-10: ``[batch, 32, 32, 3]``), output
+    logits ``float32[batch, num_classes]``. Submodules ``stem`` (and ``stem_norm``),
+    ``stage{s}_block{b}`` with ``conv1, conv2`` (and ``norm1, norm2``), and ``head``.
+
+    Reference: He et al., "Deep Residual Learning for Image Recognition", 2016.
+    """
+
+    num_classes: int = 10
+    num_blocks_per_stage: int = 3
+    stage_widths: Sequence[int] = (16, 32, 64)
+    norm: str = "none"
+    num_groups: int = 8
+
+    def __post_init__(self) -> None:
+        _check_positive_int(self.num_classes, "num_classes")
+        _check_positive_int(self.num_blocks_per_stage, "num_blocks_per_stage")
+        _check_positive_ints(self.stage_widths, "stage_widths")
+        if self.norm not in _NORMS:
+            raise ValueError(f"norm must be one of {_NORMS}, got {self.norm!r}")
+        _check_positive_int(self.num_groups, "num_groups")
+        if self.norm == "group" and any(w % self.num_groups for w in self.stage_widths):
+            raise ValueError(
+                f"num_groups must divide every stage width {tuple(self.stage_widths)}, "
+                f"got {self.num_groups}"
+            )
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        total_blocks = self.num_blocks_per_stage * len(self.stage_widths)
+        residual_scale = 1.0 / math.sqrt(total_blocks) if self.norm == "none" else 1.0
+        x = nn.Conv(
+            self.stage_widths[0],
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            use_bias=self.norm == "none",
+            kernel_init=_he_normal,
+            name="stem",
+        )(x)
+        x = nn.relu(_normalize(x, self.norm, self.num_groups, "stem_norm"))
+        for stage, width in enumerate(self.stage_widths):
+            for block in range(self.num_blocks_per_stage):
+                stride = 2 if stage > 0 and block == 0 else 1
+                x = _BasicBlock(
+                    width=width,
+                    stride=stride,
+                    norm=self.norm,
+                    num_groups=self.num_groups,
+                    residual_scale=residual_scale,
+                    name=f"stage{stage + 1}_block{block + 1}",
+                )(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+_MODELS: dict[str, type[nn.Module]] = {
+    "cnn1d": CNN1D,
+    "mlp": MLP,
+    "resnet": ResNet,
+}
+
+
+def get_model(name: str, **kwargs: Any) -> nn.Module:
+    """Builds a model by name: ``'cnn1d'``, ``'mlp'`` or ``'resnet'``.
+
+    Args:
+      name: registry name.
+      **kwargs: module attributes (e.g. from a config dict); lists become tuples so the module
+        stays hashable.
+
+    Returns:
+      The (unbound) Flax module.
+
+    Raises:
+      ValueError: if ``name`` is unknown (the message lists the known names) or an attribute is
+        invalid (the message names it).
+    """
+    if name not in _MODELS:
+        raise ValueError(f"unknown model name={name!r}; known names: {sorted(_MODELS)}")
+    attributes = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return _MODELS[name](**attributes)
