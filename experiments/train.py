@@ -8,7 +8,6 @@ so the train step is the same for dense, pruned and dynamic sparse training.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -32,6 +31,7 @@ __all__ = [
     "TrainState",
     "create_train_state",
     "make_optimizer",
+    "make_step_functions",
     "train_and_evaluate",
 ]
 
@@ -143,7 +143,14 @@ def create_train_state(
     return state, tx
 
 
-def _make_steps(model, tx):
+def make_step_functions(model, tx):
+    """Jitted (train_step, eval_step, sparsity) for ``model`` trained with ``tx``.
+
+    train_step(state, x, y) -> (state, {"loss", "accuracy"}) donates ``state``;
+    eval_step(params, x, y) -> (summed loss, number correct);
+    sparsity(state) -> fraction of zeros over the masked parameters.
+    """
+
     def loss_fn(params, x, y):
         logits = model.apply({"params": params}, x)
         return _cross_entropy(logits, y), logits
@@ -237,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mappi
     dataset = _load_data(config)
     model = _make_model(config, dataset.num_classes)
     state, tx = create_train_state(config, model, dataset.x_train)
-    train_step, eval_step, sparsity_fn = _make_steps(model, tx)
+    train_step, eval_step, sparsity_fn = make_step_functions(model, tx)
 
     ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
     manager = ocp.CheckpointManager(

@@ -140,40 +140,36 @@ def masked(
             )
         step = state.count
         old_masks = state.masks
-        inner_state = state.inner_state
-        if has_schedule:
-            do_update = algorithm.is_update_step(step)
+
+        def ordinary(masks_, inner_state):
+            inner_updates, inner_state = inner.update(
+                apply_masks(updates, masks_), inner_state, params
+            )
+            return masks_, inner_updates, inner_state
+
+        if not has_schedule:
+            new_masks, inner_updates, inner_state = ordinary(old_masks, state.inner_state)
+        else:
             step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
-            new_masks = jax.lax.cond(
-                do_update,
-                lambda: algorithm.update_masks(old_masks, params, updates, step, step_key),
-                lambda: old_masks,
+
+            def mask_update():
+                new = algorithm.update_masks(old_masks, params, updates, step, step_key)
+                inner_state = state.inner_state
+                if algorithm.reset_grown_moments:
+                    grown = jax.tree.map(
+                        lambda n, o: None if n is None else n & ~o, new, old_masks, is_leaf=is_none
+                    )
+                    inner_state = reset_moments(inner_state, params, grown)
+                if algorithm.skip_update_on_mask_step:
+                    return new, jax.tree.map(jnp.zeros_like, updates), inner_state
+                return ordinary(new, inner_state)
+
+            # One branch per step kind, so ordinary steps pay nothing for mask updates.
+            new_masks, inner_updates, inner_state = jax.lax.cond(
+                algorithm.is_update_step(step),
+                mask_update,
+                lambda: ordinary(old_masks, state.inner_state),
             )
-            if algorithm.reset_grown_moments:
-                grown = jax.tree.map(
-                    lambda n, o: None if n is None else n & ~o,
-                    new_masks,
-                    old_masks,
-                    is_leaf=is_none,
-                )
-                inner_state = reset_moments(inner_state, params, grown)
-        else:
-            do_update = None
-            new_masks = old_masks
-
-        masked_grads = apply_masks(updates, new_masks)
-
-        def ordinary():
-            return inner.update(masked_grads, inner_state, params)
-
-        if has_schedule and algorithm.skip_update_on_mask_step:
-            inner_updates, inner_state = jax.lax.cond(
-                do_update,
-                lambda: (jax.tree.map(jnp.zeros_like, updates), inner_state),
-                ordinary,
-            )
-        else:
-            inner_updates, inner_state = ordinary()
 
         out = jax.tree.map(
             lambda m, u, p: u if m is None else jnp.where(m, u, -p).astype(u.dtype),
