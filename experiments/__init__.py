@@ -1,0 +1,1 @@
+"""Experiment entry points: main (absl app), train loop, data, models."""
