@@ -1,0 +1,225 @@
+"""FLOPs and memory of sparse models, per layer and in total.
+
+Conventions (those of Evci et al. 2020, "Rigging the Lottery", Appendix H,
+and the MicroNet counter it used): a multiply-add is 2 FLOPs; a bias add is 1
+FLOP per output; activations, normalizations and the loss are not counted. A
+layer whose kernel has density d costs d times its dense multiply-add FLOPs
+(plus its bias). One training step costs a forward pass f and a backward pass
+2f (gradients with respect to the activations and to the weights), so 3f; the
+algorithms that need dense gradients pay for them where they take them:
+
+    dense, static, SET, prune-at-init      3 f_S        (f_S = f_D for dense)
+    RigL (dense gradient every ΔT steps)   (3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1)
+    SNFS (dense gradient every step)       2 f_S + f_D
+    gradual pruning                        3 f(t), averaged over the schedule
+
+Layers are found by intercepting every `flax.linen.Dense` and `flax.linen.Conv`
+call while the model is traced with `jax.eval_shape` (nothing is computed).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsejax import masks as masks_lib
+from sparsejax.distributions import path_name
+
+PyTree = Any
+
+__all__ = [
+    "LayerFlops",
+    "inference_flops",
+    "layer_flops",
+    "memory",
+    "pack_mask",
+    "training_flops",
+    "unpack_mask",
+]
+
+
+class LayerFlops(NamedTuple):
+    """Dense cost of one layer call.
+
+    Attributes:
+      name: the kernel's parameter path, e.g. 'conv1/kernel'.
+      macs: multiply-adds of the dense layer (per forward pass of the batch).
+      bias_adds: additions of the bias (0 without bias).
+      kernel_size: number of kernel entries (for densities).
+    """
+
+    name: str
+    macs: int
+    bias_adds: int
+    kernel_size: int
+
+
+def _layer_of(module: nn.Module, x: Any, y: Any) -> LayerFlops | None:
+    name = "/".join(module.path) + "/kernel"
+    bias = int(np.prod(y.shape)) if module.use_bias else 0
+    if isinstance(module, nn.Dense):
+        in_features = x.shape[-1]
+        batch = int(np.prod(y.shape[:-1]))
+        return LayerFlops(
+            name, batch * in_features * module.features, bias, in_features * module.features
+        )
+    if isinstance(module, nn.Conv):
+        kernel_size = tuple(module.kernel_size)
+        groups = module.feature_group_count
+        in_features = x.shape[-1]
+        # Every output element is a dot over a kernel window of in/groups channels.
+        window = int(np.prod(kernel_size)) * (in_features // groups)
+        return LayerFlops(name, int(np.prod(y.shape)) * window, bias, window * module.features)
+    return None
+
+
+def layer_flops(apply_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[LayerFlops]:
+    """Dense FLOP counts of every Dense and Conv call made by ``apply_fn(*args, **kwargs)``.
+
+    Args:
+      apply_fn: e.g. ``model.apply``; traced abstractly, never run.
+      *args, **kwargs: its arguments, e.g. ``{"params": params}, x``; arrays may be
+        `jax.ShapeDtypeStruct`.
+
+    Returns:
+      One `LayerFlops` per layer call, in call order (a layer called twice appears twice).
+    """
+    layers: list[LayerFlops] = []
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+        out = next_fun(*call_args, **call_kwargs)
+        if context.method_name == "__call__" and isinstance(context.module, (nn.Dense, nn.Conv)):
+            layer = _layer_of(context.module, call_args[0], out)
+            if layer is not None:
+                layers.append(layer)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(lambda: apply_fn(*args, **kwargs))
+    return layers
+
+
+def _densities(layers: list[LayerFlops], masks: PyTree | None) -> dict[str, float]:
+    """Density of each layer's kernel from the mask tree (1.0 where unmasked)."""
+    if masks is None:
+        return {layer.name: 1.0 for layer in layers}
+    found = {}
+    for path, m in jax.tree_util.tree_leaves_with_path(masks, is_leaf=masks_lib.is_none):
+        if m is not None:
+            found[path_name(path)] = float(np.mean(np.asarray(m)))
+    return {layer.name: found.get(layer.name, 1.0) for layer in layers}
+
+
+def inference_flops(layers: list[LayerFlops], masks: PyTree | None = None) -> dict[str, Any]:
+    """Forward FLOPs of a model under its masks.
+
+    Args:
+      layers: from `layer_flops`.
+      masks: the mask tree (None or missing leaves mean dense).
+
+    Returns:
+      ``{"per_layer": {name: flops}, "total": flops, "dense_total": flops}``
+      where flops = 2 * density * macs + bias_adds.
+    """
+    density = _densities(layers, masks)
+    per_layer: dict[str, float] = {}
+    dense_total = 0
+    for layer in layers:
+        cost = 2 * density[layer.name] * layer.macs + layer.bias_adds
+        per_layer[layer.name] = per_layer.get(layer.name, 0.0) + cost
+        dense_total += 2 * layer.macs + layer.bias_adds
+    return {"per_layer": per_layer, "total": sum(per_layer.values()), "dense_total": dense_total}
+
+
+def training_flops(
+    forward_sparse: float,
+    forward_dense: float,
+    algorithm: str,
+    *,
+    update_every_steps: int = 100,
+    sparsity_fraction_by_step: Callable[[int], float] | None = None,
+    total_steps: int | None = None,
+) -> float:
+    """Average training FLOPs per example-batch step, following Evci et al. 2020.
+
+    Args:
+      forward_sparse: f_S, forward FLOPs of the sparse model (its final masks).
+      forward_dense: f_D, forward FLOPs of the dense model.
+      algorithm: registry name ('dense', 'static', 'set', 'rigl', 'snfs',
+        'magnitude', 'snip', 'grasp', 'synflow', 'random', ...).
+      update_every_steps: ΔT for RigL.
+      sparsity_fraction_by_step: for gradual pruning, t -> s(t) / s_final, so
+        the forward cost at t is f_D - (f_D - f_S) * s(t)/s_final.
+      total_steps: steps to average over, for gradual pruning.
+
+    Returns:
+      FLOPs per training step, averaged over training.
+    """
+    f_s, f_d = float(forward_sparse), float(forward_dense)
+    if algorithm == "dense":
+        return 3.0 * f_d
+    if algorithm == "rigl":
+        dt = update_every_steps
+        return (3.0 * f_s * dt + 2.0 * f_s + f_d) / (dt + 1)
+    if algorithm == "snfs":
+        return 2.0 * f_s + f_d
+    if algorithm in ("magnitude", "random") and sparsity_fraction_by_step is not None:
+        if not total_steps:
+            raise ValueError(
+                f"total_steps must be positive for gradual pruning, got {total_steps!r}"
+            )
+        fractions = np.array([sparsity_fraction_by_step(t) for t in range(total_steps)])
+        return float(np.mean(3.0 * (f_d - (f_d - f_s) * fractions)))
+    return 3.0 * f_s
+
+
+def pack_mask(mask: jax.Array) -> jax.Array:
+    """Packs a boolean mask into uint8, 8 entries a byte (flattened, zero padded)."""
+    return jnp.packbits(jnp.asarray(mask, bool).reshape(-1))
+
+
+def unpack_mask(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Inverse of `pack_mask` for a mask of ``shape``."""
+    size = math.prod(shape)
+    return jnp.unpackbits(packed, count=size).astype(bool).reshape(shape)
+
+
+def memory(params: PyTree, masks: PyTree | None = None) -> Mapping[str, int]:
+    """Bytes of parameters and masks.
+
+    Returns:
+      ``dense_params``: all parameters stored densely;
+      ``sparse_params``: nonzero values of masked leaves plus an int32 index
+      each (COO-like), unmasked leaves dense;
+      ``masks_bool``: masks stored as one byte an entry;
+      ``masks_packed``: masks bit-packed, one bit an entry.
+    """
+    dense = sum(int(np.asarray(p).nbytes) for p in jax.tree.leaves(params))
+    if masks is None:
+        return {"dense_params": dense, "sparse_params": dense, "masks_bool": 0, "masks_packed": 0}
+    sparse = bool_bytes = packed = 0
+    for m, p in zip(
+        jax.tree.leaves(masks, is_leaf=masks_lib.is_none),
+        jax.tree.leaves(params),
+        strict=True,
+    ):
+        p = np.asarray(p)
+        if m is None:
+            sparse += p.nbytes
+            continue
+        nnz = int(np.count_nonzero(np.asarray(m)))
+        sparse += nnz * (p.itemsize + 4)
+        bool_bytes += p.size
+        packed += (p.size + 7) // 8
+    return {
+        "dense_params": dense,
+        "sparse_params": sparse,
+        "masks_bool": bool_bytes,
+        "masks_packed": packed,
+    }

@@ -1,0 +1,93 @@
+"""FLOPs and memory accounting against hand counts."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsejax import flops, masks
+
+
+class _MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(100, name="hidden")(x))
+        return nn.Dense(10, name="out", use_bias=False)(x)
+
+
+class _Conv(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(8, (3,), strides=2, padding=((1, 1),), name="c1")(x)
+        x = nn.Conv(8, (3,), feature_group_count=4, padding="SAME", name="c2")(x)
+        return x
+
+
+def _setup(model, shape):
+    x = jnp.ones(shape)
+    params = model.init(jax.random.key(0), x)["params"]
+    return params, flops.layer_flops(model.apply, {"params": params}, x)
+
+
+def test_dense_mlp_matches_hand_count():
+    params, layers = _setup(_MLP(), (32, 40))
+    # hidden: 32 examples x 40 x 100 multiply-adds, 32 x 100 bias adds;
+    # out: 32 x 100 x 10 multiply-adds, no bias.
+    hand = 2 * 32 * 40 * 100 + 32 * 100 + 2 * 32 * 100 * 10
+    result = flops.inference_flops(layers)
+    assert result["total"] == hand == result["dense_total"]
+    assert [layer.name for layer in layers] == ["hidden/kernel", "out/kernel"]
+
+
+def test_sparse_mlp_scales_multiply_adds_by_density():
+    params, layers = _setup(_MLP(), (32, 40))
+    mask_tree = {
+        "hidden": {
+            "kernel": masks.topk_mask(jnp.abs(params["hidden"]["kernel"]), 0.75),
+            "bias": None,
+        },
+        "out": {"kernel": masks.topk_mask(jnp.abs(params["out"]["kernel"]), 0.5)},
+    }
+    result = flops.inference_flops(layers, mask_tree)
+    assert result["per_layer"]["hidden/kernel"] == 2 * 32 * 40 * 100 * 0.25 + 32 * 100
+    assert result["per_layer"]["out/kernel"] == 2 * 32 * 100 * 10 * 0.5
+
+
+def test_conv_counts_output_positions_window_and_groups():
+    _, layers = _setup(_Conv(), (2, 16, 4))
+    c1, c2 = layers
+    # c1: output (2, 8, 8), window 3 x 4 input channels.
+    assert c1.macs == 2 * 8 * 8 * 3 * 4 and c1.bias_adds == 2 * 8 * 8
+    # c2: output (2, 8, 8), 4 groups of 2 input channels each.
+    assert c2.macs == 2 * 8 * 8 * 3 * 2
+    assert c2.kernel_size == 3 * 2 * 8
+
+
+def test_training_flops_follow_evci_et_al():
+    f_s, f_d = 10.0, 100.0
+    assert flops.training_flops(f_s, f_d, "dense") == 300.0
+    assert flops.training_flops(f_s, f_d, "static") == 30.0
+    assert flops.training_flops(f_s, f_d, "rigl", update_every_steps=100) == pytest.approx(
+        (3 * 10 * 100 + 2 * 10 + 100) / 101
+    )
+    assert flops.training_flops(f_s, f_d, "snfs") == 120.0
+    gradual = flops.training_flops(
+        f_s, f_d, "magnitude", sparsity_fraction_by_step=lambda t: t / 9, total_steps=10
+    )
+    assert gradual == pytest.approx(3 * (100 - 90 * 0.5))
+
+
+def test_pack_unpack_roundtrip_and_memory():
+    mask = jax.random.bernoulli(jax.random.key(1), 0.3, (7, 13))
+    packed = flops.pack_mask(mask)
+    assert packed.dtype == jnp.uint8 and packed.size == (7 * 13 + 7) // 8
+    np.testing.assert_array_equal(flops.unpack_mask(packed, (7, 13)), mask)
+    params = {"w": jnp.ones((7, 13)), "b": jnp.ones(13)}
+    mem = flops.memory(params, {"w": mask, "b": None})
+    nnz = int(mask.sum())
+    assert mem["dense_params"] == 4 * (7 * 13 + 13)
+    assert mem["sparse_params"] == nnz * 8 + 4 * 13
+    assert mem["masks_bool"] == 91 and mem["masks_packed"] == 12
