@@ -55,9 +55,13 @@ def num_kept(size: int, sparsity: Any) -> Any:
     """Number of entries kept out of ``size`` at ``sparsity``: round((1 - sparsity) * size).
 
     Works on Python floats (returns int) and on traced scalars (returns int32).
+    A Python float is rounded with the same float32 arithmetic a traced
+    sparsity gets, so eager and jit keep the same count (e.g. 0.9 of 5 entries:
+    float64 gives 0.4999... and float32 0.5000001).
     """
     if isinstance(sparsity, (int, float)):
-        return int(np.round((1.0 - sparsity) * size))
+        real = jax.dtypes.canonicalize_dtype(np.float64).type
+        return int(np.round((real(1.0) - real(sparsity)) * real(size)))
     return jnp.round((1.0 - sparsity) * size).astype(jnp.int32)
 
 
