@@ -106,8 +106,13 @@ def polynomial(
         raise ValueError(f"power must be positive, got {power!r}")
 
     def sparsity(t):
-        progress = jnp.clip((jnp.asarray(t, jnp.float32) - begin) / (end - begin), 0.0, 1.0)
+        t = jnp.asarray(t, jnp.float32)
+        progress = jnp.clip((t - begin) / (end - begin), 0.0, 1.0)
         value = final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** power
+        # Hold s_i and s_f exactly: XLA turns the division by the constant t_end - t_0 into
+        # a multiplication by its float32 reciprocal, so progress at t_end can be 1 - 1 ulp
+        # (then s_t misses s_f by (1 ulp) ** power), and s_f + (s_i - s_f) need not be s_i.
+        value = jnp.where(t <= begin, initial_sparsity, jnp.where(t >= end, final_sparsity, value))
         return value.astype(jnp.float32)
 
     def is_update_step(t):
