@@ -6,6 +6,7 @@ key) to a pytree of scores of the same structure. All are pure and jit-able.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 
 PyTree = Any
 
-__all__ = ["get", "magnitude", "random", "saliency"]
+__all__ = ["get", "grasp", "magnitude", "random", "saliency", "synflow"]
 
 
 def magnitude(
@@ -80,6 +81,60 @@ def saliency(params: PyTree, grads: PyTree, *, key: jax.Array | None = None) -> 
     if grads is None:
         raise ValueError("grads must be given for saliency scores, got None")
     return jax.tree.map(lambda w, g: jnp.abs(w * g), params, grads)
+
+
+def _tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def grasp(loss_fn: Callable[[PyTree], jax.Array], params: PyTree) -> PyTree:
+    """GraSP keep-scores θ ⊙ (H g): high means keep.
+
+    Args:
+      loss_fn: params -> scalar loss on a fixed batch (the paper divides the
+        logits by a temperature T = 200 inside the loss).
+      params: parameter pytree.
+
+    Returns:
+      Pytree of θ ⊙ H g, H the Hessian and g the gradient of the loss at θ.
+
+    Reference: Wang et al. 2020, "Picking Winning Tickets Before Training by
+    Preserving Gradient Flow". Removing weights δ changes the gradient norm
+    g^T g to first order by 2 δ^T H g, so the paper scores each weight by
+    S(-θ) = -θ ⊙ H g and removes the weights with the highest S; keeping the
+    highest θ ⊙ H g is the same rule. H g is a Hessian-vector product:
+    the gradient of g(θ)·stop_gradient(g).
+    """
+    grad_fn = jax.grad(loss_fn)
+    g = jax.lax.stop_gradient(grad_fn(params))
+    hg = jax.grad(lambda p: _tree_vdot(grad_fn(p), g))(params)
+    return jax.tree.map(lambda w, h: w * h, params, hg)
+
+
+def synflow(
+    apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree, input_shape
+) -> PyTree:
+    """SynFlow scores θ ⊙ dR/dθ of the data-free synaptic-flow objective.
+
+    Args:
+      apply_fn: (params, x) -> outputs of the model.
+      params: parameter pytree (pruned entries already zero).
+      input_shape: shape of one example, without the batch axis.
+
+    Returns:
+      Pytree of nonnegative scores.
+
+    Reference: Tanaka et al. 2020, "Pruning neural networks without any data
+    by iteratively conserving synaptic flow". With every parameter replaced by
+    its absolute value and an all-ones input, R = 1ᵀ f(1) is the sum over all
+    input-output paths of the product of |weights| on the path (ReLUs pass
+    everything, since every pre-activation is positive); the score of a weight
+    is |θ| ⊙ dR/d|θ|, the total flow through it. No data is used.
+    """
+    abs_params = jax.tree.map(jnp.abs, params)
+    ones = jnp.ones((1, *tuple(input_shape)), jnp.float32)
+    flow = jax.grad(lambda p: jnp.sum(apply_fn(p, ones)))(abs_params)
+    return jax.tree.map(lambda w, r: w * r, abs_params, flow)
 
 
 _SCORES = {"magnitude": magnitude, "random": random, "saliency": saliency, "snip": saliency}

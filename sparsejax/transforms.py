@@ -38,12 +38,15 @@ class MaskedState(NamedTuple):
         step t uses ``fold_in(key, t)``, so no key has to be carried forward and
         the state checkpoints as plain arrays.
       inner_state: state of the wrapped optimizer.
+      algo_state: the algorithm's own state (e.g. SNFS's gradient momentum),
+        ``()`` for algorithms without one.
     """
 
     count: jax.Array
     masks: PyTree
     rng: jax.Array
     inner_state: optax.OptState
+    algo_state: PyTree = ()
 
 
 def _param_like(params: PyTree):
@@ -94,6 +97,7 @@ def masked(
     algorithm: Any,
     *,
     key: jax.Array | None = None,
+    masks: PyTree | None = None,
 ) -> optax.GradientTransformation:
     """Wraps ``inner`` so training follows ``algorithm``'s masks.
 
@@ -103,6 +107,8 @@ def masked(
         (``algorithms.get('rigl', sparsity=0.9, ...)``).
       key: ``jax.random.key`` for the algorithm's randomness (random masks,
         SET growth); defaults to ``jax.random.key(0)``.
+      masks: initial masks to start from instead of ``algorithm.init_masks``
+        (e.g. computed with a model by `sparsejax.algorithms.PruneAtInit`).
 
     Returns:
       An `optax.GradientTransformation` whose ``update(grads, state, params)``
@@ -113,7 +119,9 @@ def masked(
     key; the optimizer slots of newly grown weights are reset to zero when the
     algorithm asks for it; and the inner update is skipped when the algorithm
     says so (RigL and SET do). Otherwise the inner optimizer runs on the masked
-    gradient ``g * mask``.
+    gradient ``g * mask``. Straight-through algorithms (``algorithm.straight_through``)
+    keep dense weights instead: the gradient and the update are not masked,
+    and the model must run on ``algorithm.forward_params(params, masks)``.
     """
     if not isinstance(inner, optax.GradientTransformation):
         raise ValueError(f"inner must be an optax.GradientTransformation, got {type(inner)!r}")
@@ -124,13 +132,24 @@ def masked(
     key_data = jax.random.key_data(step_base_key)
     has_schedule = algorithm.updates_masks
 
+    straight_through = algorithm.straight_through
+
     def init_fn(params):
-        masks = algorithm.init_masks(params, init_key)
+        if masks is None:
+            init_masks = algorithm.init_masks(params, init_key)
+        else:
+            init_masks = jax.tree.map(
+                lambda m, p: None if m is None else jnp.asarray(m, bool),
+                masks,
+                params,
+                is_leaf=is_none,
+            )
         return MaskedState(
             count=jnp.zeros((), jnp.int32),
-            masks=masks,
+            masks=init_masks,
             rng=key_data,
             inner_state=inner.init(params),
+            algo_state=algorithm.init_state(params),
         )
 
     def update_fn(updates, state, params=None):
@@ -140,11 +159,11 @@ def masked(
             )
         step = state.count
         old_masks = state.masks
+        algo_state = algorithm.update_state(state.algo_state, params, updates, step)
 
         def ordinary(masks_, inner_state):
-            inner_updates, inner_state = inner.update(
-                apply_masks(updates, masks_), inner_state, params
-            )
+            grads = updates if straight_through else apply_masks(updates, masks_)
+            inner_updates, inner_state = inner.update(grads, inner_state, params)
             return masks_, inner_updates, inner_state
 
         if not has_schedule:
@@ -153,7 +172,9 @@ def masked(
             step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
 
             def mask_update():
-                new = algorithm.update_masks(old_masks, params, updates, step, step_key)
+                new = algorithm.update_masks(
+                    old_masks, params, updates, step, step_key, algo_state=algo_state
+                )
                 inner_state = state.inner_state
                 if algorithm.reset_grown_moments:
                     grown = jax.tree.map(
@@ -171,18 +192,22 @@ def masked(
                 lambda: ordinary(old_masks, state.inner_state),
             )
 
-        out = jax.tree.map(
-            lambda m, u, p: u if m is None else jnp.where(m, u, -p).astype(u.dtype),
-            new_masks,
-            inner_updates,
-            params,
-            is_leaf=is_none,
-        )
+        if straight_through:
+            out = inner_updates
+        else:
+            out = jax.tree.map(
+                lambda m, u, p: u if m is None else jnp.where(m, u, -p).astype(u.dtype),
+                new_masks,
+                inner_updates,
+                params,
+                is_leaf=is_none,
+            )
         new_state = MaskedState(
             count=optax.safe_int32_increment(step),
             masks=new_masks,
             rng=state.rng,
             inner_state=inner_state,
+            algo_state=algo_state,
         )
         return out, new_state
 

@@ -15,14 +15,20 @@ from typing import Any
 
 from sparsejax.algorithms.base import Algorithm, Dense, SparseAlgorithm
 from sparsejax.algorithms.dst import SET, RigL, Static
+from sparsejax.algorithms.pai import PruneAtInit
 from sparsejax.algorithms.pruning import Prune
+from sparsejax.algorithms.snfs import SNFS
+from sparsejax.algorithms.ste import STE
 
 __all__ = [
     "SET",
     "Algorithm",
     "Dense",
     "Prune",
+    "PruneAtInit",
     "RigL",
+    "SNFS",
+    "STE",
     "SparseAlgorithm",
     "Static",
     "from_config",
@@ -39,6 +45,10 @@ _REGISTRY: dict[str, tuple[type, dict[str, Any]]] = {
     "static": (Static, {}),
     "set": (SET, {}),
     "rigl": (RigL, {}),
+    "snfs": (SNFS, {}),
+    "ste": (STE, {}),
+    "grasp": (PruneAtInit, {"score": "grasp", "rounds": 1}),
+    "synflow": (PruneAtInit, {"score": "synflow", "rounds": 100}),
 }
 
 # Config keys understood by `from_config` beyond the dataclass fields.

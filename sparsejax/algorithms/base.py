@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sparsejax import distributions, masks
+from sparsejax import distributions, masks, scores
 
 PyTree = Any
 
@@ -28,27 +28,51 @@ class Algorithm:
     Subclasses override:
       init_masks(params, key) -> masks at step 0.
       is_update_step(step) -> traced bool, when ``updates_masks`` is True.
-      update_masks(masks, params, grads, step, key) -> new masks.
-    and set the class flags ``updates_masks``, ``skip_update_on_mask_step``
-    and ``reset_grown_moments``.
+      update_masks(masks, params, grads, step, key, algo_state) -> new masks.
+      init_state / update_state, for algorithms with state of their own.
+      forward_params(params, masks), for straight-through algorithms.
+    and set the class flags ``updates_masks``, ``skip_update_on_mask_step``,
+    ``reset_grown_moments`` and ``straight_through``.
     """
 
     updates_masks = False
     skip_update_on_mask_step = False
     reset_grown_moments = False
+    straight_through = False
 
     def init_masks(self, params: PyTree, key: jax.Array) -> PyTree:
         del key
         return jax.tree.map(lambda p: None, params)
+
+    def init_state(self, params: PyTree) -> PyTree:
+        """The algorithm's own state (kept in `MaskedState.algo_state`)."""
+        del params
+        return ()
+
+    def update_state(self, state: PyTree, params: PyTree, grads: PyTree, step: jax.Array):
+        """Advances the algorithm's state by one step (every step, before mask updates)."""
+        del params, grads, step
+        return state
+
+    def forward_params(self, params: PyTree, masks: PyTree) -> PyTree:
+        """The weights the model computes with; pruned weights are already zero by default."""
+        del masks
+        return params
 
     def is_update_step(self, step: jax.Array) -> jax.Array:
         del step
         return jnp.asarray(False)
 
     def update_masks(
-        self, masks: PyTree, params: PyTree, grads: PyTree, step: jax.Array, key: jax.Array
+        self,
+        masks: PyTree,
+        params: PyTree,
+        grads: PyTree,
+        step: jax.Array,
+        key: jax.Array,
+        algo_state: PyTree = (),
     ) -> PyTree:
-        del params, grads, step, key
+        del params, grads, step, key, algo_state
         return masks
 
 
@@ -63,7 +87,9 @@ class SparseAlgorithm(Algorithm):
 
     Attributes:
       sparsity: global target over the sparsified leaves, in [0, 1).
-      distribution: 'uniform', 'er' or 'erk' (see `sparsejax.distributions`).
+      distribution: 'uniform', 'er' or 'erk' (see `sparsejax.distributions`),
+        or 'global': one ranking pooled over all sparsified leaves, so layer
+        densities follow the scores.
       power_scale: ERK exponent.
       keep_dense: substrings of leaf names ('conv1/kernel') left dense.
     """
@@ -75,13 +101,20 @@ class SparseAlgorithm(Algorithm):
 
     def __post_init__(self):
         masks.validate_sparsity(self.sparsity, "sparsity")
-        distributions.get(self.distribution)
+        if self.distribution != "global":
+            distributions.get(self.distribution)
         if isinstance(self.keep_dense, str):
             object.__setattr__(self, "keep_dense", (self.keep_dense,))
         object.__setattr__(self, "keep_dense", tuple(self.keep_dense))
 
     def layer_sparsities(self, params: PyTree) -> PyTree:
-        """Per-leaf target sparsities (Python floats, None where not sparsified)."""
+        """Per-leaf target sparsities (Python floats, None where not sparsified).
+
+        For 'global' these are the uniform targets; they only mark which leaves
+        are sparsified, since the pooled ranking decides each layer's count.
+        """
+        if self.distribution == "global":
+            return distributions.uniform(params, self.sparsity, keep_dense=self.keep_dense)
         fn = distributions.get(self.distribution)
         kwargs = {"keep_dense": self.keep_dense}
         if self.distribution == "erk":
@@ -97,8 +130,26 @@ class SparseAlgorithm(Algorithm):
             is_leaf=masks.is_none,
         )
 
+    def score_masks(self, score_tree: PyTree, params: PyTree, fraction: Any = 1.0) -> PyTree:
+        """Top-k masks of ``score_tree`` at ``fraction`` of each target sparsity.
+
+        Per leaf for uniform/ER/ERK, pooled over leaves for 'global'. ``fraction``
+        (possibly traced) scales the targets, for schedules.
+        """
+        sparsities = self.layer_sparsities(params)
+        if self.distribution == "global":
+            return masks.global_topk_masks(score_tree, self.sparsity * fraction, sparsities)
+        return jax.tree.map(
+            lambda s, sc: None if s is None else masks.topk_mask(sc, s * fraction),
+            sparsities,
+            score_tree,
+            is_leaf=masks.is_none,
+        )
+
     def random_masks(self, params: PyTree, key: jax.Array) -> PyTree:
         """Random masks with each leaf's exact target density."""
+        if self.distribution == "global":
+            return self.score_masks(scores.random(params, key=key), params)
         sparsities = self.layer_sparsities(params)
         leaves, treedef = jax.tree.flatten(sparsities, is_leaf=masks.is_none)
         keys = jax.random.split(key, max(len(leaves), 1))

@@ -78,7 +78,7 @@ class SET(SparseAlgorithm):
             treedef, [jax.random.uniform(k, jnp.shape(p)) for k, p in zip(keys, leaves)]
         )
 
-    def update_masks(self, masks_tree, params, grads, step, key):
+    def update_masks(self, masks_tree, params, grads, step, key, algo_state=()):
         fraction = schedules.cosine_drop_fraction(self.drop_fraction, self.end_step)(step)
         grow = self.grow_scores(params, grads, key)
 

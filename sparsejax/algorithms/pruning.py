@@ -79,15 +79,14 @@ class Prune(SparseAlgorithm):
     def is_update_step(self, step: jax.Array) -> jax.Array:
         return self._schedule().is_update_step(step)
 
-    def update_masks(self, masks_tree, params, grads, step, key):
+    def update_masks(self, masks_tree, params, grads, step, key, algo_state=()):
         progress = self._schedule().sparsity(step) / self.sparsity if self.sparsity > 0 else 0.0
         score_tree = scores.get(self.score)(params, grads, key=key)
-        return jax.tree.map(
-            lambda s_l, m, sc: (
-                None if s_l is None else masks.topk_mask(jnp.where(m, sc, -jnp.inf), s_l * progress)
-            ),
-            self.layer_sparsities(params),
+        # Dead weights rank last, so pruning never revives them.
+        score_tree = jax.tree.map(
+            lambda m, sc: sc if m is None else jnp.where(m, sc, -jnp.inf),
             masks_tree,
             score_tree,
             is_leaf=masks.is_none,
         )
+        return self.score_masks(score_tree, params, progress)
