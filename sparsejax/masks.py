@@ -21,6 +21,7 @@ __all__ = [
     "apply_masks",
     "block_mask",
     "channel_mask",
+    "global_topk_masks",
     "is_none",
     "nm_mask",
     "num_kept",
@@ -320,3 +321,36 @@ def sparsity_of(params: PyTree, masks: PyTree) -> jax.Array:
         return jnp.zeros((), jnp.float32)
     zeros = sum(jnp.sum(p == 0) for p in masked)
     return (zeros / total).astype(jnp.float32)
+
+
+def global_topk_masks(scores: PyTree, sparsity: Any, selected: PyTree) -> PyTree:
+    """Keeps the round((1 - sparsity) * N) highest scores pooled over all selected leaves.
+
+    Args:
+      scores: pytree of score arrays.
+      sparsity: fraction dropped over the pooled entries, in [0, 1); may be traced.
+      selected: pytree with the structure of ``scores`` whose leaves are truthy
+        for the leaves to pool and ``None`` for the others.
+
+    Returns:
+      Mask pytree: booleans on selected leaves (exactly N kept in total, ties by
+      position in leaf order), ``None`` elsewhere. Layers may end up with very
+      different densities; that is the point of global pruning.
+    """
+    validate_sparsity(sparsity)
+    sel_leaves, treedef = jax.tree.flatten(selected, is_leaf=is_none)
+    score_leaves = treedef.flatten_up_to(scores)
+    chosen = [s for s, keep in zip(score_leaves, sel_leaves) if keep is not None]
+    if not chosen:
+        return jax.tree.unflatten(treedef, [None] * len(sel_leaves))
+    flat = jnp.concatenate([jnp.ravel(s).astype(jnp.float32) for s in chosen])
+    keep = topk_mask(flat, sparsity)
+    out, offset = [], 0
+    for s, sel in zip(score_leaves, sel_leaves):
+        if sel is None:
+            out.append(None)
+            continue
+        size = int(np.prod(jnp.shape(s)))
+        out.append(keep[offset : offset + size].reshape(jnp.shape(s)))
+        offset += size
+    return jax.tree.unflatten(treedef, out)
