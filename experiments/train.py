@@ -115,62 +115,97 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def create_train_state(
-    config: ml_collections.ConfigDict, model: Any, example_x: np.ndarray
-) -> tuple[TrainState, optax.GradientTransformation]:
-    """Initializes params and the masked optimizer; params start sparse.
+    config: ml_collections.ConfigDict, model: Any, dataset: data_lib.Dataset
+) -> tuple[TrainState, optax.GradientTransformation, algorithms.Algorithm]:
+    """Initializes params, the algorithm and the masked optimizer; params start sparse.
+
+    Algorithms that prune with the model before training (GraSP, SynFlow) get
+    their masks here, from the first training batch (GraSP; the paper divides
+    the logits by a temperature of 200) or from no data at all (SynFlow).
 
     Args:
       config: the run config (``seed``, ``optimizer``, ``sparsity``, ``total_steps``).
       model: a Flax module.
-      example_x: one batch of inputs, for shapes.
+      dataset: the training data (shapes, and the calibration batch).
 
     Returns:
-      (state, tx) where tx is ``masked(optimizer, algorithm)``.
+      (state, tx, algorithm) where tx is ``masked(optimizer, algorithm)``.
     """
     key = jax.random.key(config.seed)
     init_key, mask_key, run_key = jax.random.split(key, 3)
-    params = model.init(init_key, jnp.asarray(example_x[:1]))["params"]
+    x_train = dataset.x_train
+    params = model.init(init_key, jnp.asarray(x_train[:1]))["params"]
     algorithm = algorithms.from_config(config.sparsity, config.total_steps)
-    tx = transforms.masked(make_optimizer(config, config.total_steps), algorithm, key=mask_key)
+    initial_masks = None
+    if isinstance(algorithm, algorithms.PruneAtInit):
+        x0, y0 = data_lib.batch_at(
+            x_train, dataset.y_train, batch_size=config.batch_size, seed=config.seed, step=0
+        )
+        temperature = 200.0 if algorithm.score == "grasp" else 1.0
+
+        def loss_fn(p):
+            return _cross_entropy(model.apply({"params": p}, x0) / temperature, y0)
+
+        initial_masks = jax.jit(
+            lambda p: algorithm.masks_from_model(
+                p,
+                key=mask_key,
+                loss_fn=loss_fn,
+                apply_fn=lambda q, x: model.apply({"params": q}, x),
+                input_shape=x_train.shape[1:],
+            )
+        )(params)
+    tx = transforms.masked(
+        make_optimizer(config, config.total_steps), algorithm, key=mask_key, masks=initial_masks
+    )
     opt_state = tx.init(params)
-    params = transforms.sparsify(params, opt_state)
+    if not algorithm.straight_through:
+        params = transforms.sparsify(params, opt_state)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=opt_state,
         rng=jax.random.key_data(run_key),
     )
-    return state, tx
+    return state, tx, algorithm
 
 
-def make_step_functions(model, tx):
+def make_step_functions(model, tx, algorithm):
     """Jitted (train_step, eval_step, sparsity) for ``model`` trained with ``tx``.
 
+    The model always runs on ``algorithm.forward_params(params, masks)`` (the
+    params themselves, except for straight-through algorithms).
     train_step(state, x, y) -> (state, {"loss", "accuracy"}) donates ``state``;
-    eval_step(params, x, y) -> (summed loss, number correct);
-    sparsity(state) -> fraction of zeros over the masked parameters.
+    eval_step(state, x, y) -> (summed loss, number correct);
+    sparsity(state) -> fraction of zeros over the masked weights the model uses.
     """
 
-    def loss_fn(params, x, y):
-        logits = model.apply({"params": params}, x)
+    def effective(state: TrainState):
+        return algorithm.forward_params(state.params, transforms.get_masks(state.opt_state))
+
+    def loss_fn(params, masks_tree, x, y):
+        logits = model.apply({"params": algorithm.forward_params(params, masks_tree)}, x)
         return _cross_entropy(logits, y), logits
 
     def train_step(state: TrainState, x, y):
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, x, y)
+        masks_tree = transforms.get_masks(state.opt_state)
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, masks_tree, x, y
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
         new_state = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, {"loss": loss, "accuracy": accuracy}
 
-    def eval_step(params, x, y):
-        logits = model.apply({"params": params}, x)
+    def eval_step(state: TrainState, x, y):
+        logits = model.apply({"params": effective(state)}, x)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
         correct = jnp.sum(jnp.argmax(logits, -1) == y)
         return loss, correct
 
     def sparsity(state: TrainState):
-        return masks.sparsity_of(state.params, transforms.get_masks(state.opt_state))
+        return masks.sparsity_of(effective(state), transforms.get_masks(state.opt_state))
 
     return (
         jax.jit(train_step, donate_argnums=0),
@@ -179,12 +214,12 @@ def make_step_functions(model, tx):
     )
 
 
-def evaluate(eval_step, params, x: np.ndarray, y: np.ndarray, batch_size: int = 1000):
-    """Mean loss and accuracy of ``params`` over (x, y), in fixed-size batches."""
+def evaluate(eval_step, state: TrainState, x: np.ndarray, y: np.ndarray, batch_size: int = 1000):
+    """Mean loss and accuracy of the model in ``state`` over (x, y), in fixed-size batches."""
     total_loss, total_correct = 0.0, 0
     for start in range(0, len(x), batch_size):
         loss, correct = eval_step(
-            params, x[start : start + batch_size], y[start : start + batch_size]
+            state, x[start : start + batch_size], y[start : start + batch_size]
         )
         total_loss += float(loss)
         total_correct += int(correct)
@@ -243,8 +278,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mappi
 
     dataset = _load_data(config)
     model = _make_model(config, dataset.num_classes)
-    state, tx = create_train_state(config, model, dataset.x_train)
-    train_step, eval_step, sparsity_fn = make_step_functions(model, tx)
+    state, tx, algorithm = create_train_state(config, model, dataset)
+    train_step, eval_step, sparsity_fn = make_step_functions(model, tx, algorithm)
 
     ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
     manager = ocp.CheckpointManager(
@@ -332,7 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mappi
                     "step": done,
                     "train_loss": train_loss,
                     "train_accuracy": train_acc,
-                    **evaluate(eval_step, state.params, dataset.x_test, dataset.y_test),
+                    **evaluate(eval_step, state, dataset.x_test, dataset.y_test),
                     "sparsity": sparsity,
                     "steps_per_second": (done - tick_step) / max(now - tick, 1e-9),
                 }
