@@ -1,0 +1,312 @@
+"""CP (CANDECOMP/PARAFAC) format: a tensor as a sum of R rank-one tensors.
+
+References:
+  Carroll & Chang 1970, "Analysis of individual differences in multidimensional
+  scaling via an N-way generalization of 'Eckart-Young' decomposition";
+  Harshman 1970, "Foundations of the PARAFAC procedure";
+  Kolda & Bader 2009, "Tensor Decompositions and Applications" (SIAM Review).
+
+Model: X[i_1, ..., i_N] = sum_r w_r * A_1[i_1, r] * ... * A_N[i_N, r], with a
+weight vector w of length R and one factor matrix A_n of shape (I_n, R) per mode.
+
+Fitting (`CP.from_dense`) is alternating least squares (Kolda & Bader, sec. 3.4):
+holding every factor but A_n fixed, the best A_n solves the normal equations
+  A_n V = M_n,  V = Hadamard product over m != n of (A_m^T A_m)  (R x R),
+  M_n = X_(n) (Khatri-Rao product of the other factors)  (the MTTKRP),
+so A_n = M_n V^+. The MTTKRP is one einsum along an optimal path, so the
+Khatri-Rao product (prod_{m != n} I_m x R) is never built. Columns are
+normalized into w after every update. Initialization: the leading left singular
+vectors of each unfolding (the first scaled by the singular values), as in
+tensorly's ``init="svd"``. At the largest allowed rank, R = prod(shape) / max(shape),
+the tensor has an exact CP with one component per fibre of its longest mode, and
+the fit starts from it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import string
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tensornets import contract as contract_lib
+from tensornets.formats import _ranks
+
+__all__ = ["CP"]
+
+_MODES = string.ascii_lowercase[:24]  # mode letters; "y" is the rank, "Z" the batch
+_RANK = "y"
+_BATCH = "Z"
+
+
+def _unfold(x: jax.Array, mode: int) -> jax.Array:
+    return jnp.moveaxis(x, mode, 0).reshape(x.shape[mode], -1)
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+    # Decompositions need at least float32; bf16/f16 inputs are fitted in float32.
+    return jnp.result_type(dtype, jnp.float32)
+
+
+@flax.struct.dataclass
+class CP:
+    """A tensor in CP format.
+
+    Attributes:
+      weights: (R,) component weights w.
+      factors: tuple of N factor matrices, factor n of shape (I_n, R).
+    """
+
+    weights: jax.Array
+    factors: tuple[jax.Array, ...]
+
+    # ----------------------------------------------------------------- shape
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(I_1, ..., I_N)."""
+        return tuple(int(f.shape[0]) for f in self.factors)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.factors)
+
+    @property
+    def rank(self) -> int:
+        return int(self.weights.shape[-1])
+
+    @property
+    def ranks(self) -> tuple[int]:
+        """(R,): the CP rank, as a 1-tuple like the other formats' rank tuples."""
+        return (self.rank,)
+
+    @property
+    def num_params(self) -> int:
+        """R + R * sum(I_n)."""
+        return self.num_params_for(self.shape, self.rank)
+
+    @staticmethod
+    def num_params_for(shape: tuple[int, ...], rank: int) -> int:
+        return rank + rank * sum(shape)
+
+    @staticmethod
+    def max_rank(shape: tuple[int, ...]) -> int:
+        """prod(shape) / max(shape): every tensor of this shape has a CP of this rank."""
+        return math.prod(shape) // max(shape)
+
+    @classmethod
+    def resolve_rank(cls, shape: Any, rank: Any) -> int:
+        """Turns ``rank`` (int, 1-tuple or float fraction of prod(shape)) into an int.
+
+        Raises:
+          ValueError: for a rank <= 0 or above `max_rank`, naming the value.
+        """
+        shape = _ranks.check_shape(shape)
+        bound = cls.max_rank(shape)
+        if _ranks.is_fraction(rank):
+            budget = _ranks.check_fraction(rank) * math.prod(shape)
+            return _ranks.uniform_rank_for_budget(
+                budget, lambda r: cls.num_params_for(shape, r), bound
+            )
+        if not isinstance(rank, int | np.integer):
+            (rank,) = _ranks.check_rank_tuple(rank, 1, "rank")
+        rank = _ranks.check_int_rank(rank, "rank")
+        if rank > bound:
+            raise ValueError(
+                f"rank={rank} is larger than allowed for a CP of shape {shape}: at most "
+                f"prod(shape) / max(shape) = {bound}"
+            )
+        return rank
+
+    # ------------------------------------------------------------ conversion
+    def to_dense(self) -> jax.Array:
+        """The full tensor, shape (I_1, ..., I_N)."""
+        subs = [m + _RANK for m in _MODES[: self.ndim]]
+        expr = _RANK + "," + ",".join(subs) + "->" + _MODES[: self.ndim]
+        return contract_lib.contract(expr, self.weights, *self.factors)
+
+    @classmethod
+    def from_dense(
+        cls,
+        x: jax.Array,
+        rank: Any,
+        *,
+        n_iter_max: int = 100,
+        tol: float = 1e-7,
+    ) -> CP:
+        """Fits a rank-R CP to ``x`` by ALS with SVD initialization (jit-able, rank static).
+
+        Args:
+          x: (I_1, ..., I_N) floating array, N <= 24.
+          rank: int R, a 1-tuple, or a float fraction of ``x.size`` to spend on
+            parameters.
+          n_iter_max: maximum number of ALS sweeps (static).
+          tol: stop when the relative reconstruction error changes by less than
+            this between sweeps (tensorly's criterion).
+
+        Returns:
+          A `CP` with unit-norm factor columns and the norms in ``weights``.
+
+        Raises:
+          ValueError: if ``rank`` is not valid for ``x.shape``.
+        """
+        x = jnp.asarray(x)
+        if x.ndim > len(_MODES):
+            raise ValueError(f"x.ndim must be <= {len(_MODES)}, got {x.ndim}")
+        rank = cls.resolve_rank(x.shape, rank)
+        weights, factors = _cp_als(x, rank, int(n_iter_max), tol)
+        return cls(weights=weights, factors=tuple(factors))
+
+    def to_params(self) -> dict[str, jax.Array]:
+        """Flat parameter dict, as the factorized layers store it."""
+        params = {"weights": self.weights}
+        params.update({f"factor_{n}": f for n, f in enumerate(self.factors)})
+        return params
+
+    @classmethod
+    def from_params(cls, params: dict[str, jax.Array]) -> CP:
+        n = sum(1 for k in params if k.startswith("factor_"))
+        factors = tuple(params[f"factor_{i}"] for i in range(n))
+        return cls(weights=params["weights"], factors=factors)
+
+    # ------------------------------------------------------------- operator
+    def _subscripts(self, n_in: int, x_ndim: int):
+        if not 0 < n_in < self.ndim:
+            raise ValueError(f"n_in must be in [1, {self.ndim - 1}], got {n_in}")
+        modes = _MODES[: self.ndim]
+        x_sub = _BATCH + modes[:n_in]
+        factor_subs = [_RANK] + [m + _RANK for m in modes]
+        return x_sub, factor_subs, modes, _BATCH + modes[n_in:]
+
+    def apply(self, x: jax.Array, n_in: int, method: str = "auto", precision=None) -> jax.Array:
+        """Applies the tensor as a linear map from its first ``n_in`` modes to the rest.
+
+        y[..., i_{n+1}, ..., i_N] = sum_{i_1..i_n} x[..., i_1, ..., i_n] X[i_1, ..., i_N],
+        contracted through the factors along an optimal path (``method="factorized"``),
+        or by reconstruction and matmul (``"dense"``), or whichever has fewer FLOPs
+        (``"auto"``).
+
+        Args:
+          x: (..., I_1, ..., I_n).
+          n_in: number of leading modes that are inputs.
+
+        Returns:
+          (..., I_{n+1}, ..., I_N).
+        """
+        in_shape = self.shape[:n_in]
+        batch = x.shape[: x.ndim - n_in]
+        if tuple(x.shape[x.ndim - n_in :]) != in_shape:
+            raise ValueError(f"x.shape={x.shape} must end with the input modes {in_shape}")
+        xb = x.reshape((-1, *in_shape))
+        x_sub, factor_subs, w_sub, out_sub = self._subscripts(n_in, xb.ndim)
+        y = contract_lib.factorized_apply(
+            xb, x_sub, factor_subs, [self.weights, *self.factors], w_sub, out_sub, method, precision
+        )
+        return y.reshape(batch + self.shape[n_in:])
+
+    def apply_costs(self, batch: int, n_in: int) -> dict[str, int]:
+        """FLOPs of `apply` on a batch of ``batch`` inputs, factorized and dense."""
+        x_sub, factor_subs, w_sub, out_sub = self._subscripts(n_in, n_in + 1)
+        shapes = [self.weights.shape] + [f.shape for f in self.factors]
+        return contract_lib.factorized_apply_costs(
+            (batch, *self.shape[:n_in]), x_sub, factor_subs, shapes, w_sub, out_sub
+        )
+
+    def flops(self, batch: int, n_in: int, method: str = "auto") -> int:
+        """FLOPs of `apply` with ``method`` ("auto" = the cheaper one)."""
+        costs = self.apply_costs(batch, n_in)
+        return costs[contract_lib.choose_method(costs["factorized"], costs["dense"], method)]
+
+
+# ---------------------------------------------------------------------- ALS
+def _exact_init(x: jax.Array) -> list[jax.Array]:
+    """Exact CP with prod(shape)/max(shape) components: one per fibre of the longest mode."""
+    longest = int(np.argmax(x.shape))
+    others = [m for m in range(x.ndim) if m != longest]
+    index = np.indices([x.shape[m] for m in others]).reshape(len(others), -1)
+    factors = [None] * x.ndim
+    factors[longest] = _unfold(x, longest)
+    for k, m in enumerate(others):
+        factors[m] = jnp.asarray(np.arange(x.shape[m])[:, None] == index[k][None, :], x.dtype)
+    return factors
+
+
+def _svd_init(x: jax.Array, rank: int) -> list[jax.Array]:
+    factors = []
+    key = jax.random.key(0)
+    for n in range(x.ndim):
+        u, s, _ = jnp.linalg.svd(_unfold(x, n), full_matrices=False)
+        k = min(rank, u.shape[1])
+        u = u[:, :k]
+        if n == 0:
+            # Put the tensor's scale into the first factor so the weights start at 1.
+            u = u * s[:k]
+        if k < rank:
+            # More components than the unfolding has singular vectors: fill the rest
+            # with small random columns (fixed key: the fit is deterministic).
+            scale = jnp.sqrt(jnp.mean(u**2))
+            extra = jax.random.normal(jax.random.fold_in(key, n), (u.shape[0], rank - k), x.dtype)
+            u = jnp.concatenate([u, scale * extra], axis=1)
+        factors.append(u)
+    return factors
+
+
+def _mttkrp(x: jax.Array, factors, mode: int) -> jax.Array:
+    modes = _MODES[: x.ndim]
+    subs = [modes[m] + _RANK for m in range(x.ndim) if m != mode]
+    ops = [factors[m] for m in range(x.ndim) if m != mode]
+    expr = ",".join([modes, *subs]) + "->" + modes[mode] + _RANK
+    return contract_lib.contract(expr, x, *ops)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "n_iter_max"))
+def _cp_als(x: jax.Array, rank: int, n_iter_max: int, tol: float):
+    out_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+    x = x.astype(_compute_dtype(x.dtype))
+    n = x.ndim
+    if n >= 3 and rank == CP.max_rank(x.shape):
+        factors = _exact_init(x)
+    else:
+        factors = _svd_init(x, rank)
+    weights = jnp.ones((rank,), x.dtype)
+    norm_x = jnp.linalg.norm(x)
+    safe_norm_x = jnp.where(norm_x > 0, norm_x, 1.0)
+
+    def sweep(factors):
+        grams = [f.T @ f for f in factors]
+        for mode in range(n):
+            v = jnp.ones((rank, rank), x.dtype)
+            for m in range(n):
+                if m != mode:
+                    v = v * grams[m]
+            m_n = _mttkrp(x, factors, mode)
+            a = m_n @ jnp.linalg.pinv(v, hermitian=True)
+            weights = jnp.linalg.norm(a, axis=0)
+            factors = list(factors)
+            factors[mode] = a / jnp.where(weights > 0, weights, 1.0)
+            grams[mode] = factors[mode].T @ factors[mode]
+        # ||X - Xhat||^2 = ||X||^2 - 2 <X, Xhat> + ||Xhat||^2, from the last mode's
+        # MTTKRP and Gram matrices: no reconstruction needed.
+        inner = jnp.sum(a * m_n)
+        norm_hat_sq = jnp.sum((a.T @ a) * v)
+        err_sq = jnp.maximum(norm_x**2 - 2 * inner + norm_hat_sq, 0.0)
+        return factors, weights, jnp.sqrt(err_sq) / safe_norm_x
+
+    def cond(state):
+        _, _, it, prev, err = state
+        return (it < n_iter_max) & ((it < 2) | (jnp.abs(prev - err) >= tol))
+
+    def body(state):
+        factors, _, it, _, err = state
+        factors, weights, new_err = sweep(factors)
+        return factors, weights, it + 1, err, new_err
+
+    inf = jnp.asarray(jnp.inf, x.dtype)
+    state = (factors, weights, jnp.asarray(0), inf, inf)
+    if n_iter_max > 0:
+        factors, weights, _, _, _ = jax.lax.while_loop(cond, body, state)
+    return weights.astype(out_dtype), [f.astype(out_dtype) for f in factors]
