@@ -30,6 +30,9 @@ __all__ = [
     "NonFiniteLossError",
     "TrainState",
     "create_train_state",
+    "init_state",
+    "make_tx",
+    "step_functions",
     "make_optimizer",
     "make_step_functions",
     "train_and_evaluate",
@@ -114,71 +117,94 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def create_train_state(
-    config: ml_collections.ConfigDict, model: Any, dataset: data_lib.Dataset
-) -> tuple[TrainState, optax.GradientTransformation, algorithms.Algorithm]:
-    """Initializes params, the algorithm and the masked optimizer; params start sparse.
+def init_state(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    algorithm: algorithms.Algorithm,
+    key: jax.Array,
+    x_example: jax.Array,
+    calibration: tuple[jax.Array, jax.Array],
+    *,
+    params: PyTree | None = None,
+    masks_tree: PyTree | None = None,
+) -> TrainState:
+    """The initial `TrainState` of one run: a pure function of ``key`` (vmap it over seeds).
 
     Algorithms that prune with the model before training (GraSP, SynFlow) get
-    their masks here, from the first training batch (GraSP; the paper divides
-    the logits by a temperature of 200) or from no data at all (SynFlow).
+    their masks here, from the calibration batch (GraSP; the paper divides the
+    logits by a temperature of 200) or from no data at all (SynFlow).
 
     Args:
-      config: the run config (``seed``, ``optimizer``, ``sparsity``, ``total_steps``).
+      config: the run config (``optimizer``, ``total_steps``).
       model: a Flax module.
-      dataset: the training data (shapes, and the calibration batch).
+      algorithm: from `sparsejax.algorithms`.
+      key: the run's ``jax.random.key``.
+      x_example: inputs with a batch axis, for shapes.
+      calibration: ``(x, y)``, the first training batch.
+      params: start from these params instead of a fresh init (e.g. rewinding).
+      masks_tree: start from these masks instead of the algorithm's.
 
     Returns:
-      (state, tx, algorithm) where tx is ``masked(optimizer, algorithm)``.
+      The state; params are already sparse (except for straight-through algorithms).
     """
-    key = jax.random.key(config.seed)
     init_key, mask_key, run_key = jax.random.split(key, 3)
-    x_train = dataset.x_train
-    params = model.init(init_key, jnp.asarray(x_train[:1]))["params"]
-    algorithm = algorithms.from_config(config.sparsity, config.total_steps)
-    initial_masks = None
-    if isinstance(algorithm, algorithms.PruneAtInit):
-        x0, y0 = data_lib.batch_at(
-            x_train, dataset.y_train, batch_size=config.batch_size, seed=config.seed, step=0
-        )
+    if params is None:
+        params = model.init(init_key, x_example[:1])["params"]
+    if masks_tree is None and isinstance(algorithm, algorithms.PruneAtInit):
+        x0, y0 = calibration
         temperature = 200.0 if algorithm.score == "grasp" else 1.0
-
-        def loss_fn(p):
-            return _cross_entropy(model.apply({"params": p}, x0) / temperature, y0)
-
-        initial_masks = jax.jit(
-            lambda p: algorithm.masks_from_model(
-                p,
-                key=mask_key,
-                loss_fn=loss_fn,
-                apply_fn=lambda q, x: model.apply({"params": q}, x),
-                input_shape=x_train.shape[1:],
-            )
-        )(params)
+        masks_tree = algorithm.masks_from_model(
+            params,
+            key=mask_key,
+            loss_fn=lambda p: _cross_entropy(model.apply({"params": p}, x0) / temperature, y0),
+            apply_fn=lambda q, x: model.apply({"params": q}, x),
+            input_shape=x_example.shape[1:],
+        )
     tx = transforms.masked(
-        make_optimizer(config, config.total_steps), algorithm, key=mask_key, masks=initial_masks
+        make_optimizer(config, config.total_steps), algorithm, key=mask_key, masks=masks_tree
     )
     opt_state = tx.init(params)
     if not algorithm.straight_through:
         params = transforms.sparsify(params, opt_state)
-    state = TrainState(
+    return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=opt_state,
         rng=jax.random.key_data(run_key),
     )
-    return state, tx, algorithm
 
 
-def make_step_functions(model, tx, algorithm):
-    """Jitted (train_step, eval_step, sparsity) for ``model`` trained with ``tx``.
+def make_tx(
+    config: ml_collections.ConfigDict, algorithm: algorithms.Algorithm
+) -> optax.GradientTransformation:
+    """``masked(optimizer, algorithm)`` for updating any state made by `init_state`.
 
-    The model always runs on ``algorithm.forward_params(params, masks)`` (the
-    params themselves, except for straight-through algorithms).
-    train_step(state, x, y) -> (state, {"loss", "accuracy"}) donates ``state``;
-    eval_step(state, x, y) -> (summed loss, number correct);
-    sparsity(state) -> fraction of zeros over the masked weights the model uses.
+    The update depends only on the state (masks, counters and keys live there),
+    so one transform serves every seed.
     """
+    return transforms.masked(make_optimizer(config, config.total_steps), algorithm)
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict, model: Any, dataset: data_lib.Dataset
+) -> tuple[TrainState, optax.GradientTransformation, algorithms.Algorithm]:
+    """Builds the algorithm, the masked optimizer and the initial state for ``config.seed``.
+
+    Returns:
+      (state, tx, algorithm).
+    """
+    algorithm = algorithms.from_config(config.sparsity, config.total_steps)
+    calibration = data_lib.batch_at(
+        dataset.x_train, dataset.y_train, batch_size=config.batch_size, seed=config.seed, step=0
+    )
+    state = jax.jit(lambda key, x, cal: init_state(config, model, algorithm, key, x, cal))(
+        jax.random.key(config.seed), jnp.asarray(dataset.x_train[:1]), calibration
+    )
+    return state, make_tx(config, algorithm), algorithm
+
+
+def step_functions(model, tx, algorithm):
+    """Un-jitted (train_step, eval_step, sparsity) bodies; see `make_step_functions`."""
 
     def effective(state: TrainState):
         return algorithm.forward_params(state.params, transforms.get_masks(state.opt_state))
@@ -207,11 +233,20 @@ def make_step_functions(model, tx, algorithm):
     def sparsity(state: TrainState):
         return masks.sparsity_of(effective(state), transforms.get_masks(state.opt_state))
 
-    return (
-        jax.jit(train_step, donate_argnums=0),
-        jax.jit(eval_step),
-        jax.jit(sparsity),
-    )
+    return train_step, eval_step, sparsity
+
+
+def make_step_functions(model, tx, algorithm):
+    """Jitted (train_step, eval_step, sparsity) for ``model`` trained with ``tx``.
+
+    The model always runs on ``algorithm.forward_params(params, masks)`` (the
+    params themselves, except for straight-through algorithms).
+    train_step(state, x, y) -> (state, {"loss", "accuracy"}) donates ``state``;
+    eval_step(state, x, y) -> (summed loss, number correct);
+    sparsity(state) -> fraction of zeros over the masked weights the model uses.
+    """
+    train_step, eval_step, sparsity = step_functions(model, tx, algorithm)
+    return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step), jax.jit(sparsity)
 
 
 def evaluate(eval_step, state: TrainState, x: np.ndarray, y: np.ndarray, batch_size: int = 1000):
