@@ -440,6 +440,40 @@ def batch_at(
     return x[indices], y[indices]
 
 
+def batch_indices(
+    n: int, *, batch_size: int, seed: int, num_steps: int, start_step: int = 0
+) -> np.ndarray:
+    """Example indices of steps ``start_step .. start_step + num_steps - 1``, as in `batch_at`.
+
+    Args:
+      n: number of examples.
+      batch_size: positive int, at most ``n``.
+      seed: non-negative int.
+      num_steps: number of steps.
+      start_step: first step.
+
+    Returns:
+      int32 array ``[num_steps, batch_size]``; row t holds the indices of the
+      batch that `batch_at` gives for step ``start_step + t``, so jitted loops
+      that gather on device see exactly the batches of a single run.
+    """
+    _check_int(batch_size, "batch_size", minimum=1)
+    if batch_size > n:
+        raise ValueError(f"batch_size must be <= the number of examples {n}, got {batch_size}")
+    _check_int(seed, "seed", minimum=0)
+    _check_int(num_steps, "num_steps", minimum=0)
+    _check_int(start_step, "start_step", minimum=0)
+    steps_per_epoch = n // batch_size
+    out = np.empty((num_steps, batch_size), np.int32)
+    permutations: dict[int, np.ndarray] = {}
+    for t in range(num_steps):
+        epoch, position = divmod(start_step + t, steps_per_epoch)
+        if epoch not in permutations:
+            permutations[epoch] = _epoch_permutation(n, seed, epoch)
+        out[t] = permutations[epoch][position * batch_size : (position + 1) * batch_size]
+    return out
+
+
 def batches(
     x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, start_step: int = 0
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:

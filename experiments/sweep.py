@@ -1,0 +1,197 @@
+"""Train several seeds of one config in one compiled program (`jax.vmap` over seeds).
+
+The per-seed states are stacked on a leading axis, the data stay on device and
+each seed gathers its own batches (the same batches `experiments.train` would
+use for that seed), and `jax.lax.scan` runs a chunk of steps per call. The
+step counters of the masked optimizer are shared by all seeds (unbatched), so
+mask updates remain a real `lax.cond` rather than both branches every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from experiments import data as data_lib
+from experiments import train
+from sparsejax import algorithms, masks, transforms
+from sparsejax.distributions import path_name
+
+PyTree = Any
+
+__all__ = ["SweepResult", "train_seeds"]
+
+
+class SweepResult(NamedTuple):
+    """What a sweep returns, one entry per seed on the leading axis.
+
+    Attributes:
+      seeds: the seeds, in order.
+      steps: evaluation steps.
+      test_accuracy: float array [num_seeds, num_evals].
+      train_loss: mean training loss over each evaluation interval, same shape.
+      sparsity: realized fraction of zeros over the masked weights, [num_seeds].
+      layer_density: {layer name: [num_seeds]} density of each masked leaf.
+      final_state: the stacked final `train.TrainState`.
+      initial_params: the stacked initial params (for rewinding).
+    """
+
+    seeds: list[int]
+    steps: list[int]
+    test_accuracy: np.ndarray
+    train_loss: np.ndarray
+    sparsity: np.ndarray
+    layer_density: dict[str, np.ndarray]
+    final_state: Any
+    initial_params: Any
+
+
+def _state_axes(state: train.TrainState) -> train.TrainState:
+    """vmap axes: 0 everywhere but the shared step counters (None)."""
+    axes = jax.tree.map(lambda _: 0, state)
+    opt = axes.opt_state
+    if isinstance(opt, transforms.MaskedState):
+        opt = opt._replace(count=None)
+    return axes._replace(step=None, opt_state=opt)
+
+
+def train_seeds(
+    config: ml_collections.ConfigDict,
+    seeds: Sequence[int],
+    *,
+    dataset: data_lib.Dataset | None = None,
+    initial_params: PyTree | None = None,
+    initial_masks: PyTree | None = None,
+    eval_every_steps: int | None = None,
+    progress: bool = True,
+    desc: str = "",
+) -> SweepResult:
+    """Trains ``config`` once per seed, all seeds in one vmapped, scanned program.
+
+    Args:
+      config: a run config as in configs/ (``config.seed`` is ignored).
+      seeds: the seeds; seed s uses ``jax.random.key(s)`` for init and masks and
+        the batch order of `experiments.data.batch_at` with ``seed=s``.
+      dataset: data to use (default: ``config.dataset``).
+      initial_params: optional params stacked over seeds (leading axis), e.g.
+        rewound weights of lottery-ticket rounds.
+      initial_masks: optional masks stacked over seeds, used instead of the
+        algorithm's initial masks.
+      eval_every_steps: evaluation interval (default ``config.eval_every_steps``).
+      progress: show a progress bar.
+      desc: progress-bar label.
+
+    Returns:
+      A `SweepResult`.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must not be empty")
+    dataset = train._load_data(config) if dataset is None else dataset
+    model = train._make_model(config, dataset.num_classes)
+    algorithm = algorithms.from_config(config.sparsity, config.total_steps)
+    tx = train.make_tx(config, algorithm)
+    train_step, eval_step, _ = train.step_functions(model, tx, algorithm)
+
+    x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
+    x_test, y_test = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test)
+    n, total = len(dataset.x_train), config.total_steps
+    indices = np.stack(
+        [
+            data_lib.batch_indices(n, batch_size=config.batch_size, seed=s, num_steps=total)
+            for s in seeds
+        ],
+        axis=1,
+    )  # [steps, seeds, batch]
+    keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
+
+    def init_one(key_data, first_batch, params, masks_tree):
+        calibration = (x_train[first_batch], y_train[first_batch])
+        return train.init_state(
+            config,
+            model,
+            algorithm,
+            jax.random.wrap_key_data(key_data),
+            x_train[:1],
+            calibration,
+            params=params,
+            masks_tree=masks_tree,
+        )
+
+    abstract = jax.eval_shape(
+        lambda k, b: init_one(k, b, None, None), keys[0], jnp.asarray(indices[0, 0])
+    )
+    axes = _state_axes(abstract)
+    in_axes = (0, 0, None if initial_params is None else 0, None if initial_masks is None else 0)
+    state = jax.jit(jax.vmap(init_one, in_axes=in_axes, out_axes=axes))(
+        keys, jnp.asarray(indices[0]), initial_params, initial_masks
+    )
+    start_params = state.params
+
+    def one_step(state, batch_idx):
+        return train_step(state, x_train[batch_idx], y_train[batch_idx])
+
+    batched_step = jax.vmap(one_step, in_axes=(axes, 0), out_axes=(axes, 0))
+
+    @jax.jit
+    def run_chunk(state, chunk_indices):
+        state, metrics = jax.lax.scan(batched_step, state, chunk_indices)
+        return state, jnp.mean(metrics["loss"], axis=0)
+
+    @jax.jit
+    def test_accuracy(state):
+        def one(s):
+            _, correct = eval_step(s, x_test, y_test)
+            return correct / x_test.shape[0]
+
+        return jax.vmap(one, in_axes=(axes,))(state)
+
+    every = eval_every_steps or config.eval_every_steps
+    boundaries = list(range(every, total, every)) + [total]
+    steps, accs, losses = [], [], []
+    start = 0
+    with tqdm(total=total, disable=not progress, desc=desc, leave=False) as bar:
+        for end in boundaries:
+            state, loss = run_chunk(state, jnp.asarray(indices[start:end]))
+            steps.append(end)
+            accs.append(np.asarray(test_accuracy(state)))
+            losses.append(np.asarray(loss))
+            bar.update(end - start)
+            bar.set_postfix(acc=f"{accs[-1].mean():.3f}", refresh=False)
+            start = end
+
+    final_masks = transforms.get_masks(state.opt_state)
+    effective = jax.vmap(algorithm.forward_params)(state.params, final_masks)
+    names_masks = jax.tree_util.tree_leaves_with_path(final_masks, is_leaf=masks.is_none)
+    layer_density = {}
+    zeros = total_size = None
+    flat_params = dict(
+        (jax.tree_util.keystr(p), v) for p, v in jax.tree_util.tree_leaves_with_path(effective)
+    )
+    for path, m in names_masks:
+        if m is None:
+            continue
+        m = np.asarray(m)
+        per_seed = m.reshape(len(seeds), -1)
+        layer_density[path_name(path)] = per_seed.mean(axis=1)
+        w = np.asarray(flat_params[jax.tree_util.keystr(path)]).reshape(len(seeds), -1)
+        z = (w == 0).sum(axis=1)
+        zeros = z if zeros is None else zeros + z
+        total_size = w.shape[1] if total_size is None else total_size + w.shape[1]
+    sparsity = zeros / total_size if total_size else np.zeros(len(seeds))
+    return SweepResult(
+        seeds=seeds,
+        steps=steps,
+        test_accuracy=np.stack(accs, axis=1),
+        train_loss=np.stack(losses, axis=1),
+        sparsity=np.asarray(sparsity, np.float64),
+        layer_density=layer_density,
+        final_state=state,
+        initial_params=start_params,
+    )
