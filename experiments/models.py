@@ -21,7 +21,10 @@ __all__ = [
     "CNN1D",
     "MLP",
     "ResNet",
+    "ResidualMLP",
     "get_model",
+    "narrow_to_params",
+    "num_params",
 ]
 
 
@@ -227,15 +230,100 @@ class ResNet(nn.Module):
         return nn.Dense(self.num_classes, name="head")(x)
 
 
+class ResidualMLP(nn.Module):
+    """The residual MLP of MNIST-1D's lottery-ticket experiment (40-500-500-10 by default).
+
+    h_1 = relu(W_1 x), h_{i+1} = relu(W_{i+1} h_i) + h_i for the later hidden
+    layers (same width), logits = W_out h_L.
+
+    Attributes:
+      features: hidden width.
+      num_layers: number of hidden layers (>= 1).
+      num_classes: output width.
+
+    Input ``float[batch, ...]`` (flattened), output ``float32[batch, num_classes]``.
+    Submodules ``hidden_0 ...`` and ``output``.
+
+    Reference: Greydanus, "Scaling down Deep Learning", 2020 (its lottery-ticket
+    notebook); Frankle & Carbin 2019, "The Lottery Ticket Hypothesis".
+    """
+
+    features: int = 500
+    num_layers: int = 2
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        _check_positive_int(self.features, "features")
+        _check_positive_int(self.num_layers, "num_layers")
+        _check_positive_int(self.num_classes, "num_classes")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.reshape(x.shape[0], -1)
+        for i in range(self.num_layers):
+            out = nn.relu(nn.Dense(self.features, name=f"hidden_{i}")(h))
+            h = out if i == 0 else out + h
+        return nn.Dense(self.num_classes, name="output")(h)
+
+
 _MODELS: dict[str, type[nn.Module]] = {
     "cnn1d": CNN1D,
     "mlp": MLP,
+    "resmlp": ResidualMLP,
     "resnet": ResNet,
 }
 
+# The attribute that sets each model's width, for `narrow_to_params`.
+_WIDTH_ATTRIBUTE = {"cnn1d": "channels", "resmlp": "features"}
+
+
+def num_params(model: nn.Module, example_x: Any) -> int:
+    """Number of parameters of ``model`` for inputs like ``example_x`` (shapes only)."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example_x))
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(shapes))
+
+
+def narrow_to_params(name: str, target_params: int, example_x: Any, **kwargs: Any) -> nn.Module:
+    """The model ``name`` narrowed to the widest width with at most ``target_params`` parameters.
+
+    The small-dense baseline of sparse-training papers: a dense model with as
+    many parameters as the sparse model has nonzeros.
+
+    Args:
+      name: 'cnn1d' or 'resmlp' (models with a single width attribute).
+      target_params: parameter budget, >= the model's size at width 1.
+      example_x: an input batch (shapes only).
+      **kwargs: other attributes; the width attribute given here is ignored.
+
+    Returns:
+      The narrowed module.
+    """
+    if name not in _WIDTH_ATTRIBUTE:
+        raise ValueError(
+            f"name={name!r} has no single width; narrowable: {sorted(_WIDTH_ATTRIBUTE)}"
+        )
+    attr = _WIDTH_ATTRIBUTE[name]
+    kwargs = {k: v for k, v in kwargs.items() if k != attr}
+
+    def size(width: int) -> int:
+        return num_params(get_model(name, **{attr: width}, **kwargs), example_x)
+
+    if size(1) > target_params:
+        raise ValueError(
+            f"target_params={target_params} is below the size of {name!r} at width 1 ({size(1)})"
+        )
+    lo, hi = 1, 2
+    while size(hi) <= target_params:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # size is increasing in width: bisect for the last width that fits.
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if size(mid) <= target_params else (lo, mid)
+    return get_model(name, **{attr: lo}, **kwargs)
+
 
 def get_model(name: str, **kwargs: Any) -> nn.Module:
-    """Builds a model by name: ``'cnn1d'``, ``'mlp'`` or ``'resnet'``.
+    """Builds a model by name: ``'cnn1d'``, ``'mlp'``, ``'resmlp'`` or ``'resnet'``.
 
     Args:
       name: registry name.
