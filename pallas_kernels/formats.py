@@ -1,0 +1,572 @@
+"""Real sparse storage for a weight ``W`` of shape ``(K, N)`` used as ``Y = X @ W``.
+
+Two formats, both registered pytrees whose only differentiable leaves are the stored nonzeros:
+
+* `BSR`: block-sparse rows/columns. ``W`` is cut into a ``(K / bk, N / bn)`` grid of
+  ``(bk, bn)`` blocks and only the nonzero blocks are stored, in block-column-major (CSC)
+  order. The index metadata (block rows and columns, per-block-column pointers, and the
+  transpose metadata: per-block-row pointers and the permutation from row-major to
+  column-major block order) is static: it lives in a hashable `BSRLayout` in the pytree's
+  treedef, so kernels read it as compile-time constants and the backward pass (which walks
+  ``W`` by block rows) needs no data movement of the values.
+* `NM`: N:M sparsity along the contracting axis ``K``: in every group of ``m`` consecutive
+  rows of a column at most ``n`` entries are nonzero. Values are stored compressed as
+  ``(K * n / m, N)`` plus the position of each value inside its group, as int8 or bit-packed
+  into uint8.
+
+Both are built eagerly (outside ``jax.jit``) by ``from_dense(w, mask, ...)``: the number of
+nonzero blocks of a BSR matrix depends on the data, and fixes the shapes of everything
+downstream, so it must be a concrete number. Build once (e.g. at export), then jit the
+model that uses the format. A new sparsity pattern is a new treedef, hence one retrace.
+
+References:
+  Gray, Radford, Kingma, "GPU Kernels for Block-Sparse Weights", OpenAI 2017 (BSR matmul).
+  Gale, Zaharia, Young, Elsen, "Sparse GPU Kernels for Deep Learning", SC 2020.
+  Mishra et al., "Accelerating Sparse Deep Neural Networks", 2021 (2:4 storage, NVIDIA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "BSR",
+    "BSRLayout",
+    "NM",
+    "check_tpu_block_shape",
+]
+
+# Relative cost, in multiplied blocks, of launching one more batched dot in the XLA plan.
+# Measured on 2 CPU cores: one more dot costs about as much as a few padded 32x32 blocks
+# at a batch of 256 rows, so a few groups of columns with similar counts beat one padded group.
+_GROUP_OVERHEAD_BLOCKS = 4
+_MAX_GROUPS = 16
+
+
+def _is_tracer(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _check_block_shape(block_shape: Any, shape: tuple[int, int]) -> tuple[int, int]:
+    if (
+        not isinstance(block_shape, Sequence)
+        or len(block_shape) != 2
+        or any(isinstance(b, bool) or not isinstance(b, numbers.Integral) for b in block_shape)
+        or any(b < 1 for b in block_shape)
+    ):
+        raise ValueError(f"block_shape must be two positive ints, got {block_shape!r}")
+    bk, bn = int(block_shape[0]), int(block_shape[1])
+    if shape[0] % bk or shape[1] % bn:
+        raise ValueError(
+            f"block_shape={(bk, bn)} must divide the weight shape {shape} "
+            f"(K % bk = {shape[0] % bk}, N % bn = {shape[1] % bn})"
+        )
+    return bk, bn
+
+
+def check_tpu_block_shape(block_shape: Sequence[int], shape: Sequence[int]) -> None:
+    """Raises unless ``block_shape`` satisfies the TPU tiling rule for a ``shape`` matrix.
+
+    Mosaic TPU moves arrays in (8, 128) tiles of 32-bit words: the last two dims of every
+    block must be divisible by 8 and 128 respectively, or equal the full array dims. A BSR
+    block ``(bk, bn)`` is the last dim of an ``X`` block ``(tm, bk)``, of an output block
+    ``(tm, bn)`` and the last two dims of a values block ``(bk, bn)``, so both must be
+    multiples of 128 (or the full ``K`` / ``N``).
+
+    Args:
+      block_shape: ``(bk, bn)``.
+      shape: the dense weight shape ``(K, N)``.
+
+    Raises:
+      ValueError: naming the block shape and the rule.
+    """
+    bk, bn = block_shape
+    k, n = shape
+    ok_k = bk % 128 == 0 or bk == k
+    ok_n = bn % 128 == 0 or bn == n
+    if not (ok_k and ok_n):
+        raise ValueError(
+            f"block_shape={tuple(block_shape)} breaks the TPU tiling rule for a {tuple(shape)} "
+            "weight: bk and bn must be multiples of 128 (or equal K and N), because blocks of "
+            "X (tm, bk), Y (tm, bn) and W (bk, bn) must tile into (8, 128); use impl='xla' "
+            "or a block shape such as (128, 128)"
+        )
+
+
+def _digest(*arrays: np.ndarray) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.digest()
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaGroup:
+    """One batched dot of the XLA path: ``len(out_blocks)`` output blocks with ``P`` slots.
+
+    Attributes:
+      out_blocks: int32[g], which output block (column of W, or row for the transpose).
+      in_blocks: int32[g, P], input block index for each slot; out-of-range pads.
+      slots: int32[g, P], index into ``BSR.values``; out-of-range (``nnz``) pads.
+    """
+
+    out_blocks: np.ndarray
+    in_blocks: np.ndarray
+    slots: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSchedule:
+    """Flattened step list of the Pallas kernels: one step per stored block (plus one per
+    empty output block, so it still gets written). Steps of one output block are adjacent.
+
+    Attributes (all int32[steps]): ``out_block``, ``in_block``, ``slot`` (index into
+    values), ``first`` / ``last`` (1 on the first / last step of an output block), ``valid``
+    (0 on the placeholder step of an empty output block). Also ``ptr`` int32[num_out + 1]
+    (steps of output block ``j`` are ``ptr[j]:ptr[j+1]`` among the valid ones, used by the
+    GPU kernel's in-kernel loop) with matching ``valid_in_block`` / ``valid_slot``.
+    """
+
+    out_block: np.ndarray
+    in_block: np.ndarray
+    slot: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+    valid: np.ndarray
+    ptr: np.ndarray
+    valid_in_block: np.ndarray
+    valid_slot: np.ndarray
+
+
+def _plan_groups(counts: np.ndarray) -> list[tuple[int, int]]:
+    """Splits output blocks sorted by decreasing count into at most `_MAX_GROUPS` runs.
+
+    Minimizes padded slots + overhead per group by dynamic programming over the sorted
+    counts: cost(run a..b) = (b - a) * counts[a] + overhead. Exact for this cost model.
+    """
+    n = len(counts)
+    inf = float("inf")
+    max_groups = min(_MAX_GROUPS, n)
+    best = np.full((max_groups + 1, n + 1), inf)
+    arg = np.zeros((max_groups + 1, n + 1), dtype=np.int64)
+    best[0, 0] = 0.0
+    for g in range(1, max_groups + 1):
+        for i in range(1, n + 1):
+            starts = np.arange(i)
+            cost = best[g - 1, :i] + (i - starts) * counts[starts] + _GROUP_OVERHEAD_BLOCKS
+            a = int(np.argmin(cost))
+            best[g, i], arg[g, i] = cost[a], a
+    g = int(np.argmin(best[1:, n])) + 1
+    bounds, i = [], n
+    while g > 0:
+        a = int(arg[g, i])
+        bounds.append((a, i))
+        i, g = a, g - 1
+    return bounds[::-1]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BSRLayout:
+    """Static (hashable) index metadata of a `BSR` matrix; every array is numpy int32.
+
+    Block ``t`` of ``BSR.values`` (CSC order: sorted by block column, then block row) sits
+    at block row ``row_indices[t]`` and block column ``col_indices[t]``; the blocks of
+    column ``j`` are ``col_ptr[j]:col_ptr[j+1]``. Transpose metadata: ``row_ptr`` and
+    ``transpose_perm`` list the same blocks in CSR order (by row, then column):
+    ``values[transpose_perm[row_ptr[i]:row_ptr[i+1]]]`` are the blocks of row ``i``.
+
+    Hash and equality are by content, so two layouts of the same pattern share jit caches.
+    """
+
+    shape: tuple[int, int]
+    block_shape: tuple[int, int]
+    row_indices: np.ndarray
+    col_indices: np.ndarray
+    col_ptr: np.ndarray
+    row_ptr: np.ndarray
+    transpose_perm: np.ndarray
+
+    @functools.cached_property
+    def _key(self) -> tuple:
+        return (
+            self.shape,
+            self.block_shape,
+            _digest(self.row_indices, self.col_indices),
+        )
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BSRLayout) and (self is other or self._key == other._key)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Number of block rows and block columns ``(K / bk, N / bn)``."""
+        return self.shape[0] // self.block_shape[0], self.shape[1] // self.block_shape[1]
+
+    @property
+    def nnz_blocks(self) -> int:
+        return int(self.row_indices.shape[0])
+
+    def _oriented(self, transpose: bool):
+        """(ptr over output blocks, input block of each step, slot of each step)."""
+        if transpose:
+            return self.row_ptr, self.col_indices[self.transpose_perm], self.transpose_perm
+        return self.col_ptr, self.row_indices, np.arange(self.nnz_blocks, dtype=np.int32)
+
+    @functools.cache
+    def xla_plan(self, transpose: bool) -> tuple[tuple[XlaGroup, ...], np.ndarray | None]:
+        """Groups of output blocks for the CPU path, and the inverse permutation.
+
+        Output blocks (block columns of W, or block rows for ``W^T``) are sorted by their
+        number of stored blocks and cut into runs of similar counts; each run becomes one
+        batched dot padded to its largest count. Returns ``(groups, inverse)`` where
+        ``inverse[j]`` is the position of output block ``j`` in the concatenated group
+        outputs (None when that order is already the identity). Empty output blocks go in
+        a group with ``P = 0``.
+        """
+        ptr, in_blocks, slots = self._oriented(transpose)
+        counts = np.diff(ptr)
+        order = np.argsort(-counts, kind="stable").astype(np.int32)
+        sorted_counts = counts[order]
+        num_in = self.grid[0] if not transpose else self.grid[1]
+        groups = []
+        for a, b in _plan_groups(sorted_counts):
+            outs = order[a:b]
+            width = int(sorted_counts[a])
+            ins = np.full((b - a, width), num_in, dtype=np.int32)
+            sl = np.full((b - a, width), self.nnz_blocks, dtype=np.int32)
+            for r, j in enumerate(outs):
+                lo, hi = ptr[j], ptr[j + 1]
+                ins[r, : hi - lo] = in_blocks[lo:hi]
+                sl[r, : hi - lo] = slots[lo:hi]
+            groups.append(XlaGroup(outs, ins, sl))
+        inverse = np.argsort(order).astype(np.int32)
+        if np.array_equal(order, np.arange(len(order))):
+            inverse = None
+        return tuple(groups), inverse
+
+    @functools.cache
+    def kernel_schedule(self, transpose: bool) -> KernelSchedule:
+        """Flattened step list for the Pallas kernels (see `KernelSchedule`)."""
+        ptr, in_blocks, slots = self._oriented(transpose)
+        out_b, in_b, slot, first, last, valid = [], [], [], [], [], []
+        for j in range(len(ptr) - 1):
+            lo, hi = int(ptr[j]), int(ptr[j + 1])
+            if lo == hi:
+                out_b.append(j)
+                in_b.append(0)
+                slot.append(0)
+                first.append(1)
+                last.append(1)
+                valid.append(0)
+                continue
+            for t in range(lo, hi):
+                out_b.append(j)
+                in_b.append(int(in_blocks[t]))
+                slot.append(int(slots[t]))
+                first.append(int(t == lo))
+                last.append(int(t == hi - 1))
+                valid.append(1)
+        as32 = lambda v: np.asarray(v, dtype=np.int32)
+        return KernelSchedule(
+            out_block=as32(out_b),
+            in_block=as32(in_b),
+            slot=as32(slot),
+            first=as32(first),
+            last=as32(last),
+            valid=as32(valid),
+            ptr=as32(ptr),
+            valid_in_block=as32(in_blocks),
+            valid_slot=as32(slots),
+        )
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["values"], meta_fields=["layout"])
+@dataclasses.dataclass(frozen=True)
+class BSR:
+    """Block-sparse weight ``W`` of shape ``(K, N)`` for ``Y = X @ W``.
+
+    Attributes:
+      values: float[nnz_blocks, bk, bn], the stored blocks in CSC order (see `BSRLayout`).
+        The only pytree leaf: gradients, optimizers and checkpoints see just this array.
+      layout: static `BSRLayout` (shape, block shape, block indices, pointers, transpose
+        metadata).
+
+    Build with `BSR.from_dense` outside jit (the number of blocks is data-dependent).
+    """
+
+    values: jax.Array
+    layout: BSRLayout
+
+    @classmethod
+    def from_dense(cls, w: Any, mask: Any = None, *, block_shape: Sequence[int] = (32, 32)) -> BSR:
+        """Stores the blocks of ``w * mask`` that hold at least one kept entry.
+
+        Runs eagerly: ``w`` and ``mask`` must be concrete (not traced), because the number
+        of stored blocks fixes array shapes.
+
+        Args:
+          w: float[K, N] dense weight.
+          mask: bool[K, N] (or None: keep the nonzeros of ``w``). Entries outside the mask
+            are stored as exact zeros inside kept blocks, so ``to_dense() == w * mask``.
+          block_shape: ``(bk, bn)`` dividing ``(K, N)``.
+
+        Returns:
+          The BSR matrix, values in ``w``'s dtype.
+
+        Raises:
+          ValueError: if ``w`` is not 2D, ``mask`` has another shape, ``block_shape`` is
+            not two positive ints dividing ``(K, N)``, or the inputs are traced.
+        """
+        if _is_tracer(w) or _is_tracer(mask):
+            raise ValueError(
+                "BSR.from_dense needs concrete arrays (call it outside jax.jit): the number "
+                "of nonzero blocks decides the shapes"
+            )
+        w = np.asarray(w)
+        if w.ndim != 2:
+            raise ValueError(f"w must be a 2D (K, N) array, got shape {w.shape}")
+        mask = w != 0 if mask is None else np.asarray(mask)
+        if mask.shape != w.shape:
+            raise ValueError(f"mask shape {mask.shape} must equal w shape {w.shape}")
+        bk, bn = _check_block_shape(block_shape, w.shape)
+        kb, nb = w.shape[0] // bk, w.shape[1] // bn
+        w = np.where(mask.astype(bool), w, np.zeros((), w.dtype))
+        kept = mask.astype(bool).reshape(kb, bk, nb, bn).any(axis=(1, 3))  # (kb, nb)
+        cols, rows = np.nonzero(kept.T)  # sorted by column, then row: CSC order
+        blocks = w.reshape(kb, bk, nb, bn).transpose(0, 2, 1, 3)  # (kb, nb, bk, bn)
+        values = blocks[rows, cols] if len(rows) else np.zeros((0, bk, bn), w.dtype)
+        col_ptr = np.concatenate([[0], np.cumsum(kept.sum(axis=0))]).astype(np.int32)
+        row_ptr = np.concatenate([[0], np.cumsum(kept.sum(axis=1))]).astype(np.int32)
+        transpose_perm = np.lexsort((cols, rows)).astype(np.int32)  # CSR order -> CSC slot
+        layout = BSRLayout(
+            shape=(int(w.shape[0]), int(w.shape[1])),
+            block_shape=(bk, bn),
+            row_indices=rows.astype(np.int32),
+            col_indices=cols.astype(np.int32),
+            col_ptr=col_ptr,
+            row_ptr=row_ptr,
+            transpose_perm=transpose_perm,
+        )
+        return cls(values=jnp.asarray(values), layout=layout)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.layout.shape
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        return self.layout.block_shape
+
+    @property
+    def nnz_blocks(self) -> int:
+        return self.layout.nnz_blocks
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    @property
+    def density(self) -> float:
+        """Fraction of blocks stored."""
+        kb, nb = self.layout.grid
+        return self.nnz_blocks / (kb * nb)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: values plus every int32 index array (CSC and transpose metadata)."""
+        lay = self.layout
+        index_arrays = (
+            lay.row_indices,
+            lay.col_indices,
+            lay.col_ptr,
+            lay.row_ptr,
+            lay.transpose_perm,
+        )
+        return int(self.values.size * self.values.dtype.itemsize) + sum(
+            int(a.nbytes) for a in index_arrays
+        )
+
+    def to_dense(self) -> jax.Array:
+        """The dense ``(K, N)`` matrix (zeros outside stored blocks); jit-able."""
+        kb, nb = self.layout.grid
+        bk, bn = self.block_shape
+        blocks = jnp.zeros((kb, nb, bk, bn), self.values.dtype)
+        if self.nnz_blocks:
+            blocks = blocks.at[self.layout.row_indices, self.layout.col_indices].set(self.values)
+        return blocks.transpose(0, 2, 1, 3).reshape(self.shape)
+
+
+def _index_bits(m: int) -> int:
+    """Bits per packed index: ceil(log2 m) rounded up to a power of two so a byte holds an
+    integer number of indices."""
+    bits = max(1, math.ceil(math.log2(m)))
+    return 1 << math.ceil(math.log2(bits))
+
+
+def _check_nm(n: Any, m: Any) -> tuple[int, int]:
+    for name, v in (("n", n), ("m", m)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if n > m:
+        raise ValueError(f"n must be <= m for N:M sparsity, got n={n}, m={m}")
+    if m > 128:
+        raise ValueError(f"m must be <= 128 so group positions fit in int8, got m={m}")
+    return int(n), int(m)
+
+
+def pack_indices(indices: jax.Array, bits: int) -> jax.Array:
+    """Packs int8 group positions ``(R, N)`` along axis 0 into uint8, ``8 // bits`` a byte.
+
+    ``R`` is padded with zeros up to a multiple of ``8 // bits``. Entry ``e`` of byte ``r``
+    is ``indices[r * per_byte + e]`` at bit offset ``e * bits``.
+    """
+    per_byte = 8 // bits
+    rows = indices.shape[0]
+    pad = (-rows) % per_byte
+    idx = jnp.pad(indices.astype(jnp.uint8), ((0, pad), (0, 0)))
+    idx = idx.reshape(-1, per_byte, idx.shape[-1])
+    shifts = (jnp.arange(per_byte, dtype=jnp.uint8) * bits)[None, :, None]
+    return jnp.sum(idx << shifts, axis=1, dtype=jnp.uint32).astype(jnp.uint8)
+
+
+def unpack_indices(packed: jax.Array, bits: int, rows: int) -> jax.Array:
+    """Inverse of `pack_indices`: uint8 ``(ceil(R / per_byte), N)`` -> int8 ``(R, N)``."""
+    per_byte = 8 // bits
+    shifts = (jnp.arange(per_byte, dtype=jnp.uint8) * bits)[None, :, None]
+    mask = jnp.uint8((1 << bits) - 1)
+    idx = (packed[:, None, :] >> shifts) & mask
+    return idx.reshape(-1, packed.shape[-1])[:rows].astype(jnp.int8)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["values", "indices"],
+    meta_fields=["shape", "n", "m", "packed"],
+)
+@dataclasses.dataclass(frozen=True)
+class NM:
+    """N:M sparse weight ``W`` of shape ``(K, N)``, compressed along the contracting axis K.
+
+    Rows ``g*m .. g*m + m - 1`` of each column form group ``g``; the group keeps ``n``
+    entries. Row ``g*n + s`` of ``values`` holds kept entry ``s`` (in increasing position)
+    of group ``g``, and ``indices`` holds its position ``p`` in ``[0, m)``, so
+    ``W[g*m + p, j] = values[g*n + s, j]``. Groups with fewer than ``n`` kept entries store
+    explicit zeros at unused positions.
+
+    Attributes:
+      values: float[K * n / m, N].
+      indices: int8[K * n / m, N], or uint8[ceil(K * n / m / per_byte), N] when ``packed``
+        (``bits = 2**ceil(log2(ceil(log2 m)))`` bits per index, ``per_byte = 8 // bits``).
+      shape: static ``(K, N)``.
+      n, m: static N:M pattern.
+      packed: static; whether ``indices`` is bit-packed.
+    """
+
+    values: jax.Array
+    indices: jax.Array
+    shape: tuple[int, int]
+    n: int
+    m: int
+    packed: bool = False
+
+    @classmethod
+    def from_dense(cls, w: Any, mask: Any = None, *, n: int = 2, m: int = 4, packed: bool = False):
+        """Compresses ``w * mask`` where ``mask`` is N:M along axis 0 (the K axis).
+
+        Args:
+          w: float[K, N].
+          mask: bool[K, N] with at most ``n`` True per group of ``m`` rows in each column
+            (None: the nonzeros of ``w``).
+          n, m: the pattern; ``m`` divides K, ``n <= m <= 128``.
+          packed: bit-pack the indices (2 bits each for 2:4) instead of int8.
+
+        Returns:
+          The NM matrix, values in ``w``'s dtype.
+
+        Raises:
+          ValueError: if shapes do not match or divide, ``n``/``m`` are invalid, or a group
+            keeps more than ``n`` entries.
+        """
+        n, m = _check_nm(n, m)
+        if _is_tracer(w) or _is_tracer(mask):
+            raise ValueError("NM.from_dense needs concrete arrays (call it outside jax.jit)")
+        w = np.asarray(w)
+        if w.ndim != 2:
+            raise ValueError(f"w must be a 2D (K, N) array, got shape {w.shape}")
+        mask = w != 0 if mask is None else np.asarray(mask).astype(bool)
+        if mask.shape != w.shape:
+            raise ValueError(f"mask shape {mask.shape} must equal w shape {w.shape}")
+        k, cols = w.shape
+        if k % m:
+            raise ValueError(f"m={m} must divide K={k} (the contracting axis of w {w.shape})")
+        groups = mask.reshape(k // m, m, cols)
+        kept = groups.sum(axis=1)
+        if kept.max(initial=0) > n:
+            g, j = np.unravel_index(int(np.argmax(kept)), kept.shape)
+            raise ValueError(
+                f"mask keeps {int(kept.max())} > n={n} entries in group {g} (rows "
+                f"{g * m}..{g * m + m - 1}) of column {j}; it is not {n}:{m} along axis 0"
+            )
+        # Kept positions first (ascending), then unkept ones to fill up to n with zeros:
+        # a stable sort on "not kept" gives exactly that order.
+        order = np.argsort(~groups, axis=1, kind="stable")[:, :n, :]  # (k/m, n, cols)
+        wg = np.where(groups, w.reshape(k // m, m, cols), np.zeros((), w.dtype))
+        values = np.take_along_axis(wg, order, axis=1).reshape(k // m * n, cols)
+        indices = jnp.asarray(order.reshape(k // m * n, cols).astype(np.int8))
+        if packed:
+            indices = pack_indices(indices, _index_bits(m))
+        return cls(
+            values=jnp.asarray(values),
+            indices=indices,
+            shape=(int(k), int(cols)),
+            n=n,
+            m=m,
+            packed=bool(packed),
+        )
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    @property
+    def index_bits(self) -> int:
+        return _index_bits(self.m) if self.packed else 8
+
+    def int8_indices(self) -> jax.Array:
+        """Positions as int8 ``(K * n / m, N)``, unpacking if needed."""
+        if not self.packed:
+            return self.indices
+        return unpack_indices(self.indices, _index_bits(self.m), self.values.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: values plus indices."""
+        return int(self.values.size * self.values.dtype.itemsize) + int(
+            self.indices.size * self.indices.dtype.itemsize
+        )
+
+    def to_dense(self) -> jax.Array:
+        """The dense ``(K, N)`` matrix; jit-able.
+
+        ``W[g*m + p, j] = sum_s values[g*n + s, j] * [indices[g*n + s, j] == p]``.
+        """
+        k, cols = self.shape
+        vals = self.values.reshape(k // self.m, self.n, cols)
+        idx = self.int8_indices().astype(jnp.int32).reshape(k // self.m, self.n, cols)
+        hit = idx[:, :, None, :] == jnp.arange(self.m, dtype=jnp.int32)[None, None, :, None]
+        dense = jnp.sum(jnp.where(hit, vals[:, :, None, :], 0), axis=1, dtype=self.dtype)
+        return dense.reshape(k, cols)
