@@ -226,7 +226,14 @@ class BSRLayout:
             return self.row_ptr, self.col_indices[self.transpose_perm], self.transpose_perm
         return self.col_ptr, self.row_indices, np.arange(self.nnz_blocks, dtype=np.int32)
 
-    @functools.cache
+    def _memo(self, key, build):
+        # Per-instance cache (a frozen dataclass still has a __dict__): plans are pure
+        # functions of the layout, and jit retraces call them once per trace.
+        cache = self.__dict__.setdefault("_plans", {})
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
     def xla_plan(self, transpose: bool) -> tuple[tuple[XlaGroup, ...], np.ndarray | None]:
         """Groups of output blocks for the CPU path, and the inverse permutation.
 
@@ -258,9 +265,11 @@ class BSRLayout:
             inverse = None
         return tuple(groups), inverse
 
-    @functools.cache
     def kernel_schedule(self, transpose: bool) -> KernelSchedule:
         """Flattened step list for the Pallas kernels (see `KernelSchedule`)."""
+        return self._memo(("kernel", bool(transpose)), lambda: self._kernel_schedule(transpose))
+
+    def _kernel_schedule(self, transpose: bool) -> KernelSchedule:
         ptr, in_blocks, slots = self._oriented(transpose)
         out_b, in_b, slot, first, last, valid = [], [], [], [], [], []
         for j in range(len(ptr) - 1):
