@@ -244,6 +244,9 @@ class BSRLayout:
         outputs (None when that order is already the identity). Empty output blocks go in
         a group with ``P = 0``.
         """
+        return self._memo(("xla", bool(transpose)), lambda: self._xla_plan(transpose))
+
+    def _xla_plan(self, transpose: bool):
         ptr, in_blocks, slots = self._oriented(transpose)
         counts = np.diff(ptr)
         order = np.argsort(-counts, kind="stable").astype(np.int32)
