@@ -25,6 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.formats import nm_decompress as _decompress
+
 __all__ = ["nm_matmul_pallas"]
 
 
@@ -34,20 +36,6 @@ def _pick_tile(size: int, quantum: int, candidates=(512, 256, 128)) -> int:
         if c <= size and size % c == 0 and c % quantum == 0:
             return c
     return size
-
-
-def _decompress(vals: jax.Array, idx: jax.Array, n: int, m: int) -> jax.Array:
-    """(tk*n/m, tn) values + positions -> dense (tk, tn) tile."""
-    rows, tn = vals.shape
-    groups = rows // n
-    vals = vals.reshape(groups, n, tn)
-    idx = idx.astype(jnp.int32).reshape(groups, n, tn)
-    pos = lax.broadcasted_iota(jnp.int32, (groups, m, tn), 1)
-    dense = jnp.zeros((groups, m, tn), vals.dtype)
-    # n is small (2 for 2:4): an unrolled select-accumulate beats a one-hot contraction.
-    for s in range(n):
-        dense = dense + jnp.where(idx[:, s : s + 1, :] == pos, vals[:, s : s + 1, :], 0)
-    return dense.reshape(groups * m, tn)
 
 
 def _nm_kernel(x_ref, v_ref, i_ref, o_ref, acc_ref, *, n, m, transpose):
