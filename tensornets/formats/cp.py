@@ -256,6 +256,9 @@ def _svd_init(x: jax.Array, rank: int) -> list[jax.Array]:
 
 
 def _mttkrp(x: jax.Array, factors, mode: int) -> jax.Array:
+    if x.ndim == 1:
+        # A vector: the Khatri-Rao product of no factors is a row of ones.
+        return jnp.broadcast_to(x[:, None], (x.shape[0], factors[0].shape[1]))
     modes = _MODES[: x.ndim]
     subs = [modes[m] + _RANK for m in range(x.ndim) if m != mode]
     ops = [factors[m] for m in range(x.ndim) if m != mode]

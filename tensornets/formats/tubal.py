@@ -50,6 +50,7 @@ def _check3(a: jax.Array, name: str):
         raise ValueError(f"{name} must have shape (..., n1, n2, n3), got {a.shape}")
 
 
+@jax.jit
 def t_product(a: jax.Array, b: jax.Array) -> jax.Array:
     """t-product A * B: facewise matmul in the Fourier domain of mode 3.
 
@@ -71,6 +72,7 @@ def t_product(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.fft.irfft(c_hat, n=n3, axis=-1).astype(jnp.result_type(a, b))
 
 
+@jax.jit
 def t_transpose(a: jax.Array) -> jax.Array:
     """A^T: transpose each frontal slice, then reverse the order of slices 2..n3.
 
@@ -85,6 +87,7 @@ def t_transpose(a: jax.Array) -> jax.Array:
     return jnp.concatenate([at[..., :1], at[..., :0:-1]], axis=-1)
 
 
+@functools.partial(jax.jit, static_argnames=("n", "n3", "dtype"))
 def t_identity(n: int, n3: int, dtype=jnp.float32) -> jax.Array:
     """Identity of the t-product: first frontal slice I_n, the others zero. (n, n, n3)."""
     eye = jnp.zeros((n, n, n3), dtype)
@@ -143,6 +146,7 @@ def t_svd(a: jax.Array):
     return _truncated_t_svd(a, None)
 
 
+@functools.partial(jax.jit, static_argnames=("rtol",))
 def tubal_rank(a: jax.Array, rtol: float | None = None) -> jax.Array:
     """Number of nonzero singular tubes: the largest matrix rank of a Fourier face.
 
