@@ -443,6 +443,7 @@ def _check_nm(n: Any, m: Any) -> tuple[int, int]:
     return int(n), int(m)
 
 
+@functools.partial(jax.jit, static_argnames="bits")
 def pack_indices(indices: jax.Array, bits: int) -> jax.Array:
     """Packs int8 group positions ``(R, N)`` along axis 0 into uint8, ``8 // bits`` a byte.
 
@@ -458,6 +459,7 @@ def pack_indices(indices: jax.Array, bits: int) -> jax.Array:
     return jnp.sum(idx << shifts, axis=1, dtype=jnp.uint32).astype(jnp.uint8)
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "rows"))
 def unpack_indices(packed: jax.Array, bits: int, rows: int) -> jax.Array:
     """Inverse of `pack_indices`: uint8 ``(ceil(R / per_byte), N)`` -> int8 ``(R, N)``."""
     per_byte = 8 // bits

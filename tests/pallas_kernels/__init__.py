@@ -1,0 +1,1 @@
+"""Tests for pallas_kernels: formats, kernels (interpret mode), XLA paths, gradients."""
