@@ -129,7 +129,7 @@ def train_seeds(
     )
     axes = _state_axes(abstract)
     in_axes = (0, 0, None if initial_params is None else 0, None if initial_masks is None else 0)
-    state = jax.jit(jax.vmap(init_one, in_axes=in_axes, out_axes=axes))(
+    state = jax.vmap(init_one, in_axes=in_axes, out_axes=axes)(
         keys, jnp.asarray(indices[0]), initial_params, initial_masks
     )
     start_params = state.params

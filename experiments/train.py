@@ -81,9 +81,11 @@ def make_optimizer(
             f"config.optimizer.learning_rate must be positive, got {opt.learning_rate!r}"
         )
     warmup = int(opt.get("warmup_steps", 0))
-    if opt.get("schedule", "constant") == "cosine":
+    if opt.get("schedule", "constant") == "cosine" and not warmup:
+        lr = optax.cosine_decay_schedule(opt.learning_rate, decay_steps=max(total_steps, 1))
+    elif opt.get("schedule", "constant") == "cosine":
         lr = optax.warmup_cosine_decay_schedule(
-            init_value=0.0 if warmup else opt.learning_rate,
+            init_value=0.0,
             peak_value=opt.learning_rate,
             warmup_steps=warmup,
             decay_steps=max(total_steps, warmup + 1),

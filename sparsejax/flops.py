@@ -19,6 +19,7 @@ call while the model is traced with `jax.eval_shape` (nothing is computed).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -101,7 +102,8 @@ def layer_flops(apply_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list
         return out
 
     with nn.intercept_methods(interceptor):
-        jax.eval_shape(lambda: apply_fn(*args, **kwargs))
+        # Arguments go through eval_shape (not a closure) so ShapeDtypeStructs work.
+        jax.eval_shape(functools.partial(apply_fn, **kwargs), *args)
     return layers
 
 

@@ -59,9 +59,10 @@ class Prune(SparseAlgorithm):
             raise ValueError(
                 f"schedule={self.schedule!r} is unknown; known schedules: {_SCHEDULES}"
             )
-        self._schedule()  # Validates the step arguments.
+        self.sparsity_schedule()  # Validates the step arguments.
 
-    def _schedule(self) -> schedules.SparsitySchedule:
+    def sparsity_schedule(self) -> schedules.SparsitySchedule:
+        """The global schedule s(t) and its update steps."""
         if self.schedule == "one_shot":
             return schedules.one_shot(self.sparsity, self.begin_step)
         return schedules.polynomial(
@@ -77,10 +78,12 @@ class Prune(SparseAlgorithm):
         return self.dense_masks(params)
 
     def is_update_step(self, step: jax.Array) -> jax.Array:
-        return self._schedule().is_update_step(step)
+        return self.sparsity_schedule().is_update_step(step)
 
     def update_masks(self, masks_tree, params, grads, step, key, algo_state=()):
-        progress = self._schedule().sparsity(step) / self.sparsity if self.sparsity > 0 else 0.0
+        progress = (
+            self.sparsity_schedule().sparsity(step) / self.sparsity if self.sparsity > 0 else 0.0
+        )
         score_tree = scores.get(self.score)(params, grads, key=key)
         # Dead weights rank last, so pruning never revives them.
         score_tree = jax.tree.map(

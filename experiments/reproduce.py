@@ -1,0 +1,692 @@
+"""Reproduces the paper tables: a sweep per table, Markdown + PNG, and the paper's claims checked.
+
+    python -m experiments.reproduce --table=dst --workdir=runs/tables --seeds=5
+    python -m experiments.reproduce --table=dst --workdir=/tmp/t --quick   # minutes, tiny
+
+Writes ``WORKDIR/NAME.md`` (test accuracy, mean ± 95% CI over seeds, and the
+claims), ``WORKDIR/NAME.png`` and ``WORKDIR/NAME.json`` (every per-seed value).
+All seeds of a cell train in one compiled program (`experiments.sweep`).
+Claims are decided with confidence intervals (`experiments.stats`), and every
+verdict is printed with its numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from tqdm import tqdm
+
+from configs.base import get_base_config
+from experiments import data as data_lib
+from experiments import lottery, stats, sweep
+from experiments import models as models_lib
+from sparsejax import algorithms, distributions, flops
+
+__all__ = ["TABLES", "Cell", "Table", "run_table"]
+
+
+class Cell(NamedTuple):
+    """One (method, x) entry of a table and the config that produces it."""
+
+    row: str
+    col: float
+    config: ml_collections.ConfigDict
+
+
+class Table(NamedTuple):
+    """A table: how to build its cells and how to check its claims.
+
+    Attributes:
+      name: the --table name.
+      title: one line saying what the table reproduces.
+      col_label: what the columns are (e.g. 'sparsity').
+      col_format: formats a column value for headers and plots.
+      cells: (quick) -> cells; a row of cells that share a config reuse one run.
+      claims: (results, cols) -> [stats.Claim], results[(row, col)] = per-seed accuracies.
+      notes: setup text for the Markdown file.
+    """
+
+    name: str
+    title: str
+    col_label: str
+    col_format: Callable[[float], str]
+    cells: Callable[[bool], list[Cell]]
+    claims: Callable[[dict, list], list[stats.Claim]]
+    notes: Callable[[bool], str]
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:g}%"
+
+
+def _cfg(base: ml_collections.ConfigDict, **sparsity: Any) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(base.to_dict())
+    config.sparsity = ml_collections.ConfigDict(sparsity)
+    return config
+
+
+def _sparse_param_count(config: ml_collections.ConfigDict, sparsity: float) -> int:
+    """Nonzeros of the model in ``config`` with its kernels at ``sparsity`` (biases dense)."""
+    model = models_lib.get_model(
+        config.model.name, num_classes=10, **{k: v for k, v in config.model.items() if k != "name"}
+    )
+    x = np.zeros((1, 40, 1), np.float32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x))["params"]
+    per_leaf = distributions.uniform(shapes, sparsity)
+    total = 0
+    for s, p in zip(
+        jax.tree.leaves(per_leaf, is_leaf=lambda v: v is None),
+        jax.tree.leaves(shapes),
+        strict=True,
+    ):
+        size = math.prod(p.shape)
+        total += size if s is None else round((1 - s) * size)
+    return total
+
+
+# ----------------------------------------------------------------------------- dst
+
+
+def _mnist1d_base(quick: bool) -> ml_collections.ConfigDict:
+    config = get_base_config()
+    config.progress_bar = False
+    if quick:
+        config.total_steps = 400
+        config.model.channels = 16
+        config.eval_every_steps = 400
+    else:
+        config.total_steps = 4000
+        config.eval_every_steps = 4000
+    return config
+
+
+def _dst_cells(quick: bool) -> list[Cell]:
+    base = _mnist1d_base(quick)
+    every = 20 if quick else 100
+    dst = {"update_every_steps": every, "end_fraction": 0.75}
+    cells = []
+    for s in [0.9] if quick else [0.8, 0.9, 0.95]:
+        cells += [
+            Cell("dense", s, _cfg(base, algorithm="dense")),
+            Cell(
+                "static (uniform)",
+                s,
+                _cfg(base, algorithm="static", target=s, distribution="uniform"),
+            ),
+            Cell("static (ERK)", s, _cfg(base, algorithm="static", target=s, distribution="erk")),
+            Cell("SET (ERK)", s, _cfg(base, algorithm="set", target=s, distribution="erk", **dst)),
+            Cell(
+                "RigL (ERK)", s, _cfg(base, algorithm="rigl", target=s, distribution="erk", **dst)
+            ),
+            Cell(
+                "SNFS (ERK)", s, _cfg(base, algorithm="snfs", target=s, distribution="erk", **dst)
+            ),
+            Cell(
+                "GMP (uniform)",
+                s,
+                _cfg(
+                    base,
+                    algorithm="magnitude",
+                    target=s,
+                    distribution="uniform",
+                    schedule="polynomial",
+                    begin_fraction=0.1,
+                    end_fraction=0.6,
+                    update_every_steps=every,
+                ),
+            ),
+        ]
+        small = _cfg(base, algorithm="dense")
+        narrowed = models_lib.narrow_to_params(
+            "cnn1d",
+            _sparse_param_count(base, s),
+            np.zeros((1, 40, 1), np.float32),
+            num_classes=10,
+        )
+        small.model.channels = narrowed.channels
+        cells.append(Cell("small dense", s, small))
+    return cells
+
+
+def _dst_claims(results: dict, cols: list) -> list[stats.Claim]:
+    claims = []
+    for s in cols:
+        p = _percent(s)
+        r = lambda name, s=s: results[(name, s)]  # noqa: E731
+        claims += [
+            stats.at_least(
+                f"At {p}, RigL is at least as accurate as SET (Evci et al. 2020)",
+                "RigL",
+                r("RigL (ERK)"),
+                "SET",
+                r("SET (ERK)"),
+            ),
+            stats.better(
+                f"At {p}, SET beats a static random mask (ERK)",
+                "SET",
+                r("SET (ERK)"),
+                "static",
+                r("static (ERK)"),
+            ),
+            stats.at_least(
+                f"At {p}, ERK is at least as good as uniform for static masks",
+                "ERK",
+                r("static (ERK)"),
+                "uniform",
+                r("static (uniform)"),
+            ),
+            stats.better(
+                f"At {p}, the large sparse RigL network beats a small dense one "
+                "with as many parameters",
+                "RigL",
+                r("RigL (ERK)"),
+                "small dense",
+                r("small dense"),
+            ),
+        ]
+    return claims
+
+
+def _dst_notes(quick: bool) -> str:
+    base = _mnist1d_base(quick)
+    return (
+        f"MNIST-1D, 1D CNN with {base.model.channels} channels, Adam "
+        f"{base.optimizer.learning_rate} with cosine decay, batch {base.batch_size}, "
+        f"{base.total_steps} steps. SET/RigL/SNFS update every "
+        f"{20 if quick else 100} steps until 75% of training (drop fraction 0.3, "
+        "cosine); GMP prunes from 10% to 60% of training with the cubic schedule. "
+        "Small dense: the CNN narrowed to at most the sparse model's nonzero count."
+    )
+
+
+# -------------------------------------------------------------------- random_pruning
+
+
+def _rp_base(quick: bool, width: int) -> ml_collections.ConfigDict:
+    config = _mnist1d_base(quick)
+    config.model.channels = (8 if quick else 16) * width
+    return config
+
+
+_RP_SPARSITY = 0.9
+
+
+def _rp_cells(quick: bool) -> list[Cell]:
+    cells = []
+    for w in [1, 2] if quick else [1, 2, 4]:
+        base = _rp_base(quick, w)
+        cells += [
+            Cell("dense", w, _cfg(base, algorithm="dense")),
+            Cell(
+                "random ERK",
+                w,
+                _cfg(base, algorithm="static", target=_RP_SPARSITY, distribution="erk"),
+            ),
+            Cell(
+                "random uniform",
+                w,
+                _cfg(base, algorithm="static", target=_RP_SPARSITY, distribution="uniform"),
+            ),
+        ]
+    return cells
+
+
+def _rp_claims(results: dict, cols: list) -> list[stats.Claim]:
+    gap = {
+        w: np.asarray(results[("dense", w)]) - np.asarray(results[("random ERK", w)]) for w in cols
+    }
+    narrow, wide = cols[0], cols[-1]
+    claims = [
+        stats.better(
+            f"The accuracy gap between dense and random ERK pruning at 90% shrinks from "
+            f"width x{narrow} to x{wide} (Liu et al. 2022)",
+            f"gap x{narrow}",
+            gap[narrow],
+            f"gap x{wide}",
+            gap[wide],
+        )
+    ]
+    for w in cols:
+        claims.append(
+            stats.at_least(
+                f"At width x{w}, random ERK masks are at least as good as uniform ones",
+                "ERK",
+                results[("random ERK", w)],
+                "uniform",
+                results[("random uniform", w)],
+            )
+        )
+    return claims
+
+
+def _rp_notes(quick: bool) -> str:
+    base = _rp_base(quick, 1)
+    return (
+        f"MNIST-1D 1D CNN of width x1 = {base.model.channels} channels, random static masks at "
+        f"{_percent(_RP_SPARSITY)} sparsity, {base.total_steps} steps of Adam. "
+        "Columns: width multiplier."
+    )
+
+
+# ------------------------------------------------------------------ pruning_at_init
+
+
+def _pai_cells(quick: bool) -> list[Cell]:
+    base = _mnist1d_base(quick)
+    cells = []
+    for s in [0.9, 0.99] if quick else [0.9, 0.99, 0.999]:
+        rounds = 10 if quick else 100
+        cells += [
+            Cell("SNIP", s, _cfg(base, algorithm="snip", target=s, distribution="global")),
+            Cell("GraSP", s, _cfg(base, algorithm="grasp", target=s, distribution="global")),
+            Cell(
+                "SynFlow",
+                s,
+                _cfg(base, algorithm="synflow", target=s, rounds=rounds, distribution="global"),
+            ),
+            Cell(
+                "magnitude at init",
+                s,
+                _cfg(
+                    base,
+                    algorithm="magnitude",
+                    schedule="one_shot",
+                    begin_step=0,
+                    target=s,
+                    distribution="global",
+                ),
+            ),
+            Cell("random", s, _cfg(base, algorithm="static", target=s, distribution="uniform")),
+            Cell(
+                "magnitude after training",
+                s,
+                _cfg(
+                    base,
+                    algorithm="magnitude",
+                    target=s,
+                    distribution="global",
+                    schedule="one_shot",
+                    begin_fraction=0.5,
+                ),
+            ),
+        ]
+    return cells
+
+
+def _pai_claims(results: dict, cols: list) -> list[stats.Claim]:
+    claims = []
+    extreme = cols[-1]
+    collapsed = results.get(("SynFlow", extreme, "collapsed"), [])
+    claims.append(
+        stats.Claim(
+            f"SynFlow avoids layer collapse at {_percent(extreme)}: every layer keeps a weight "
+            "in every seed (Tanaka et al. 2020)",
+            bool(len(collapsed)) and max(collapsed) == 0,
+            "collapsed layers per seed: "
+            + ", ".join(
+                f"{name} {results.get((name, extreme, 'collapsed'))}"
+                for name in ("SNIP", "GraSP", "SynFlow", "magnitude at init")
+            ),
+        )
+    )
+    for s in cols:
+        for name in ("SNIP", "GraSP", "SynFlow"):
+            claims.append(
+                stats.at_least(
+                    f"At {_percent(s)}, {name} is at least as good as random pruning",
+                    name,
+                    results[(name, s)],
+                    "random",
+                    results[("random", s)],
+                )
+            )
+    s = cols[0]
+    best_pai = max(("SNIP", "GraSP", "SynFlow"), key=lambda n: np.mean(results[(n, s)]))
+    claims.append(
+        stats.at_least(
+            f"At {_percent(s)}, pruning after training is at least as good as the best "
+            "method at initialization (Frankle et al. 2021)",
+            "after training",
+            results[("magnitude after training", s)],
+            best_pai,
+            results[(best_pai, s)],
+        )
+    )
+    return claims
+
+
+def _pai_notes(quick: bool) -> str:
+    base = _mnist1d_base(quick)
+    return (
+        f"MNIST-1D 1D CNN ({base.model.channels} channels), {base.total_steps} steps of Adam. "
+        "SNIP, GraSP (temperature 200), SynFlow "
+        f"({10 if quick else 100} rounds, exponential schedule) and magnitude at init prune "
+        "globally once before training and keep the mask fixed; random is a uniform random "
+        "mask; 'after training' trains dense for half the steps, prunes by global magnitude "
+        "and fine-tunes for the other half."
+    )
+
+
+# -------------------------------------------------------------------------- lottery
+
+
+def _lottery_config(quick: bool) -> tuple[ml_collections.ConfigDict, int]:
+    config = get_base_config()
+    config.progress_bar = False
+    config.model = ml_collections.ConfigDict(
+        {"name": "resmlp", "features": 64 if quick else 500, "num_layers": 2}
+    )
+    config.optimizer.learning_rate = 2e-2 if not quick else 1e-2
+    config.optimizer.schedule = "constant"
+    config.total_steps = 150 if quick else 1501
+    config.eval_every_steps = config.total_steps
+    return config, (2 if quick else 10)
+
+
+def _lottery_claims(results: dict, cols: list) -> list[stats.Claim]:
+    claims = []
+    for s in cols[1:]:
+        if s < 0.8 and s != cols[-1]:
+            continue
+        claims += [
+            stats.better(
+                f"At {_percent(round(s, 3))}, the winning ticket beats the same mask with a new "
+                "initialization (Frankle & Carbin 2019)",
+                "ticket",
+                results[("ticket", s)],
+                "reinit",
+                results[("reinit", s)],
+            ),
+            stats.better(
+                f"At {_percent(round(s, 3))}, the winning ticket beats a random mask",
+                "ticket",
+                results[("ticket", s)],
+                "random mask",
+                results[("random", s)],
+            ),
+        ]
+    return claims
+
+
+def _lottery_notes(quick: bool) -> str:
+    config, rounds = _lottery_config(quick)
+    return (
+        f"MNIST-1D residual MLP 40-{config.model.features}-{config.model.features}-10, Adam "
+        f"{config.optimizer.learning_rate} (constant), batch {config.batch_size}, "
+        f"{config.total_steps} steps per round, {rounds} rounds removing 20% of each layer's "
+        "surviving weights by magnitude and rewinding to the initialization. Controls at each "
+        "round's sparsity: the ticket's masks with a fresh initialization, and random masks "
+        "with the same per-layer density."
+    )
+
+
+TABLES: dict[str, Table] = {
+    "dst": Table(
+        "dst",
+        "Dynamic sparse training vs static masks, pruning and small dense (Evci et al. 2020)",
+        "sparsity",
+        _percent,
+        _dst_cells,
+        _dst_claims,
+        _dst_notes,
+    ),
+    "random_pruning": Table(
+        "random_pruning",
+        "Random pruning gets closer to dense as width grows (Liu et al. 2022)",
+        "width multiplier",
+        lambda w: f"x{w:g}",
+        _rp_cells,
+        _rp_claims,
+        _rp_notes,
+    ),
+    "pruning_at_init": Table(
+        "pruning_at_init",
+        "Pruning at initialization: SNIP, GraSP, SynFlow vs random and pruning after training",
+        "sparsity",
+        _percent,
+        _pai_cells,
+        _pai_claims,
+        _pai_notes,
+    ),
+    "lottery": Table(
+        "lottery",
+        "Lottery tickets: IMP with rewinding vs reinitialization vs random masks",
+        "sparsity",
+        lambda s: f"{100 * s:.1f}%",
+        lambda quick: [],
+        _lottery_claims,
+        _lottery_notes,
+    ),
+}
+
+
+def _collapsed_layers(result: sweep.SweepResult) -> list[int]:
+    dens = np.stack(list(result.layer_density.values()), axis=1)  # [seeds, layers]
+    return (dens == 0).sum(axis=1).astype(int).tolist()
+
+
+def _dense_flops(channels: int) -> float:
+    """Forward FLOPs of one example through the dense CNN1D of ``channels``."""
+    model = models_lib.get_model("cnn1d", num_classes=10, channels=channels)
+    x = np.zeros((1, 40, 1), np.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    return flops.inference_flops(flops.layer_flops(model.apply, params, x))["total"]
+
+
+def _flops_ratio(config: ml_collections.ConfigDict, result: sweep.SweepResult, base_flops) -> tuple:
+    """(inference, training) FLOPs of seed 0's final network relative to the dense base model."""
+    model = models_lib.get_model(
+        config.model.name, num_classes=10, **{k: v for k, v in config.model.items() if k != "name"}
+    )
+    x = np.zeros((1, 40, 1), np.float32)
+    params = jax.tree.map(lambda a: a[0], result.final_state.params)
+    layers = flops.layer_flops(model.apply, {"params": params}, x)
+    masks_tree = jax.tree.map(
+        lambda m: None if m is None else m[0],
+        result.final_state.opt_state.masks,
+        is_leaf=lambda v: v is None,
+    )
+    f_s = flops.inference_flops(layers, masks_tree)["total"]
+    f_d = base_flops
+    algo = config.sparsity.algorithm
+    kwargs = {}
+    if algo == "rigl":
+        kwargs["update_every_steps"] = config.sparsity.update_every_steps
+    if algo == "magnitude":
+        a = algorithms.from_config(config.sparsity, config.total_steps)
+        schedule = a.sparsity_schedule()
+        steps = np.arange(config.total_steps)
+        fractions = np.asarray(jax.vmap(schedule.sparsity)(steps)) / a.sparsity
+        kwargs["sparsity_fraction_by_step"] = lambda t: fractions[t]
+        kwargs["total_steps"] = config.total_steps
+    own_dense = flops.inference_flops(layers)["dense_total"]
+    train = flops.training_flops(f_s, own_dense, algo, **kwargs)
+    return f_s / f_d, train / (3 * f_d)
+
+
+def run_table(
+    name: str, workdir: str, *, seeds: int = 5, quick: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Runs table ``name`` and writes NAME.md, NAME.png and NAME.json into ``workdir``.
+
+    Args:
+      name: one of `TABLES`.
+      workdir: output directory.
+      seeds: seeds per cell (the first ``seeds`` integers).
+      quick: the tiny version (fewer columns, steps and channels) used by the tests.
+      progress: progress bars.
+
+    Returns:
+      ``{"markdown": str, "claims": [Claim], "results": {...}}``.
+    """
+    if name not in TABLES:
+        raise ValueError(f"table={name!r} is unknown; known tables: {sorted(TABLES)}")
+    if not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
+    table = TABLES[name]
+    os.makedirs(workdir, exist_ok=True)
+    seed_list = list(range(seeds))
+    start = time.time()
+    dataset = data_lib.load_mnist1d()
+    results: dict = {}
+    extra_rows: dict[str, dict] = {}
+    if name == "lottery":
+        config, rounds = _lottery_config(quick)
+        record = lottery.run_imp(
+            config, seed_list, rounds=rounds, dataset=dataset, workdir=workdir, progress=progress
+        )
+        cols = record["sparsity"]
+        for row in ("ticket", "reinit", "random"):
+            for s, accs in zip(cols, record[row], strict=True):
+                results[(row, s)] = accs
+        rows = ["ticket", "reinit", "random"]
+    else:
+        cells = table.cells(quick)
+        rows = list(dict.fromkeys(c.row for c in cells))
+        cols = list(dict.fromkeys(c.col for c in cells))
+        cache: dict[str, sweep.SweepResult] = {}
+        base_flops = _dense_flops(_mnist1d_base(quick).model.channels)
+        for cell in tqdm(cells, desc=name, disable=not progress):
+            key = cell.config.to_json()
+            if key not in cache:
+                cache[key] = sweep.train_seeds(
+                    cell.config, seed_list, dataset=dataset, progress=False
+                )
+            result = cache[key]
+            results[(cell.row, cell.col)] = result.test_accuracy[:, -1].tolist()
+            results[(cell.row, cell.col, "collapsed")] = (
+                _collapsed_layers(result) if result.layer_density else []
+            )
+            if name == "dst":
+                inf, tr = _flops_ratio(cell.config, result, base_flops)
+                extra_rows.setdefault("inference FLOPs (x dense)", {})[(cell.row, cell.col)] = inf
+                extra_rows.setdefault("training FLOPs (x dense)", {})[(cell.row, cell.col)] = tr
+    claims = table.claims(results, cols)
+    elapsed = time.time() - start
+    markdown = _markdown(table, rows, cols, results, claims, seeds, quick, elapsed, extra_rows)
+    with open(os.path.join(workdir, f"{name}.md"), "w") as f:
+        f.write(markdown)
+    _plot(table, rows, cols, results, os.path.join(workdir, f"{name}.png"), seeds)
+    with open(os.path.join(workdir, f"{name}.json"), "w") as f:
+        json.dump(
+            {
+                "table": name,
+                "seeds": seed_list,
+                "quick": quick,
+                "cols": cols,
+                "results": [
+                    {"row": k[0], "col": k[1], "values": v}
+                    for k, v in results.items()
+                    if len(k) == 2
+                ],
+                "claims": [c._asdict() for c in claims],
+                "seconds": elapsed,
+            },
+            f,
+            indent=1,
+        )
+    return {"markdown": markdown, "claims": claims, "results": results}
+
+
+def _command(name: str, seeds: int, quick: bool) -> str:
+    cmd = f"python -m experiments.reproduce --table={name} --workdir=runs/tables --seeds={seeds}"
+    return cmd + (" --quick" if quick else "")
+
+
+def _markdown(table, rows, cols, results, claims, seeds, quick, elapsed, extra_rows) -> str:
+    header = "| method | " + " | ".join(table.col_format(c) for c in cols) + " |"
+    rule = "|---|" + "---|" * len(cols)
+    lines = [
+        f"# {table.name}: {table.title}",
+        "",
+        f"Command: `{_command(table.name, seeds, quick)}` ({elapsed / 60:.1f} min on "
+        f"{os.cpu_count()} CPU cores{', quick mode' if quick else ''}).",
+        "",
+        table.notes(quick),
+        "",
+        f"Test accuracy (%), mean ± 95% CI over {seeds} seeds; columns: {table.col_label}.",
+        "",
+        header,
+        rule,
+    ]
+    for row in rows:
+        cells = [stats.fmt(results[(row, c)]) if (row, c) in results else "" for c in cols]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    for title, values in extra_rows.items():
+        lines += [
+            "",
+            f"{title}, seed 0's final masks (Evci et al. 2020 accounting):",
+            "",
+            header,
+            rule,
+        ]
+        for row in rows:
+            cells = [f"{values[(row, c)]:.3f}" if (row, c) in values else "" for c in cols]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += ["", "## Claims", ""]
+    lines += [f"- {c.line()}" for c in claims]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(table, rows, cols, results, path, seeds) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    positions = np.arange(len(cols))
+    for row in rows:
+        pts = [
+            (i, *stats.mean_ci(results[(row, c)]))
+            for i, c in enumerate(cols)
+            if (row, c) in results
+        ]
+        if not pts:
+            continue
+        xs, means, halves = zip(*pts, strict=True)
+        halves = [0.0 if math.isnan(h) else h for h in halves]
+        ax.errorbar(
+            xs, 100 * np.array(means), yerr=100 * np.array(halves), marker="o", capsize=3, label=row
+        )
+    ax.set_xticks(positions, [table.col_format(c) for c in cols])
+    ax.set_xlabel(table.col_label)
+    ax.set_ylabel("test accuracy (%)")
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, 0.0), min(high, 100.0))
+    ax.set_title(f"{table.name}: mean ± 95% CI over {seeds} seeds", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("table", None, sorted(TABLES), "Which table to reproduce.")
+flags.DEFINE_string("workdir", None, "Output directory for NAME.md, NAME.png, NAME.json.")
+flags.DEFINE_integer("seeds", 5, "Seeds per cell.")
+flags.DEFINE_bool("quick", False, "Tiny version: fewer columns, steps and channels.")
+
+
+def main(argv):
+    del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    out = run_table(FLAGS.table, FLAGS.workdir, seeds=FLAGS.seeds, quick=FLAGS.quick)
+    sys.stdout.write(out["markdown"])
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["table", "workdir"])
+    app.run(main)
