@@ -9,7 +9,12 @@ two ways:
 
 Which is cheaper depends on the batch size: reconstruction costs a fixed amount
 per call, the factorized path costs per example. `choose_method` compares the
-FLOP counts of both plans (``"auto"``), or obeys an explicit override.
+FLOP counts of both plans (``"auto"``), or obeys an explicit override. With the
+exhaustive planner the factorized count never exceeds the dense one (multiplying
+the factors first is one of the orders it searches, and it takes that order when
+it is cheaper), so ``"auto"`` resolves to ``"factorized"`` whenever the search is
+exhaustive; ``"dense"`` exists because FLOPs are not time: one large GEMM often
+runs faster than several thin contractions (see benchmarks/tensornets.py).
 
 Paths come from opt_einsum (Smith & Gray 2018, "opt_einsum - A Python package for
 optimizing contraction order for einsum-like expressions"): exhaustive search

@@ -21,6 +21,15 @@ PyTree = Any
 __all__ = ["Algorithm", "Dense", "SparseAlgorithm"]
 
 
+def _layer_topk(scores: jax.Array, sparsity: Any) -> jax.Array:
+    """`masks.topk_mask` that also takes a layer sparsity of exactly 1.
+
+    ER/ERK round a tiny layer's share to zero weights at high targets (one (1, 1)
+    kernel at 0.5 already), and such a layer's sparsity 1.0 is valid here.
+    """
+    return masks.topk_mask_by_count(scores, masks.num_kept(jnp.size(scores), sparsity))
+
+
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
     """Base class: a dense algorithm that never masks anything.
@@ -140,7 +149,7 @@ class SparseAlgorithm(Algorithm):
         if self.distribution == "global":
             return masks.global_topk_masks(score_tree, self.sparsity * fraction, sparsities)
         return jax.tree.map(
-            lambda s, sc: None if s is None else masks.topk_mask(sc, s * fraction),
+            lambda s, sc: None if s is None else _layer_topk(sc, s * fraction),
             sparsities,
             score_tree,
             is_leaf=masks.is_none,
@@ -155,7 +164,7 @@ class SparseAlgorithm(Algorithm):
         keys = jax.random.split(key, max(len(leaves), 1))
         param_leaves = treedef.flatten_up_to(params)
         out = [
-            None if s is None else masks.topk_mask(jax.random.uniform(k, jnp.shape(p)), s)
+            None if s is None else _layer_topk(jax.random.uniform(k, jnp.shape(p)), s)
             for s, k, p in zip(leaves, keys, param_leaves)
         ]
         return jax.tree.unflatten(treedef, out)
