@@ -26,6 +26,7 @@ round. Ratios are ``dense time / variant time`` (higher is faster).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -169,7 +170,11 @@ def main():
     parser.add_argument("--no-baselines", action="store_true", help="skip jax.sparse/scipy")
     args = parser.parse_args()
     kw = dict(iters=args.iters, rounds=args.rounds)
-    print(f"backend={jax.default_backend()} devices={jax.devices()} jax={jax.__version__}")
+    print(
+        f"backend={jax.default_backend()} devices={jax.devices()} jax={jax.__version__} "
+        f"cpus={os.cpu_count()} load average={os.getloadavg()[0]:.2f} (other jobs share the "
+        "cores: dense XLA uses every core, the sparse path one, so load raises the ratio)"
+    )
 
     times, stored, dense_bytes, density, err = case(
         256, 2048, 2048, 0.1, 32, baselines=not args.no_baselines, **kw
