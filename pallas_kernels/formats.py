@@ -221,6 +221,7 @@ class BSRLayout:
 
     @property
     def nnz_blocks(self) -> int:
+        """Number of stored blocks."""
         return int(self.row_indices.shape[0])
 
     def _oriented(self, transpose: bool):
@@ -380,18 +381,22 @@ class BSR:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """Dense shape ``(K, N)``."""
         return self.layout.shape
 
     @property
     def block_shape(self) -> tuple[int, int]:
+        """Block shape ``(bk, bn)``."""
         return self.layout.block_shape
 
     @property
     def nnz_blocks(self) -> int:
+        """Number of stored blocks."""
         return self.layout.nnz_blocks
 
     @property
     def dtype(self):
+        """dtype of the stored values."""
         return self.values.dtype
 
     @property
@@ -557,10 +562,12 @@ class NM:
 
     @property
     def dtype(self):
+        """dtype of the stored values."""
         return self.values.dtype
 
     @property
     def index_bits(self) -> int:
+        """Bits stored per index: 8 (int8) or the packed width."""
         return _index_bits(self.m) if self.packed else 8
 
     def int8_indices(self) -> jax.Array:
