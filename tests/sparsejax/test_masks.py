@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 
 from sparsejax import masks
 
-_SETTINGS = settings(max_examples=25, deadline=None)
+_SETTINGS = settings(max_examples=20, deadline=None)
 
-shapes = st.lists(st.integers(1, 6), min_size=0, max_size=4).map(tuple)
+shapes = st.lists(st.integers(1, 5), min_size=0, max_size=4).map(tuple)
+# Under jit every new shape is a new compilation: draw those from a fixed, varied pool.
+pooled_shapes = st.sampled_from([(), (1,), (5,), (2, 5), (7, 3), (4, 4, 4), (3, 3, 2, 4)])
 sparsities = st.floats(0.0, 1.0, exclude_max=True, allow_nan=False)
 seeds = st.integers(0, 2**31 - 1)
 
@@ -82,7 +84,7 @@ def test_topk_mask_all_equal_scores_keep_the_first_k_by_flat_index(shape, sparsi
 
 
 @_SETTINGS
-@given(shape=shapes, sparsity=sparsities, seed=seeds, ties=st.booleans())
+@given(shape=pooled_shapes, sparsity=sparsities, seed=seeds, ties=st.booleans())
 # (1 - 0.9) * 5 is 0.4999... in float64 but 0.5000001 in float32; 0.85 of 10 likewise.
 @example(shape=(5,), sparsity=0.9, seed=0, ties=False)
 @example(shape=(2, 5), sparsity=0.85, seed=0, ties=True)
@@ -94,7 +96,7 @@ def test_topk_mask_under_jit_with_traced_sparsity_equals_eager(shape, sparsity, 
 
 
 @_SETTINGS
-@given(shape=shapes, seed=seeds, data=st.data())
+@given(shape=pooled_shapes, seed=seeds, data=st.data())
 def test_topk_mask_by_count_keeps_k_under_jit_and_eager(shape, seed, data):
     scores = _scores(shape, seed, ties=True)
     k = data.draw(st.integers(0, scores.size), label="k")

@@ -77,9 +77,9 @@ def test_polynomial_updates_exactly_at_begin_plus_multiples_of_every_up_to_end(a
 
 
 @_SETTINGS
-# Subnormal fractions are left out: 0.5 * alpha underflows in float32 below 2 ** -148.
+# Tiny fractions are left out: XLA flushes the subnormal 0.5 * alpha to zero on CPU.
 @given(
-    fraction=st.floats(0.0, 1.0, allow_subnormal=False, width=32),
+    fraction=st.one_of(st.just(0.0), st.floats(1e-6, 1.0)),
     end=st.integers(1, 350),
 )
 def test_cosine_drop_fraction_matches_rigl_and_is_zero_from_end_step(fraction, end):
