@@ -289,6 +289,17 @@ def _project(x: jax.Array, factors: dict[int, jax.Array], skip: int | None = Non
     return contract_lib.contract(expr, x, *ops)
 
 
+def _expand(core: jax.Array, factors: dict[int, jax.Array]) -> jax.Array:
+    """G x_m U_m for every m in ``factors``."""
+    sub = list(_MODES[: core.ndim])
+    subs = []
+    for m in factors:
+        sub[m] = _RANKS[m]
+        subs.append(_MODES[m] + _RANKS[m])
+    expr = ",".join(["".join(sub), *subs]) + "->" + _MODES[: core.ndim]
+    return contract_lib.contract(expr, core, *factors.values())
+
+
 def _leading_left(y: jax.Array, mode: int, r: int) -> jax.Array:
     u, _, _ = jnp.linalg.svd(_unfold(y, mode), full_matrices=False)
     return u[:, :r]
@@ -308,8 +319,9 @@ def _hooi(x, ranks, modes, n_iter_max, tol):
         for m in modes:
             factors[m] = _leading_left(_project(x, factors, skip=m), m, rank_of[m])
         core = _project(x, factors)
-        err = jnp.sqrt(jnp.maximum(norm_x**2 - jnp.sum(core**2), 0.0)) / safe
-        return factors, err
+        # Explicit residual: ||X||^2 - ||G||^2 cancels in float32 near a good fit.
+        x_hat = _expand(core, factors)
+        return factors, jnp.linalg.norm(x - x_hat) / safe
 
     def cond(state):
         _, it, prev, err = state
