@@ -129,7 +129,8 @@ def _magnitude_counts(algo) -> list[dict]:
     )
     steps = jnp.arange(STEPS)
     is_update = np.asarray(jax.jit(schedule.is_update_step)(steps))
-    progress = np.asarray(jax.jit(schedule.sparsity)(steps)) / np.float32(algo.sparsity)
+    # s(u) / s inside jit, as the algorithm computes it (XLA multiplies by 1 / s there).
+    progress = np.asarray(jax.jit(lambda t: schedule.sparsity(t) / algo.sparsity)(steps))
     sparsities = algo.layer_sparsities(_params())
     counts, last = [], None
     for t in range(STEPS):
