@@ -194,3 +194,14 @@ def test_nm_gpu_kernel_in_interpreter(transpose):
         x, w.values, w.indices, n=2, m=4, transpose=transpose, interpret=True, backend="gpu"
     )
     chex.assert_trees_all_close(got, x @ (dense.T if transpose else dense), **_TOL)
+
+
+def test_xla_path_row_chunks(monkeypatch):
+    """Large batches run as a loop over row chunks (padded); same values and gradients."""
+    monkeypatch.setattr(pk.ops, "_SLAB_BUDGET_BYTES", 1)  # 8-row chunks from 33 rows on
+    w, rng = _bsr(3, 2, 8, 16, 0.6, seed=9, empty_col=True)
+    x = jnp.asarray(rng.standard_normal((45, w.shape[0])).astype(np.float32))
+    assert pk.ops._row_chunk(45, 1) == 8
+    op = lambda x, w: pk.block_sparse_matmul(x, w, impl="xla")
+    assert "while" in jax.jit(op).lower(x, w).as_text()
+    _assert_matches_reference(op, pk.block_sparse_matmul_reference, x, w)
