@@ -26,7 +26,10 @@ static layout groups output block columns by their number of stored blocks
 
 so each column is one contiguous GEMM of depth ``P*bk`` instead of ``P`` tiny ones, and
 padding stays small because columns of similar counts share a group. Gather indices are
-compile-time constants from the layout; nothing data-dependent runs at call time.
+compile-time constants from the layout; nothing data-dependent runs at call time. Large
+batches run as a loop over row chunks whose slabs stay in cache, and matrices dense enough
+that the single-threaded grouped dots would lose to XLA's multi-threaded GEMM (see
+`_prefer_dense`) are densified and multiplied densely instead.
 """
 
 from __future__ import annotations
@@ -177,7 +180,34 @@ def _by_row_chunks(fn, chunk: int, *arrays: jax.Array) -> jax.Array:
     return out.reshape(padded, -1)[:rows]
 
 
+def _prefer_dense(layout: BSRLayout) -> bool:
+    """Whether the XLA path should densify W and call the GEMM instead.
+
+    The grouped path runs its dots on one core and pays a gather of ``b_in`` floats per
+    stored block and row; dense XLA uses every core. Work model (per row of x, in multiply-
+    adds): sparse ``slots * bk * bn * (1 + 16 / bn)``, dense ``K * N / 2``. Calibrated on 2
+    cores at B=256: picks dense for 16x16 blocks at 50% density (sparse 0.3-0.7x) and
+    sparse at <= 20% for blocks >= 32 (1.4-5x).
+    """
+    bk, bn = layout.block_shape
+    groups, _ = layout.xla_plan(False)
+    slots = sum(g.in_blocks.size for g in groups)
+    k, n = layout.shape
+    return slots * bk * bn * (1 + 16 / bn) > k * n / 2
+
+
+def _block_values_from_dense(dw: jax.Array, layout: BSRLayout) -> jax.Array:
+    """The stored blocks of a dense ``(K, N)`` array, in CSC order: ``(nnz, bk, bn)``."""
+    bk, bn = layout.block_shape
+    kb, nb = layout.grid
+    blocks = dw.reshape(kb, bk, nb, bn).transpose(0, 2, 1, 3)
+    return blocks[jnp.asarray(layout.row_indices), jnp.asarray(layout.col_indices)]
+
+
 def _dsd_xla_chunked(x2, values, layout, transpose):
+    if _prefer_dense(layout):
+        w = BSR(values=values, layout=layout).to_dense().astype(x2.dtype)
+        return x2 @ (w.T if transpose else w)
     bk, bn = layout.block_shape
     b_in = bn if transpose else bk
     groups, _ = layout.xla_plan(transpose)
@@ -189,6 +219,8 @@ def _dsd_xla_chunked(x2, values, layout, transpose):
 
 
 def _sdd_xla_chunked(x2, dy2, layout):
+    if _prefer_dense(layout):
+        return _block_values_from_dense(x2.T @ dy2, layout)
     bk, bn = layout.block_shape
     chunk = _row_chunk(x2.shape[0], layout.nnz_blocks * (bk + bn) * x2.dtype.itemsize)
     if chunk is None:

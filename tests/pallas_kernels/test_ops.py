@@ -7,6 +7,9 @@ Tolerances: float32 sums in another order, so ``atol = rtol = 1e-4`` on O(1) dat
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -23,6 +26,16 @@ from tests.pallas_kernels.test_formats import nm_mask
 _SETTINGS = settings(max_examples=6, deadline=None, derandomize=True)
 _TOL = dict(atol=1e-4, rtol=1e-4)
 IMPLS = ("xla", "pallas_interpret")
+# The XLA path densifies dense-enough matrices (`ops._prefer_dense`); "xla_grouped" forces
+# the grouped sparse path at every density so both branches are held to the reference.
+BSR_PATHS = ("xla", "xla_grouped", "pallas_interpret")
+
+
+def _path(path):
+    """(impl, context manager) for a BSR test path."""
+    if path == "xla_grouped":
+        return "xla", mock.patch.object(pk.ops, "_prefer_dense", lambda layout: False)
+    return path, contextlib.nullcontext()
 
 
 def _bsr(kb, nb, bk, bn, density, seed, empty_col=False):
@@ -51,7 +64,7 @@ def _assert_matches_reference(op, reference, x, w, grad_kwargs=None):
     chex.assert_trees_all_close(got[1].values, want[1].values, **_TOL)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("path", BSR_PATHS)
 @_SETTINGS
 @given(
     kb=st.integers(1, 3),
@@ -63,11 +76,13 @@ def _assert_matches_reference(op, reference, x, w, grad_kwargs=None):
     empty_col=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_block_sparse_matches_reference(impl, kb, nb, bk, bn, density, rows, empty_col, seed):
+def test_block_sparse_matches_reference(path, kb, nb, bk, bn, density, rows, empty_col, seed):
     w, rng = _bsr(kb, nb, bk, bn, density, seed, empty_col)
     x = jnp.asarray(rng.standard_normal((rows, w.shape[0])).astype(np.float32))
+    impl, context = _path(path)
     op = lambda x, w: pk.block_sparse_matmul(x, w, impl=impl)
-    _assert_matches_reference(op, pk.block_sparse_matmul_reference, x, w)
+    with context:
+        _assert_matches_reference(op, pk.block_sparse_matmul_reference, x, w)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -83,8 +98,14 @@ def test_block_sparse_fully_empty_matrix(impl):
     assert dw.values.shape == (0, 8, 8)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_block_sparse_check_grads_and_batch_dims(impl):
+@pytest.mark.parametrize("path", BSR_PATHS)
+def test_block_sparse_check_grads_and_batch_dims(path):
+    impl, context = _path(path)
+    with context:
+        _check_grads_and_batch_dims(impl)
+
+
+def _check_grads_and_batch_dims(impl):
     w, rng = _bsr(3, 2, 8, 16, 0.6, seed=7, empty_col=True)
     x = jnp.asarray(rng.standard_normal((2, 3, w.shape[0])).astype(np.float32))
     y = pk.block_sparse_matmul(x, w, impl=impl)
@@ -199,9 +220,18 @@ def test_nm_gpu_kernel_in_interpreter(transpose):
 def test_xla_path_row_chunks(monkeypatch):
     """Large batches run as a loop over row chunks (padded); same values and gradients."""
     monkeypatch.setattr(pk.ops, "_SLAB_BUDGET_BYTES", 1)  # 8-row chunks from 33 rows on
+    monkeypatch.setattr(pk.ops, "_prefer_dense", lambda layout: False)
     w, rng = _bsr(3, 2, 8, 16, 0.6, seed=9, empty_col=True)
     x = jnp.asarray(rng.standard_normal((45, w.shape[0])).astype(np.float32))
     assert pk.ops._row_chunk(45, 1) == 8
     op = lambda x, w: pk.block_sparse_matmul(x, w, impl="xla")
     assert "while" in jax.jit(op).lower(x, w).as_text()
     _assert_matches_reference(op, pk.block_sparse_matmul_reference, x, w)
+
+
+def test_xla_path_densifies_dense_enough_matrices():
+    """At 16x16 blocks and 100% density the grouped path would lose to the GEMM."""
+    dense_w, rng = _bsr(4, 4, 16, 16, 1.0, seed=12)
+    sparse_w, _ = _bsr(8, 8, 32, 32, 0.1, seed=12)
+    assert pk.ops._prefer_dense(dense_w.layout)
+    assert not pk.ops._prefer_dense(sparse_w.layout)
