@@ -105,8 +105,8 @@ def _mnist1d_base(quick: bool) -> ml_collections.ConfigDict:
         config.model.channels = 16
         config.eval_every_steps = 400
     else:
-        config.total_steps = 4000
-        config.eval_every_steps = 4000
+        config.total_steps = 3000
+        config.eval_every_steps = 3000
     return config
 
 

@@ -46,6 +46,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.formats import BSRLayout, check_tpu_block_shape
 
 __all__ = [
+    "check_gpu_block_shape",
     "dsd_gpu",
     "dsd_tpu",
     "sdd_gpu",
@@ -235,8 +236,17 @@ def _triton_params():
     return pltriton.CompilerParams(num_warps=4, num_stages=2)
 
 
-def _check_gpu_shapes(block_shape, tm):
-    for name, v in (("bk", block_shape[0]), ("bn", block_shape[1]), ("row tile", tm)):
+def check_gpu_block_shape(block_shape, row_tile: int = 16) -> None:
+    """Raises unless the GPU kernel's tiles are powers of two >= 16 (Triton ``dot``).
+
+    Args:
+      block_shape: ``(bk, bn)``.
+      row_tile: rows of x per program.
+
+    Raises:
+      ValueError: naming the offending tile and the block shape.
+    """
+    for name, v in (("bk", block_shape[0]), ("bn", block_shape[1]), ("row tile", row_tile)):
         if v < 16 or v & (v - 1):
             raise ValueError(
                 f"the GPU kernel needs power-of-two tiles >= 16 (Triton dot), got {name}={v} "
@@ -286,7 +296,7 @@ def dsd_gpu(
     rows_p = -(-rows // tm) * tm
     params = None
     if not interpret:
-        _check_gpu_shapes(layout.block_shape, tm)
+        check_gpu_block_shape(layout.block_shape, tm)
         params = _triton_params()
     num_out_blocks = n_out // b_out
     out = pl.pallas_call(
@@ -344,7 +354,7 @@ def sdd_gpu(
     rows_p = -(-rows // tm) * tm
     params = None
     if not interpret:
-        _check_gpu_shapes(layout.block_shape, tm)
+        check_gpu_block_shape(layout.block_shape, tm)
         params = _triton_params()
     xp, dyp = _pad_rows(x, rows_p), _pad_rows(dy, rows_p)
     kernel = functools.partial(_sdd_gpu_kernel, bk=bk, bn=bn, tm=tm, num_tiles=rows_p // tm)

@@ -43,7 +43,7 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels import block_sparse, nm
-from pallas_kernels.formats import BSR, NM, BSRLayout
+from pallas_kernels.formats import BSR, NM, BSRLayout, check_tpu_block_shape
 
 __all__ = [
     "IMPLS",
@@ -291,6 +291,18 @@ def _bsr_bwd(layout, impl, res, dy):
 _bsr_matmul.defvjp(_bsr_fwd, _bsr_bwd)
 
 
+def _kernel_fits(layout: BSRLayout, resolved: str) -> bool:
+    """Whether the compiled kernel for ``resolved`` accepts this block shape."""
+    try:
+        if resolved == "tpu":
+            check_tpu_block_shape(layout.block_shape, layout.shape)
+        elif resolved == "gpu":
+            block_sparse.check_gpu_block_shape(layout.block_shape)
+    except ValueError:
+        return False
+    return True
+
+
 def block_sparse_matmul(x: jax.Array, w: BSR, *, impl: str = "auto") -> jax.Array:
     """``x @ W`` for a block-sparse ``W``, touching only the stored blocks.
 
@@ -298,6 +310,8 @@ def block_sparse_matmul(x: jax.Array, w: BSR, *, impl: str = "auto") -> jax.Arra
       x: float[..., K].
       w: `BSR` of shape ``(K, N)``.
       impl: ``'auto'`` | ``'xla'`` | ``'pallas'`` | ``'pallas_interpret'`` (module doc).
+        ``'auto'`` uses the XLA path when the block shape does not fit the kernel
+        (TPU: multiples of 128; GPU: powers of two >= 16); ``'pallas'`` raises then.
 
     Returns:
       float[..., N] in ``result_type(x, w.values)``.
@@ -314,6 +328,8 @@ def block_sparse_matmul(x: jax.Array, w: BSR, *, impl: str = "auto") -> jax.Arra
     if not isinstance(w, BSR):
         raise ValueError(f"w must be a BSR, got {type(w).__name__}")
     x2, lead = _flatten(jnp.asarray(x), w.shape[0])
+    if impl == "auto" and not _kernel_fits(w.layout, resolved):
+        resolved = "xla"  # 'auto' never fails on a block shape; 'pallas' raises instead
     values = jnp.asarray(w.values)
     dtype = jnp.result_type(x2.dtype, values.dtype)
     y = _bsr_matmul(x2.astype(dtype), values, w.layout, resolved)

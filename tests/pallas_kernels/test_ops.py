@@ -235,3 +235,13 @@ def test_xla_path_densifies_dense_enough_matrices():
     sparse_w, _ = _bsr(8, 8, 32, 32, 0.1, seed=12)
     assert pk.ops._prefer_dense(dense_w.layout)
     assert not pk.ops._prefer_dense(sparse_w.layout)
+
+
+def test_kernel_block_shape_checks():
+    block_sparse.check_gpu_block_shape((16, 64))
+    with pytest.raises(ValueError, match=r"power-of-two tiles >= 16 .* got bk=24"):
+        block_sparse.check_gpu_block_shape((24, 32))
+    w, _ = _bsr(2, 2, 32, 32, 1.0, seed=0)
+    assert not pk.ops._kernel_fits(w.layout, "tpu")  # 32x32 breaks the (8, 128) rule
+    assert pk.ops._kernel_fits(w.layout, "gpu")
+    assert pk.ops._kernel_fits(w.layout, "xla")
