@@ -7,9 +7,12 @@ positions, rebuilds the dense ``(tk, tn)`` tile of ``W`` in VMEM / registers,
 
 and feeds it to the MXU / tensor cores. HBM traffic for W is the compressed bytes
 (2:4 fp32 with int8 indices: 0.625 of dense). The same kernel serves ``dX = dY @ W^T``
-(``transpose=True``: the rebuilt tile is contracted on its column axis). The kernel uses
-only ordinary BlockSpecs (no scalar prefetch), so one ``pallas_call`` lowers for TPU
-(Mosaic) and GPU (Triton), and runs in the interpreter on CPU.
+(``transpose=True``: the rebuilt tile is contracted on its column axis). No scalar prefetch
+is needed, so there are two variants of one body: TPU (grid over the reduction, f32 VMEM
+accumulator, Mosaic) and GPU (in-kernel loop over the reduction, register accumulator,
+Triton lowering). Both run in the interpreter on CPU, which is how they are tested; neither
+has been compiled on hardware here (the GPU one reshapes tiles to (groups, n, tn), which
+Triton may refuse).
 
 Reference: Mishra et al., "Accelerating Sparse Deep Neural Networks", 2021 (2:4 format);
 Zhou et al., "Learning N:M Fine-grained Structured Sparse Neural Networks", ICLR 2021.
