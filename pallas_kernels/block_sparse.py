@@ -24,8 +24,9 @@ that accepts a generic ``jnp.dot``; Mosaic GPU needs warpgroup-level code (``plg
 with ``wgmma`` on Hopper) and is not written yet.
 
 Every kernel also runs with ``interpret=True`` (any backend), which is how the tests check
-them on CPU. Gradients: `pallas_call` with scalar prefetch or in-kernel loops is not
-differentiable, so `pallas_kernels.ops` wraps these in a ``jax.custom_vjp``.
+them on CPU; no TPU or GPU was available here, so neither compiled lowering has been run.
+Gradients: `pallas_call` with scalar prefetch or in-kernel loops is not differentiable, so
+`pallas_kernels.ops` wraps these in a ``jax.custom_vjp``.
 
 References:
   Gray, Radford, Kingma, "GPU Kernels for Block-Sparse Weights", OpenAI 2017.
