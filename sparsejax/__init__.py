@@ -1,11 +1,24 @@
 """sparsejax: sparse training in JAX as pure functions over pytrees and one optax transform."""
 
-from sparsejax import algorithms, distributions, masks, schedules, scores, transforms
+from sparsejax import (
+    algorithms,
+    distributions,
+    export,
+    flops,
+    masks,
+    nn,
+    schedules,
+    scores,
+    transforms,
+)
 
 __all__ = [
     "algorithms",
     "distributions",
+    "export",
+    "flops",
     "masks",
+    "nn",
     "schedules",
     "scores",
     "transforms",
