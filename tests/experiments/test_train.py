@@ -141,3 +141,13 @@ def test_main_refuses_an_unknown_config_key(tmp_path):
     )
     assert proc.returncode != 0
     assert "no_such_key" in proc.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_reaches_80_percent_at_90_percent_sparsity(tmp_path):
+    """The README's quickstart, in full (about a minute on 2 cores; run with -m slow)."""
+    config = quickstart.get_config()
+    config.progress_bar = False
+    record = train.train_and_evaluate(config, str(tmp_path))
+    assert record["test_accuracy"] >= 0.80
+    assert abs(record["sparsity"] - 0.90) <= 1e-3
