@@ -30,6 +30,7 @@ from tensornets.layers import (
     balanced_factors,
     densify_params,
     factorize_params,
+    factorized_dense_cost,
 )
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "contract",
     "densify_params",
     "factorize_params",
+    "factorized_dense_cost",
     "formats",
     "layers",
     "t_identity",

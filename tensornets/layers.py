@@ -11,6 +11,19 @@ Formats:
   ``"tt"``        TT of the same tensor (conv: TT-matrix, see below).
   ``"tt_matrix"`` TT-matrix with factorized input and output dims (Novikov et al.
                   2015); ``in_shape`` / ``out_shape`` default to 3 balanced factors.
+  ``"tubal"``     dense layers only: a t-product layer (Newman, Horesh, Avron &
+                  Kilmer 2018, "Stable Tensor Neural Networks for Rapid Deep
+                  Learning"). The input (n2 * n3,) is a lateral slice (n2, 1, n3) of
+                  tubes, the output is W * x (n1, 1, n3) for a weight tensor W
+                  (n1, n2, n3) kept as a truncated t-SVD U * diag(s) * V^T (Kilmer &
+                  Martin 2011) of tubal rank k: (n1 + n2 + 1) k n3 parameters.
+                  ``in_shape=(n2, n3)``, ``out_shape=(n1, n3)`` (same tube length
+                  n3); by default n3 is the largest common divisor of the two
+                  dimensions that is at most sqrt(min(in, features)). As a matrix the
+                  layer's kernel is block-circulant, K[(j, s), (i, t)] =
+                  W[i, j, (t - s) mod n3], so even at full tubal rank it is a
+                  structured (n3 times smaller) dense layer, not an arbitrary one;
+                  a float rank is a fraction of in * features, capped there.
 
 Ranks: an int (a cap per mode / bond), a tuple (one per mode / bond), or a float
 meaning a fraction of the dense parameter count (see the formats' ``resolve_*``).
@@ -26,6 +39,9 @@ make E[W_ij^2] equal the dense initializer's (1/fan_in for Flax's lecun_normal):
           * prod_k r_k = sigma^2 (r_0 = r_d = 1). TensorLy-Torch draws every core
           with the same std and ends up sqrt(prod r) too small; here each core
           normalizes its incoming bond.
+  tubal   s = the identity tube (1, 0, ..., 0) per component, U, V ~ N(0, t^2): each
+          W[i, j, d] sums k n3 products of two factors, so E W^2 = k n3 t^4 and
+          t^4 = sigma^2 / (k n3).
 
 Convolutions (kernel (k_1..k_s, C/g, F), g feature groups, each group factorized on
 its own, parameters with a leading group axis):
@@ -65,6 +81,7 @@ from tensornets import contract as contract_lib
 from tensornets.formats import _ranks
 from tensornets.formats.cp import CP
 from tensornets.formats.tt import TT, TTMatrix
+from tensornets.formats.tubal import Tubal
 from tensornets.formats.tucker import Tucker
 
 __all__ = [
@@ -75,10 +92,12 @@ __all__ = [
     "FactorizedEmbedding",
     "balanced_factors",
     "densify_params",
+    "factorized_dense_cost",
     "factorize_params",
 ]
 
-FORMATS = ("cp", "tucker", "tt", "tt_matrix")
+FORMATS = ("cp", "tucker", "tt", "tt_matrix", "tubal")
+_CONV_FORMATS = ("cp", "tucker", "tt", "tt_matrix")
 _ALIASES = {"ttm": "tt_matrix", "tt-matrix": "tt_matrix", "parafac": "cp"}
 
 Initializer = Callable[..., jax.Array]
@@ -160,8 +179,47 @@ def _tt_matrix_layout(in_shape, out_shape, rank) -> _Layout:
     return _Layout("tt_matrix", shape, 1, bonds, None, in_shape, out_shape, params)
 
 
+def _default_tube(n_in: int, n_out: int) -> int:
+    """Largest common divisor of n_in and n_out that is at most sqrt(min(n_in, n_out))."""
+    g, bound = math.gcd(n_in, n_out), math.isqrt(min(n_in, n_out))
+    return max(d for d in range(1, min(g, bound) + 1) if g % d == 0)
+
+
+def _tubal_layout(n_in, n_out, rank, in_shape, out_shape) -> _Layout:
+    """(n_in, n_out) kernel as a t-product operator W (n1, n2, n3): in (n2, n3), out (n1, n3)."""
+    if in_shape is None and out_shape is None:
+        n3 = _default_tube(n_in, n_out)
+        in_shape, out_shape = (n_in // n3, n3), (n_out // n3, n3)
+    elif in_shape is None or out_shape is None:
+        raise ValueError(
+            f"format 'tubal' needs both in_shape=(n2, n3) and out_shape=(n1, n3) or neither, "
+            f"got in_shape={in_shape!r}, out_shape={out_shape!r}"
+        )
+    in_shape = _ranks.check_factorization(in_shape, n_in, "in_shape")
+    out_shape = _ranks.check_factorization(out_shape, n_out, "out_shape")
+    if len(in_shape) != 2 or len(out_shape) != 2 or in_shape[1] != out_shape[1]:
+        raise ValueError(
+            f"format 'tubal' needs in_shape=(n2, n3) and out_shape=(n1, n3) with the same tube "
+            f"length n3, got in_shape={in_shape}, out_shape={out_shape}"
+        )
+    (n2, n3), (n1, _) = in_shape, out_shape
+    if _ranks.is_fraction(rank):
+        # A fraction of the dense kernel (n_in * n_out = n1 n2 n3^2 entries), as for the
+        # other formats, not of the tensor W (n1 n2 n3): capped at full tubal rank.
+        budget = _ranks.check_fraction(rank) * n_in * n_out
+        k = _ranks.uniform_rank_for_budget(
+            budget, lambda r: Tubal.num_params_for((n1, n2, n3), r), min(n1, n2)
+        )
+    else:
+        k = Tubal.resolve_rank((n1, n2, n3), rank)
+    params = {"u": (n1, k, n3), "s": (k, n3), "v": (n2, k, n3)}
+    return _Layout("tubal", (n1, n2, n3), 1, (k,), None, in_shape, out_shape, params)
+
+
 def _matrix_layout(fmt, n_in, n_out, rank, in_shape, out_shape, what=("in_shape", "out_shape")):
     """Layout of a (n_in, n_out) kernel; tt_matrix needs factorized dims."""
+    if fmt == "tubal":
+        return _tubal_layout(n_in, n_out, rank, in_shape, out_shape)
     if fmt == "tt_matrix":
         if in_shape is None and out_shape is None:
             d = 3
@@ -195,6 +253,11 @@ def _param_std(layout: _Layout, name: str, variance):
         if name == "core":
             return jnp.sqrt(variance)
         return 1.0 / math.sqrt(layout.ranks[int(name.split("_")[1])])
+    if layout.format == "tubal":
+        if name == "s":
+            return None  # the identity tube
+        k, n3 = layout.ranks[0], layout.shape[2]
+        return (variance / (k * n3)) ** 0.25
     # tt, tt_matrix
     d = len(layout.param_shapes)
     r_prev = layout.param_shapes[name][0]
@@ -208,6 +271,8 @@ def _make_params(mod: nn.Module, layout: _Layout, variance, param_dtype, groups:
 
         def init(key, shape, dtype, name=name):
             std = _param_std(layout, name, variance)
+            if std is None and layout.format == "tubal":
+                return jnp.zeros(shape, dtype).at[..., 0].set(1)
             if std is None:
                 return jnp.ones(shape, dtype)
             return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
@@ -239,12 +304,54 @@ def _format_of(layout: _Layout, params: Mapping[str, jax.Array]):
         return Tucker.from_params(params, layout.modes)
     if layout.format == "tt":
         return TT.from_params(params)
+    if layout.format == "tubal":
+        return Tubal.from_params(params)
     return TTMatrix.from_params(params)
+
+
+def _tubal_apply(fmt: Tubal, x: jax.Array, method: str) -> jax.Array:
+    """x (..., n2 n3) -> W * x (..., n1 n3): each row of x is a lateral slice of tubes."""
+    n1, n2, n3 = fmt.shape
+    xb = x.reshape(-1, n2, n3)
+    if method == "auto":
+        costs = fmt.apply_costs(xb.shape[0])
+        method = contract_lib.choose_method(costs["factorized"], costs["dense"])
+    elif method not in contract_lib.METHODS:
+        raise ValueError(f"contraction must be one of {contract_lib.METHODS}, got {method!r}")
+    y = fmt.apply(jnp.swapaxes(xb, 0, 1), method=method)  # (n1, batch, n3)
+    return jnp.swapaxes(y, 0, 1).reshape(x.shape[:-1] + (n1 * n3,))
+
+
+def _tubal_to_kernel(w: jax.Array) -> jax.Array:
+    """W (n1, n2, n3) -> the block-circulant kernel K (n2 n3, n1 n3) of x -> W * x.
+
+    K[(j, s), (i, t)] = W[i, j, (t - s) mod n3].
+    """
+    n1, n2, n3 = w.shape
+    shift = (jnp.arange(n3)[None, :] - jnp.arange(n3)[:, None]) % n3  # [s, t]
+    k = jnp.take(jnp.swapaxes(w, 0, 1), shift, axis=2)  # (n2, n1, s, t)
+    return jnp.transpose(k, (0, 2, 1, 3)).reshape(n2 * n3, n1 * n3)
+
+
+def _kernel_to_tubal(kernel: jax.Array, n1: int, n2: int, n3: int) -> jax.Array:
+    """Orthogonal projection of a kernel (n2 n3, n1 n3) onto t-product operators.
+
+    The nearest block-circulant kernel in the Frobenius norm averages each
+    circulant diagonal: W[i, j, d] = mean_s K[(j, s), (i, (s + d) mod n3)]. Since
+    ||bcirc(A)||_F^2 = n3 ||A||_F^2 and the projection is orthogonal, truncating
+    the t-SVD of this W gives the best tubal-rank-k kernel for K itself.
+    """
+    k4 = kernel.reshape(n2, n3, n1, n3)  # [j, s, i, t]
+    shift = (jnp.arange(n3)[:, None] + jnp.arange(n3)[None, :]) % n3  # [s, d] -> t
+    diag = jnp.take_along_axis(k4, shift[None, :, None, :], axis=3)  # [j, s, i, d]
+    return jnp.swapaxes(diag.mean(axis=1), 0, 1)  # (n1, n2, n3)
 
 
 def _apply_matrix(layout: _Layout, params, x, method, precision):
     """x (..., N_in) @ W (N_in, N_out) through the factors."""
     fmt = _format_of(layout, params)
+    if layout.format == "tubal":
+        return _tubal_apply(fmt, x, method)
     if layout.format == "tt_matrix":
         return fmt.apply(x, method=method, precision=precision)
     in_shape, out_shape = layout.shape[: layout.n_in], layout.shape[layout.n_in :]
@@ -262,10 +369,12 @@ class FactorizedDense(nn.Module):
 
     Attributes:
       features: output dimension.
-      format: "cp" | "tucker" | "tt" | "tt_matrix".
-      rank: int, tuple or float fraction of in * features (see module docstring).
+      format: "cp" | "tucker" | "tt" | "tt_matrix" | "tubal".
+      rank: int, tuple or float fraction of in * features (see module docstring;
+        tubal: the tubal rank k, or a float fraction).
       in_shape: factorization of the input dimension (prod must equal it); default
-        (in,) for cp/tucker/tt, 3 balanced factors for tt_matrix.
+        (in,) for cp/tucker/tt, 3 balanced factors for tt_matrix, (in / n3, n3)
+        for tubal (see the module docstring).
       out_shape: same for ``features``.
       use_bias: add a bias.
       dtype: computation dtype (default: inferred from inputs and params).
@@ -322,6 +431,39 @@ class FactorizedDense(nn.Module):
             layout, dict(zip(names, leaves)), inputs, self.contraction, self.precision
         )
         return y if bias is None else y + bias
+
+
+def factorized_dense_cost(layer: FactorizedDense, in_features: int) -> dict[str, int]:
+    """Parameters and forward FLOPs per example of a `FactorizedDense` (no init needed).
+
+    FLOPs follow `tensornets.contract` (a multiply-add is 2; the tubal layer's
+    FFTs count as in `tensornets.formats.Tubal.apply_costs`) for the contraction
+    the layer runs on one example, plus one add per output for the bias. The
+    dense layer it replaces costs ``2 * in_features * features + features``.
+
+    Args:
+      layer: the (unbound) layer.
+      in_features: the input dimension.
+
+    Returns:
+      ``{"params": factor entries plus bias, "flops": FLOPs of one example}``.
+    """
+    features = _ranks.check_int_rank(layer.features, "features")
+    in_features = _ranks.check_int_rank(in_features, "in_features")
+    layout = _dense_layout(
+        layer.format, in_features, features, layer.rank, layer.in_shape, layer.out_shape
+    )
+    shapes = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in layout.param_shapes.items()}
+    fmt = _format_of(layout, shapes)
+    method = layer.contraction
+    if layout.format in ("tt_matrix", "tubal"):
+        costs = fmt.apply_costs(1)
+    else:
+        costs = fmt.apply_costs(1, layout.n_in)
+    flops = costs[contract_lib.choose_method(costs["factorized"], costs["dense"], method)]
+    bias = features if layer.use_bias else 0
+    params = sum(math.prod(v) for v in layout.param_shapes.values())
+    return {"params": params + bias, "flops": int(flops) + bias}
 
 
 # --------------------------------------------------------------------- conv
@@ -385,7 +527,7 @@ def _conv_apply(
     bias_init,
     init_variance,
 ) -> jax.Array:
-    fmt = _canon_format(fmt)
+    fmt = _canon_format(fmt, _CONV_FORMATS)
     kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
     kernel_size = _ranks.check_shape(kernel_size, "kernel_size")
     s = len(kernel_size)
@@ -843,7 +985,13 @@ def _factorize_node(node: Mapping, entry: dict) -> dict:
     kind = _kind_of(node, entry)
     extra = {"bias": node["bias"]} if "bias" in node else {}
 
+    if fmt == "tubal" and kind != "dense":
+        raise ValueError(f"format 'tubal' is for dense kernels only, got a {kind} layer")
+
     def decompose(layout: _Layout, w):
+        if layout.format == "tubal":
+            n1, n2, n3 = layout.shape
+            return Tubal.from_dense(_kernel_to_tubal(w, n1, n2, n3), layout.ranks[0]).to_params()
         if layout.format == "cp":
             return CP.from_dense(w, layout.ranks, n_iter_max=n_iter).to_params()
         if layout.format == "tucker":
@@ -861,6 +1009,8 @@ def _factorize_node(node: Mapping, entry: dict) -> dict:
     kernel = jnp.asarray(node["kernel"])
     if kind == "dense":
         layout = _dense_layout(fmt, *kernel.shape, rank, in_shape, out_shape)
+        if fmt == "tubal":  # decompose() projects the (in, out) kernel itself
+            return {**decompose(layout, kernel), **extra}
         return {**decompose(layout, kernel.reshape(layout.shape)), **extra}
     g = _ranks.check_int_rank(entry.get("feature_group_count", 1), "feature_group_count")
     *ks, cg, f = kernel.shape
@@ -908,6 +1058,8 @@ def _densify_node(node: Mapping, entry: dict) -> dict:
     kind = entry.get("kind")
     extra = {"bias": node["bias"]} if "bias" in node else {}
     factors = {k: v for k, v in node.items() if k != "bias"}
+    if fmt == "tubal":
+        return {"kernel": _tubal_to_kernel(Tubal.from_params(factors).to_dense()), **extra}
     grouped = {"cp": "factor_0", "tucker": "factor_0", "tt": "core_0", "tt_matrix": "core_0"}
     lead = factors[grouped[fmt]].ndim
     if kind is None:

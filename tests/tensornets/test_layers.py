@@ -18,12 +18,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tensornets import (
+    CP,
+    TT,
     Factorized,
     FactorizedConv,
     FactorizedDense,
     FactorizedEmbedding,
+    TTMatrix,
+    Tubal,
+    Tucker,
     balanced_factors,
     densify_params,
+    factorize_params,
+    factorized_dense_cost,
 )
 
 # RngBitGenerator keys: XLA on CPU compiles threefry hashing slowly (seconds per jit), and
@@ -307,3 +314,175 @@ def test_import_and_use_have_no_global_side_effects(pre, post):
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------- tubal (t-product)
+def _block_circulant_of(kernel, n3):
+    """K (n2 n3, n1 n3) as [j, s, i, t] and the same kernel rebuilt from its s = 0 rows."""
+    n_in, n_out = kernel.shape
+    k4 = np.asarray(kernel).reshape(n_in // n3, n3, n_out // n3, n3)
+    first = k4[:, 0]  # [j, i, t] = W[i, j, t]
+    shift = (np.arange(n3)[None, :] - np.arange(n3)[:, None]) % n3  # [s, t]
+    rebuilt = np.transpose(first[:, :, shift], (0, 2, 1, 3))  # [j, s, i, t]
+    return k4, rebuilt
+
+
+TUBAL_CASES = [(3, 5, 4, 2), (2, 3, 5, 2), (4, 4, 1, 3), (5, 2, 6, 2), (3, 3, 7, 3)]
+
+
+@pytest.mark.parametrize(
+    "n1, n2, n3, k, contraction",
+    [(*case, "factorized") for case in TUBAL_CASES]
+    + [(*TUBAL_CASES[0], "dense"), (*TUBAL_CASES[3], "auto")],
+)
+def test_tubal_dense_is_a_block_circulant_dense_layer(n1, n2, n3, k, contraction):
+    # y = W * x (t-product, Newman et al. 2018) is x @ K with K[(j, s), (i, t)] =
+    # W[i, j, (t - s) mod n3]: the layer equals nn.Dense with the densified kernel,
+    # and that kernel is block-circulant.
+    x = jax.random.normal(KEY, (3, 2, n2 * n3))
+    module = nn.Dense(n1 * n3)
+    layer = Factorized(
+        module,
+        format="tubal",
+        rank=k,
+        in_shape=(n2, n3),
+        out_shape=(n1, n3),
+        contraction=contraction,
+    )
+    params, y = init_apply(layer, x)
+    assert {name: v.shape for name, v in params.items()} == {
+        "u": (n1, k, n3),
+        "s": (k, n3),
+        "v": (n2, k, n3),
+        "bias": (n1 * n3,),
+    }
+    np.testing.assert_allclose(
+        y, dense_reference(params, {"format": "tubal"}, module, x), atol=1e-4, rtol=1e-4
+    )
+    kernel = densify_params({"l": params}, {"l": {"format": "tubal"}})["l"]["kernel"]
+    k4, rebuilt = _block_circulant_of(kernel, n3)
+    np.testing.assert_allclose(k4, rebuilt, atol=1e-6)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(n1=st.integers(1, 5), n2=st.integers(1, 5), n3=st.integers(1, 6), seed=st.integers(0, 99))
+def test_tubal_factorize_projects_onto_t_product_operators(n1, n2, n3, seed):
+    # factorize_params at full tubal rank is the orthogonal projection P onto
+    # block-circulant kernels: P(K) is block-circulant, K - P(K) is orthogonal to every
+    # block-circulant kernel, and P fixes block-circulant kernels.
+    key = jax.random.key(seed, impl="rbg")
+    kernel = jax.random.normal(key, (n2 * n3, n1 * n3))
+    shapes = {"in_shape": (n2, n3), "out_shape": (n1, n3)}
+    spec = {"l": {"format": "tubal", "rank": min(n1, n2), **shapes}}
+    back = {"l": {"format": "tubal"}}
+
+    def project(k):
+        factors = factorize_params({"l": {"kernel": k}}, spec)
+        return np.asarray(densify_params(factors, back)["l"]["kernel"])
+
+    p = project(kernel)
+    k4, rebuilt = _block_circulant_of(p, n3)
+    np.testing.assert_allclose(k4, rebuilt, atol=1e-5)
+    layer = FactorizedDense(n1 * n3, "tubal", min(n1, n2), use_bias=False, **shapes)
+    other = layer.init(jax.random.fold_in(key, 1), jnp.zeros((1, n2 * n3)))["params"]
+    circulant = np.asarray(densify_params({"l": other}, back)["l"]["kernel"])
+    scale = np.linalg.norm(kernel) * np.linalg.norm(circulant)
+    assert abs(np.vdot(np.asarray(kernel) - p, circulant)) <= 1e-5 * scale
+    np.testing.assert_allclose(project(jnp.asarray(circulant)), circulant, atol=1e-5)
+
+
+def test_tubal_truncation_is_the_best_tubal_rank_k_kernel():
+    # Kilmer & Martin 2011 (Thm 4.3) on the projected tensor, and ||bcirc(A)||_F^2 =
+    # n3 ||A||_F^2 with an orthogonal projection: truncating beats any other tubal-rank-k
+    # operator, e.g. a random one or one with a perturbed factor.
+    n1, n2, n3, k = 4, 6, 5, 2
+    kernel = jax.random.normal(KEY, (n2 * n3, n1 * n3))
+    shapes = {"in_shape": (n2, n3), "out_shape": (n1, n3)}
+    factors = factorize_params(
+        {"l": {"kernel": kernel}}, {"l": {"format": "tubal", "rank": k, **shapes}}
+    )
+    best = densify_params(factors, {"l": {"format": "tubal"}})["l"]["kernel"]
+    err = float(jnp.linalg.norm(kernel - best))
+    for i in range(5):
+        noisy = jax.tree.map(
+            lambda a, i=i: a + 0.05 * jax.random.normal(jax.random.key(i, impl="rbg"), a.shape),
+            factors,
+        )
+        other = densify_params(noisy, {"l": {"format": "tubal"}})["l"]["kernel"]
+        assert err <= float(jnp.linalg.norm(kernel - other)) + 1e-5
+
+
+def test_tubal_init_preserves_dense_output_variance():
+    x = jax.random.normal(KEY, (4, 64))
+    target = float(jnp.mean(jnp.sum(x**2, -1))) / 64
+    layer = FactorizedDense(48, "tubal", 3, in_shape=(16, 4), out_shape=(12, 4), use_bias=False)
+    ratios = _output_second_moment(layer, x, 2000) / target
+    mean, se = ratios.mean(), ratios.std(ddof=1) / math.sqrt(len(ratios))
+    assert abs(mean - 1) < max(4 * se, 0.02) and abs(mean - 1) < 0.15, (mean, se)
+
+
+def test_tubal_float_rank_is_a_fraction_of_the_dense_kernel():
+    x = jnp.ones((1, 256))
+    for budget in (0.05, 0.1, 0.25):
+        for n3 in (4, 8):
+            shapes = dict(in_shape=(256 // n3, n3), out_shape=(256 // n3, n3))
+            layer = FactorizedDense(256, "tubal", budget, use_bias=False, **shapes)
+            n = sum(p.size for p in jax.tree.leaves(jax.eval_shape(layer.init, KEY, x)))
+            per_rank = (2 * 256 // n3 + 1) * n3
+            assert n <= budget * 256 * 256 < n + per_rank, (budget, n3, n)
+    # the default tube: largest common divisor <= sqrt(min(in, out))
+    params = jax.eval_shape(FactorizedDense(10, "tubal", 1).init, KEY, jnp.ones((1, 40)))
+    assert params["params"]["u"].shape == (5, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "make, x, match",
+    [
+        (lambda: FactorizedConv(6, (3, 3), "tubal", 2), (1, 5, 5, 6), "format must be one of"),
+        (
+            lambda: FactorizedDense(10, "tubal", 2, in_shape=(6, 4), out_shape=(5, 2)),
+            (2, 24),
+            "same tube",
+        ),
+        (lambda: FactorizedDense(12, "tubal", 2, in_shape=(6, 4)), (2, 24), "or neither"),
+        (
+            lambda: FactorizedDense(12, "tubal", 4, in_shape=(6, 4), out_shape=(3, 4)),
+            (2, 24),
+            "rank=4 is larger",
+        ),
+    ],
+)
+def test_tubal_bad_arguments_raise(make, x, match):
+    with pytest.raises(ValueError, match=match):
+        make().init(KEY, jnp.zeros(x))
+
+
+def test_tubal_factorize_refuses_conv_kernels():
+    with pytest.raises(ValueError, match="dense kernels only"):
+        factorize_params(
+            {"c": {"kernel": jnp.ones((3, 4, 4))}}, {"c": {"format": "tubal", "rank": 1}}
+        )
+
+
+@pytest.mark.parametrize(
+    "fmt, rank, in_shape, out_shape",
+    [*DENSE_CASES, ("tubal", 2, (6, 4), (5, 4)), ("tubal", 0.3, None, None)],
+)
+def test_factorized_dense_cost_counts_params_and_flops(fmt, rank, in_shape, out_shape):
+    n_out = 20 if fmt == "tubal" else 10
+    layer = FactorizedDense(n_out, fmt, rank, in_shape=in_shape, out_shape=out_shape)
+    x = jnp.zeros((1, 24))
+    params = jax.eval_shape(layer.init, KEY, x)["params"]
+    cost = factorized_dense_cost(layer, 24)
+    assert cost["params"] == sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+    # the contraction the layer runs on one example, through the format's own counter
+    fmt_params = {k: jnp.zeros(v.shape) for k, v in params.items() if k != "bias"}
+    if fmt == "tubal":
+        expected = min(Tubal.from_params(fmt_params).apply_costs(1).values())
+    elif fmt == "tt_matrix":
+        expected = TTMatrix.from_params(fmt_params).flops(1)
+    else:
+        n_in = 1 if in_shape is None else len(in_shape)
+        cls = {"cp": CP, "tucker": Tucker, "tt": TT}[fmt]
+        expected = cls.from_params(fmt_params).flops(1, n_in)
+    assert cost["flops"] == expected + n_out
