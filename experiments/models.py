@@ -4,28 +4,54 @@ All models are channels-last, take only the input (``__call__(self, x)``: no dro
 BatchNorm, so no ``train`` flag and no mutable collections) and return logits
 ``float32[batch, num_classes]``. Parameters are a plain pytree with readable paths
 (``params['conv1']['kernel']``) that sparsity masks can mirror.
+
+``MLP``, ``ResidualMLP`` and ``CNN1D`` take ``factorize``: layers to build as
+tensor-network layers (`tensornets.Factorized` around the same ``nn.Dense`` /
+``nn.Conv``), e.g. from a config::
+
+    config.model.factorize = {"hidden_1": {"format": "tt_matrix", "rank": 0.1}}
+
+Each entry has ``format`` (see `FACTORIZE_FORMATS`), ``rank`` (int, tuple, or a
+float fraction of the dense kernel's parameter count) and optionally
+``in_shape``, ``out_shape`` (factorizations of the layer's input / output
+dimension) and ``contraction``. The factors sit where the kernel was
+(``params['hidden_1']['core_0']``, ``['bias']``). ``"low_rank"`` is the matrix
+baseline W = U diag(w) V^T (a 2-factor CP of the (in, out) kernel, r (in + out + 1)
+parameters); ``"tubal"`` is a t-product layer (dense layers only).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import tensornets
+
 __all__ = [
     "CNN1D",
+    "FACTORIZE_FORMATS",
     "MLP",
     "ResNet",
     "ResidualMLP",
+    "factorize_spec",
+    "freeze_factorize",
     "get_model",
     "narrow_to_params",
     "num_params",
 ]
+
+FACTORIZE_FORMATS = ("cp", "low_rank", "tt", "tt_matrix", "tubal", "tucker")
+_FACTORIZE_KEYS = ("contraction", "format", "in_shape", "out_shape", "rank")
+_DENSE_ONLY_FORMATS = ("low_rank", "tubal")
+
+# ((layer name, ((key, value), ...)), ...), sorted: hashable, so a module attribute.
+Factorize = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
 
 
 def _check_positive_int(value: Any, name: str) -> None:
@@ -41,6 +67,129 @@ def _check_positive_ints(values: Any, name: str) -> None:
             raise ValueError(f"{name} must be a sequence of positive ints, got {values!r}")
 
 
+def _frozen_value(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return tuple(_frozen_value(v) for v in value)
+    return value
+
+
+def _as_mapping(value: Any, name: str) -> dict:
+    if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
+        value = value.to_dict()
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a mapping, got {value!r}")
+    return dict(value)
+
+
+def freeze_factorize(factorize: Any) -> Factorize:
+    """Turns ``{layer: {"format": ..., "rank": ..., ...}}`` into the hashable module form.
+
+    Args:
+      factorize: a dict or ``ConfigDict`` of per-layer entries, or the frozen form
+        itself (returned unchanged); lists become tuples.
+
+    Returns:
+      ``((layer, ((key, value), ...)), ...)`` sorted by layer and key.
+
+    Raises:
+      ValueError: naming the layer, for an entry without ``format`` / ``rank``, an
+        unknown key or an unknown format.
+    """
+    if isinstance(factorize, tuple | list):
+        try:
+            factorize = {layer: dict(entry) for layer, entry in factorize}
+        except (TypeError, ValueError):
+            raise ValueError(
+                "factorize must be a mapping {layer: {'format': ..., 'rank': ...}} or its "
+                f"freeze_factorize form ((layer, ((key, value), ...)), ...), got {factorize!r}"
+            ) from None
+    frozen = []
+    for layer, entry in sorted(_as_mapping(factorize, "factorize").items()):
+        entry = _as_mapping(entry, f"factorize[{layer!r}]")
+        unknown = sorted(set(entry) - set(_FACTORIZE_KEYS))
+        if unknown:
+            raise ValueError(
+                f"factorize[{layer!r}] has unknown keys {unknown}; known: {list(_FACTORIZE_KEYS)}"
+            )
+        for key in ("format", "rank"):
+            if key not in entry:
+                raise ValueError(f"factorize[{layer!r}] needs {key!r}")
+        if entry["format"] not in FACTORIZE_FORMATS:
+            raise ValueError(
+                f"factorize[{layer!r}]['format']={entry['format']!r} is unknown; "
+                f"known: {list(FACTORIZE_FORMATS)}"
+            )
+        if entry["format"] == "low_rank" and (
+            entry.get("in_shape") is not None or entry.get("out_shape") is not None
+        ):
+            raise ValueError(
+                f"factorize[{layer!r}]: 'low_rank' factorizes the (in, out) matrix itself; "
+                "in_shape / out_shape do not apply (use 'cp' to tensorize)"
+            )
+        frozen.append((str(layer), tuple(sorted((k, _frozen_value(v)) for k, v in entry.items()))))
+    return tuple(frozen)
+
+
+def factorize_spec(factorize: Any) -> dict[str, dict[str, Any]]:
+    """The `tensornets.factorize_params` spec for a model's ``factorize`` attribute.
+
+    Decomposing a trained dense model's params with this spec gives params for the
+    same model built with ``factorize`` (Lebedev et al. 2015's decompose, then
+    fine-tune).
+
+    Args:
+      factorize: as for `freeze_factorize`.
+
+    Returns:
+      ``{layer: {"format", "rank", "in_shape"?, "out_shape"?}}``.
+    """
+    spec = {}
+    for layer, entry in freeze_factorize(factorize):
+        entry = {k: v for k, v in entry if k != "contraction"}
+        if entry["format"] == "low_rank":
+            entry["format"] = "cp"
+        spec[layer] = entry
+    return spec
+
+
+def _check_factorize(factorize: Factorize, layers: dict[str, str]) -> None:
+    """Layer names must exist; dense-only formats must be on dense layers."""
+    for layer, entry in factorize:
+        if layer not in layers:
+            raise ValueError(
+                f"factorize names layer {layer!r}, which this model does not have; "
+                f"its layers: {sorted(layers)}"
+            )
+        fmt = dict(entry)["format"]
+        if fmt in _DENSE_ONLY_FORMATS and layers[layer] != "dense":
+            raise ValueError(
+                f"factorize[{layer!r}]: format {fmt!r} is for Dense layers, {layer!r} is a "
+                f"{layers[layer]}"
+            )
+
+
+def _freeze_attribute(module: nn.Module, layers: dict[str, str]) -> None:
+    frozen = freeze_factorize(module.factorize)
+    _check_factorize(frozen, layers)
+    object.__setattr__(module, "factorize", frozen)
+
+
+def _layer(cls: type[nn.Module], name: str, factorize: Factorize, *args, **kwargs) -> nn.Module:
+    """``cls(*args, **kwargs)`` named ``name``, or `tensornets.Factorized` around it.
+
+    Call inside a compact method (the new module binds to it). The wrapper keeps
+    the factors directly under ``name`` and takes every hyperparameter (strides,
+    padding, bias, initializer) from the dense layer.
+    """
+    entry = dict(factorize).get(name)
+    if entry is None:
+        return cls(*args, name=name, **kwargs)
+    options = dict(entry)
+    if options["format"] == "low_rank":
+        options["format"] = "cp"
+    return tensornets.Factorized(cls(*args, parent=None, **kwargs), name=name, **options)
+
+
 class MLP(nn.Module):
     """Multilayer perceptron: flatten, ``Dense + ReLU`` per hidden width, then a ``Dense`` head.
 
@@ -49,6 +198,8 @@ class MLP(nn.Module):
     Attributes:
       features: hidden widths, e.g. ``(100, 100)``; may be empty (a linear classifier).
       num_classes: output width.
+      factorize: layers built as tensor-network layers (see the module docstring), a
+        dict or the `freeze_factorize` form; empty for a dense MLP.
 
     Input ``x: float[batch, ...]`` (flattened), output logits ``float32[batch, num_classes]``.
     Submodules ``hidden_0, hidden_1, ...`` and ``output``.
@@ -58,18 +209,21 @@ class MLP(nn.Module):
 
     features: Sequence[int] = (100, 100)
     num_classes: int = 10
+    factorize: Any = ()
 
     def __post_init__(self) -> None:
         _check_positive_ints(self.features, "features")
         _check_positive_int(self.num_classes, "num_classes")
+        layers = {f"hidden_{i}": "dense" for i in range(len(self.features))}
+        _freeze_attribute(self, {**layers, "output": "dense"})
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0], -1)
         for i, width in enumerate(self.features):
-            x = nn.relu(nn.Dense(width, name=f"hidden_{i}")(x))
-        return nn.Dense(self.num_classes, name="output")(x)
+            x = nn.relu(_layer(nn.Dense, f"hidden_{i}", self.factorize, width)(x))
+        return _layer(nn.Dense, "output", self.factorize, self.num_classes)(x)
 
 
 class CNN1D(nn.Module):
@@ -84,6 +238,9 @@ class CNN1D(nn.Module):
     Attributes:
       channels: width of every conv layer.
       num_classes: output width.
+      factorize: layers built as tensor-network layers (see the module docstring;
+        convs: "cp" (Lebedev et al. 2015), "tucker" (Tucker-2, Kim et al. 2016),
+        "tt" / "tt_matrix" (Garipov et al. 2016)); empty for the dense CNN.
 
     Input ``x: float[batch, length, in_channels]`` (MNIST-1D: ``[batch, 40, 1]``), output logits
     ``float32[batch, num_classes]``. Submodules ``conv1, conv2, conv3, dense``.
@@ -93,20 +250,25 @@ class CNN1D(nn.Module):
 
     channels: int = 64
     num_classes: int = 10
+    factorize: Any = ()
 
     def __post_init__(self) -> None:
         _check_positive_int(self.channels, "channels")
         _check_positive_int(self.num_classes, "num_classes")
+        layers = {"conv1": "conv", "conv2": "conv", "conv3": "conv", "dense": "dense"}
+        _freeze_attribute(self, layers)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         # Explicit symmetric padding (not 'SAME') reproduces the paper's PyTorch lengths exactly.
-        x = nn.relu(nn.Conv(self.channels, (5,), strides=(2,), padding=((1, 1),), name="conv1")(x))
-        x = nn.relu(nn.Conv(self.channels, (3,), strides=(2,), padding=((1, 1),), name="conv2")(x))
-        x = nn.relu(nn.Conv(self.channels, (3,), strides=(2,), padding=((1, 1),), name="conv3")(x))
+        for name, k in (("conv1", 5), ("conv2", 3), ("conv3", 3)):
+            conv = _layer(
+                nn.Conv, name, self.factorize, self.channels, (k,), strides=(2,), padding=((1, 1),)
+            )
+            x = nn.relu(conv(x))
         x = x.reshape(x.shape[0], -1)
-        return nn.Dense(self.num_classes, name="dense")(x)
+        return _layer(nn.Dense, "dense", self.factorize, self.num_classes)(x)
 
 
 _NORMS = ("none", "group")
@@ -240,6 +402,7 @@ class ResidualMLP(nn.Module):
       features: hidden width.
       num_layers: number of hidden layers (>= 1).
       num_classes: output width.
+      factorize: layers built as tensor-network layers (see the module docstring).
 
     Input ``float[batch, ...]`` (flattened), output ``float32[batch, num_classes]``.
     Submodules ``hidden_0 ...`` and ``output``.
@@ -251,20 +414,23 @@ class ResidualMLP(nn.Module):
     features: int = 500
     num_layers: int = 2
     num_classes: int = 10
+    factorize: Any = ()
 
     def __post_init__(self) -> None:
         _check_positive_int(self.features, "features")
         _check_positive_int(self.num_layers, "num_layers")
         _check_positive_int(self.num_classes, "num_classes")
+        layers = {f"hidden_{i}": "dense" for i in range(self.num_layers)}
+        _freeze_attribute(self, {**layers, "output": "dense"})
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x.reshape(x.shape[0], -1)
         for i in range(self.num_layers):
-            out = nn.relu(nn.Dense(self.features, name=f"hidden_{i}")(h))
+            out = nn.relu(_layer(nn.Dense, f"hidden_{i}", self.factorize, self.features)(h))
             h = out if i == 0 else out + h
-        return nn.Dense(self.num_classes, name="output")(h)
+        return _layer(nn.Dense, "output", self.factorize, self.num_classes)(h)
 
 
 _MODELS: dict[str, type[nn.Module]] = {
@@ -327,7 +493,8 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
 
     Args:
       name: registry name.
-      **kwargs: module attributes (e.g. from a config dict); lists become tuples so the module
+      **kwargs: module attributes (e.g. from a config dict); lists become tuples and a
+        ``factorize`` dict / ConfigDict becomes its `freeze_factorize` form, so the module
         stays hashable.
 
     Returns:
@@ -340,4 +507,6 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
     if name not in _MODELS:
         raise ValueError(f"unknown model name={name!r}; known names: {sorted(_MODELS)}")
     attributes = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    if "factorize" in attributes:
+        attributes["factorize"] = freeze_factorize(attributes["factorize"])
     return _MODELS[name](**attributes)

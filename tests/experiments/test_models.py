@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tensornets
 from experiments import models
 
 
@@ -154,3 +155,205 @@ def test_jit_equals_eager(name, kwargs, input_shape):
         eager = model.apply(params, x)
     # XLA may fuse and reorder float32 sums differently from op-by-op execution.
     np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ factorized models
+_HIDDEN_FACTORS = {
+    "cp": {"weights", "factor_0", "factor_1", "factor_2", "factor_3"},
+    "low_rank": {"weights", "factor_0", "factor_1"},
+    "tt": {"core_0", "core_1", "core_2", "core_3"},
+    "tt_matrix": {"core_0", "core_1", "core_2"},
+    "tubal": {"u", "s", "v"},
+    "tucker": {"core", "factor_0", "factor_1", "factor_2", "factor_3"},
+}
+_SHAPES_16 = {
+    "cp": {"in_shape": (4, 4), "out_shape": (4, 4)},
+    "tt": {"in_shape": (4, 4), "out_shape": (4, 4)},
+    "tt_matrix": {"in_shape": (2, 2, 4), "out_shape": (2, 2, 4)},
+    "tubal": {"in_shape": (4, 4), "out_shape": (4, 4)},
+    "tucker": {"in_shape": (4, 4), "out_shape": (4, 4)},
+}
+
+
+@pytest.mark.parametrize("fmt", models.FACTORIZE_FORMATS)
+def test_factorized_mlp_keeps_shapes_and_readable_paths(fmt):
+    factorize = {"hidden_1": {"format": fmt, "rank": 2, **_SHAPES_16.get(fmt, {})}}
+    model = models.get_model("mlp", features=(16, 16), factorize=factorize)
+    x = jax.ShapeDtypeStruct((3, 40, 1), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    logits = jax.eval_shape(model.apply, variables, x)
+    assert logits.shape == (3, 10) and logits.dtype == jnp.float32
+    params = variables["params"]
+    assert set(params) == {"hidden_0", "hidden_1", "output"}
+    assert set(params["hidden_1"]) == _HIDDEN_FACTORS[fmt] | {"bias"}
+    assert params["hidden_0"]["kernel"].shape == (40, 16)
+    assert params["output"]["kernel"].shape == (16, 10)
+
+
+@pytest.mark.parametrize("fmt", ["cp", "tucker", "tt"])
+def test_factorized_cnn1d_and_residual_mlp(fmt):
+    cnn = models.CNN1D(channels=8, factorize={"conv2": {"format": fmt, "rank": 2}})
+    params = _init_shapes(cnn, (2, 40, 1))["params"]
+    assert "kernel" not in params["conv2"] and params["conv2"]["bias"] == (8,)
+    assert params["conv3"]["kernel"] == (3, 8, 8)
+    res = models.ResidualMLP(features=16, factorize={"hidden_1": {"format": fmt, "rank": 2}})
+    assert "kernel" not in _init_shapes(res, (2, 40))["params"]["hidden_1"]
+    for model, shape in ((cnn, (2, 40, 1)), (res, (2, 40))):
+        x = jax.ShapeDtypeStruct(shape, jnp.float32)
+        out = jax.eval_shape(lambda x, m=model: m.apply(m.init(jax.random.key(0), x), x), x)
+        assert out.shape == (2, 10)
+
+
+# The tensorizations of experiments.reproduce's tensor table (a 256 x 256 kernel).
+_SHAPES_256 = {
+    "cp": {"in_shape": (16, 16), "out_shape": (16, 16)},
+    "tucker": {"in_shape": (16, 16), "out_shape": (16, 16)},
+    "tt": {"in_shape": (16, 16), "out_shape": (16, 16)},
+    "tt_matrix": {"in_shape": (4, 8, 8), "out_shape": (4, 8, 8)},
+    "tubal": {"in_shape": (32, 8), "out_shape": (32, 8)},
+}
+
+
+@pytest.mark.parametrize("fmt", models.FACTORIZE_FORMATS)
+@pytest.mark.parametrize("budget", [0.05, 0.1, 0.25])
+def test_float_rank_is_the_parameter_budget(fmt, budget):
+    # A float rank is a fraction of the dense kernel: the factors fit within it and use
+    # most of it (uniform ranks are coarse: Tucker's core grows like r^4).
+    factorize = {"hidden_1": {"format": fmt, "rank": budget, **_SHAPES_256.get(fmt, {})}}
+    model = models.MLP(features=(256, 256), factorize=factorize)
+    hidden = _init_shapes(model, (1, 40))["params"]["hidden_1"]
+    n = sum(int(np.prod(s)) for k, s in hidden.items() if k != "bias")
+    assert 0.6 * budget * 256 * 256 <= n <= budget * 256 * 256
+    if fmt == "low_rank":  # W = U diag(w) V^T: the largest r with r (256 + 256 + 1) <= budget
+        assert n == int(budget * 256 * 256 // 513) * 513
+    dense = models.num_params(models.MLP(features=(256, 256)), jnp.zeros((1, 40)))
+    total = models.num_params(model, jnp.zeros((1, 40)))
+    assert total == dense - 256 * 256 + n
+
+
+_FULL_RANK = [
+    ("mlp", {"features": (12, 12)}, {"hidden_1": {"format": "low_rank", "rank": 12}}),
+    (
+        "mlp",
+        {"features": (12, 12)},
+        {"hidden_1": {"format": "cp", "rank": 36, "in_shape": (3, 4), "out_shape": (3, 4)}},
+    ),
+    (
+        "mlp",
+        {"features": (12, 12)},
+        {
+            "hidden_0": {"format": "tucker", "rank": 8, "in_shape": (5, 8), "out_shape": (3, 4)},
+            "hidden_1": {
+                "format": "tt_matrix",
+                "rank": 9,
+                "in_shape": (3, 4),
+                "out_shape": (3, 4),
+            },
+        },
+    ),
+    (
+        "cnn1d",
+        {"channels": 6},
+        {
+            "conv2": {"format": "tucker", "rank": 6},
+            "conv3": {"format": "cp", "rank": 18},
+            "dense": {"format": "low_rank", "rank": 10},
+        },
+    ),
+    ("cnn1d", {"channels": 6}, {"conv2": {"format": "tt", "rank": 3}}),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, factorize", _FULL_RANK)
+def test_full_rank_factorized_model_equals_the_dense_model(name, kwargs, factorize):
+    # Decomposing the dense model's kernels at full rank (factorize_spec + tensornets
+    # .factorize_params) and running the factorized model gives the dense logits.
+    x = jax.random.normal(jax.random.key(1), (4, 40, 1))
+    dense = models.get_model(name, **kwargs)
+    dense_params = _init(dense, x)["params"]
+    model = models.get_model(name, factorize=factorize, **kwargs)
+    params = tensornets.factorize_params(dense_params, models.factorize_spec(factorize))
+    expected = jax.tree.map(jnp.shape, jax.eval_shape(model.init, jax.random.key(0), x))
+    assert jax.tree.map(jnp.shape, {"params": params}) == expected
+    np.testing.assert_allclose(
+        jax.jit(model.apply)({"params": params}, x),
+        jax.jit(dense.apply)({"params": dense_params}, x),
+        atol=2e-4,
+        rtol=1e-3,
+    )
+
+
+def test_full_rank_tubal_model_equals_the_dense_model_with_block_circulant_kernel():
+    # A t-product layer is a block-circulant dense layer (Newman et al. 2018): at full
+    # tubal rank the decomposed model equals the dense model whose kernel is projected
+    # onto block-circulant kernels (and only then, unlike the other formats).
+    factorize = {
+        "hidden_1": {"format": "tubal", "rank": 4, "in_shape": (4, 3), "out_shape": (4, 3)}
+    }
+    x = jax.random.normal(jax.random.key(1), (4, 40, 1))
+    dense = models.MLP(features=(12, 12))
+    dense_params = _init(dense, x)["params"]
+    model = models.MLP(features=(12, 12), factorize=factorize)
+    params = tensornets.factorize_params(dense_params, models.factorize_spec(factorize))
+    projected = tensornets.densify_params(params, {"hidden_1": {"format": "tubal"}})
+    y = jax.jit(model.apply)({"params": params}, x)
+    np.testing.assert_allclose(y, dense.apply({"params": projected}, x), atol=2e-4, rtol=1e-3)
+    assert not np.allclose(projected["hidden_1"]["kernel"], dense_params["hidden_1"]["kernel"])
+
+
+def test_factorize_from_a_config_is_frozen_and_hashable():
+    import ml_collections
+
+    spec = {"hidden_1": {"format": "tt_matrix", "rank": 0.1, "in_shape": [4, 4, 4]}}
+    from_config = models.get_model(
+        "mlp", features=[64, 64], factorize=ml_collections.ConfigDict(spec)
+    )
+    from_dict = models.MLP(features=(64, 64), factorize=spec)
+    assert from_config.factorize == from_dict.factorize == models.freeze_factorize(spec)
+    assert from_config.factorize == (
+        ("hidden_1", (("format", "tt_matrix"), ("in_shape", (4, 4, 4)), ("rank", 0.1))),
+    )
+    hash(from_config.factorize)
+    assert models.freeze_factorize(from_config.factorize) == from_config.factorize
+    assert models.factorize_spec({"output": {"format": "low_rank", "rank": 2}}) == {
+        "output": {"format": "cp", "rank": 2}
+    }
+
+
+def test_tensor_mnist1d_config_builds_a_tt_matrix_mlp_at_ten_percent():
+    from configs import tensor_mnist1d
+
+    for arg, width in ((None, 256), ("runlocal", 64)):
+        config = tensor_mnist1d.get_config(arg)
+        kwargs = {k: v for k, v in config.model.items() if k != "name"}
+        model = models.get_model(config.model.name, num_classes=10, **kwargs)
+        hidden = _init_shapes(model, (1, 40, 1))["params"]["hidden_1"]
+        assert "core_2" in hidden
+        n = sum(int(np.prod(s)) for k, s in hidden.items() if k != "bias")
+        assert 0.05 * width * width < n <= 0.1 * width * width
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: models.MLP(factorize={"hidden_7": {"format": "cp", "rank": 2}}), "hidden_7"),
+        (lambda: models.MLP(factorize={"output": {"format": "svd", "rank": 2}}), "svd"),
+        (lambda: models.MLP(factorize={"output": {"format": "cp"}}), "needs 'rank'"),
+        (
+            lambda: models.MLP(factorize={"output": {"format": "cp", "rank": 2, "ranks": 3}}),
+            "unknown keys",
+        ),
+        (
+            lambda: models.MLP(
+                factorize={"output": {"format": "low_rank", "rank": 2, "in_shape": (10, 10)}}
+            ),
+            "low_rank",
+        ),
+        (lambda: models.CNN1D(factorize={"conv1": {"format": "tubal", "rank": 2}}), "conv1"),
+        (lambda: models.CNN1D(factorize={"conv1": {"format": "low_rank", "rank": 2}}), "Dense"),
+        (lambda: models.get_model("mlp", factorize=[("output", "cp")]), "factorize"),
+    ],
+)
+def test_bad_factorize_raises_at_construction(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
