@@ -1,14 +1,13 @@
-"""SET (Mocanu et al. 2018) at 90% ERK: drop smallest |w|, regrow at random."""
+"""SET (Mocanu et al. 2018) at 90% ERK: drop smallest |w|, regrow at random.
 
-from configs.base import apply_variant, get_base_config
+The RigL config with random regrowth: same ΔT, T_end and drop fraction, so the
+two differ only in how connections grow.
+"""
+
+from configs import rigl_mnist1d
 
 
 def get_config(arg=None):
-    config = get_base_config()
+    config = rigl_mnist1d.get_config(arg)
     config.sparsity.algorithm = "set"
-    config.sparsity.target = 0.9
-    config.sparsity.distribution = "erk"
-    config.sparsity.update_every_steps = 100
-    config.sparsity.end_fraction = 0.75
-    config.sparsity.drop_fraction = 0.3
-    return apply_variant(config, arg)
+    return config
