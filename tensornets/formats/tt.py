@@ -235,16 +235,15 @@ class TT:
         Returns:
           (..., I_{n+1}, ..., I_d).
         """
-        in_shape = self.shape[:n_in]
-        batch = x.shape[: x.ndim - n_in]
-        if tuple(x.shape[x.ndim - n_in :]) != in_shape:
-            raise ValueError(f"x.shape={x.shape} must end with the input modes {in_shape}")
-        xb = x.reshape((-1, *in_shape))
-        x_sub, subs, w_sub, out_sub = self._subscripts(n_in)
-        y = contract_lib.factorized_apply(
-            xb, x_sub, subs, list(self.cores), w_sub, out_sub, method, precision
+        return contract_lib.apply_modes(
+            x,
+            self.shape,
+            n_in,
+            lambda ndim: self._subscripts(n_in),
+            list(self.cores),
+            method,
+            precision,
         )
-        return y.reshape(batch + self.shape[n_in:])
 
     def apply_costs(self, batch: int, n_in: int) -> dict[str, int]:
         x_sub, subs, w_sub, out_sub = self._subscripts(n_in)

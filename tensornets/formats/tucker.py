@@ -250,16 +250,15 @@ class Tucker:
         Returns:
           (..., I_{n+1}, ..., I_N).
         """
-        in_shape = self.shape[:n_in]
-        batch = x.shape[: x.ndim - n_in]
-        if tuple(x.shape[x.ndim - n_in :]) != in_shape:
-            raise ValueError(f"x.shape={x.shape} must end with the input modes {in_shape}")
-        xb = x.reshape((-1, *in_shape))
-        x_sub, factor_subs, w_sub, out_sub = self._subscripts(n_in)
-        y = contract_lib.factorized_apply(
-            xb, x_sub, factor_subs, [self.core, *self.factors], w_sub, out_sub, method, precision
+        return contract_lib.apply_modes(
+            x,
+            self.shape,
+            n_in,
+            lambda ndim: self._subscripts(n_in),
+            [self.core, *self.factors],
+            method,
+            precision,
         )
-        return y.reshape(batch + self.shape[n_in:])
 
     def apply_costs(self, batch: int, n_in: int) -> dict[str, int]:
         x_sub, factor_subs, w_sub, out_sub = self._subscripts(n_in)
