@@ -85,8 +85,8 @@ def run_imp(
       prune_fraction: fraction of surviving weights removed per round (0.2 in the paper).
       rewind_step: rewind survivors to their values after this many steps of the dense run.
       dataset: data (default from the config).
-      workdir: if given, per-round masks (``imp_round_K.npz``) and accuracies
-        (``imp_rounds.json``) are written there.
+      workdir: if given, per-round masks (``imp_round_K.npz``) and the
+        accuracies so far (``imp_rounds.json``) are written there after each round.
       progress: progress bars.
 
     Returns:
@@ -148,13 +148,27 @@ def run_imp(
         record["reinit"].append(reinit.test_accuracy[:, -1].tolist())
         record["random"].append(random.test_accuracy[:, -1].tolist())
         if workdir:
+            # Every finished round is on disk before the next starts, so a long run
+            # that is stopped keeps its rounds.
             os.makedirs(workdir, exist_ok=True)
             leaves = {f"{i}": np.asarray(m) for i, m in enumerate(_mask_leaves(current))}
-            np.savez_compressed(os.path.join(workdir, f"imp_round_{k}.npz"), **leaves)
-    if workdir:
-        with open(os.path.join(workdir, "imp_rounds.json"), "w") as f:
-            json.dump(record, f, indent=1)
+            _write_atomically(
+                os.path.join(workdir, f"imp_round_{k}.npz"),
+                lambda f, leaves=leaves: np.savez_compressed(f, **leaves),
+            )
+            _write_atomically(
+                os.path.join(workdir, "imp_rounds.json"),
+                lambda f: f.write(json.dumps(record, indent=1).encode()),
+            )
     return record
+
+
+def _write_atomically(path: str, write) -> None:
+    """Writes through a temporary file in the same folder, then renames it into place."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
 
 
 def _mask_leaves(tree: PyTree) -> list:
