@@ -31,7 +31,7 @@ from tqdm import tqdm
 import tensornets
 from configs.base import get_base_config
 from experiments import data as data_lib
-from experiments import lottery, stats, sweep
+from experiments import lottery, stats, sweep, train
 from experiments import models as models_lib
 from sparsejax import algorithms, distributions, flops
 
@@ -87,9 +87,7 @@ def _cfg(base: ml_collections.ConfigDict, **sparsity: Any) -> ml_collections.Con
 
 def _sparse_param_count(config: ml_collections.ConfigDict, sparsity: float) -> int:
     """Nonzeros of the model in ``config`` with its kernels at ``sparsity`` (biases dense)."""
-    model = models_lib.get_model(
-        config.model.name, num_classes=10, **{k: v for k, v in config.model.items() if k != "name"}
-    )
+    model = train.make_model(config, num_classes=10)
     x = np.zeros((1, 40, 1), np.float32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x))["params"]
     per_leaf = distributions.uniform(shapes, sparsity)
@@ -515,8 +513,7 @@ def _tensor_cells(quick: bool) -> list[Cell]:
 
 
 def _tensor_model(config: ml_collections.ConfigDict):
-    kwargs = {k: v for k, v in config.model.items() if k != "name"}
-    return models_lib.get_model(config.model.name, num_classes=10, **kwargs)
+    return train.make_model(config, num_classes=10)
 
 
 def _tensor_run(config, seeds, dataset, cache) -> sweep.SweepResult:
@@ -771,9 +768,7 @@ def _dense_flops(channels: int) -> float:
 
 def _flops_ratio(config: ml_collections.ConfigDict, result: sweep.SweepResult, base_flops) -> tuple:
     """(inference, training) FLOPs of seed 0's final network relative to the dense base model."""
-    model = models_lib.get_model(
-        config.model.name, num_classes=10, **{k: v for k, v in config.model.items() if k != "name"}
-    )
+    model = train.make_model(config, num_classes=10)
     x = np.zeros((1, 40, 1), np.float32)
     params = jax.tree.map(lambda a: a[0], result.final_state.params)
     layers = flops.layer_flops(model.apply, {"params": params}, x)
@@ -796,8 +791,8 @@ def _flops_ratio(config: ml_collections.ConfigDict, result: sweep.SweepResult, b
         kwargs["sparsity_fraction_by_step"] = lambda t: fractions[t]
         kwargs["total_steps"] = config.total_steps
     own_dense = flops.inference_flops(layers)["dense_total"]
-    train = flops.training_flops(f_s, own_dense, algo, **kwargs)
-    return f_s / f_d, train / (3 * f_d)
+    train_flops = flops.training_flops(f_s, own_dense, algo, **kwargs)
+    return f_s / f_d, train_flops / (3 * f_d)
 
 
 def run_table(

@@ -94,7 +94,7 @@ def train_seeds(
     if not seeds:
         raise ValueError("seeds must not be empty")
     dataset = train._load_data(config) if dataset is None else dataset
-    model = train._make_model(config, dataset.num_classes)
+    model = train.make_model(config, dataset.num_classes)
     algorithm = algorithms.from_config(config.sparsity, config.total_steps)
     tx = train.make_tx(config, algorithm)
     train_step, eval_step, _ = train.step_functions(model, tx, algorithm)

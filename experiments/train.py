@@ -33,6 +33,7 @@ __all__ = [
     "init_state",
     "make_tx",
     "step_functions",
+    "make_model",
     "make_optimizer",
     "make_step_functions",
     "train_and_evaluate",
@@ -270,7 +271,8 @@ def _load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
     return data_lib.load_dataset(config.dataset.name, **kwargs)
 
 
-def _make_model(config: ml_collections.ConfigDict, num_classes: int):
+def make_model(config: ml_collections.ConfigDict, num_classes: int):
+    """The Flax model named by ``config.model`` (its other keys are the attributes)."""
     kwargs = {k: v for k, v in config.model.items() if k != "name"}
     return models_lib.get_model(config.model.name, num_classes=num_classes, **kwargs)
 
@@ -314,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mappi
         f.write(config.to_json_best_effort(indent=2))
 
     dataset = _load_data(config)
-    model = _make_model(config, dataset.num_classes)
+    model = make_model(config, dataset.num_classes)
     state, tx, algorithm = create_train_state(config, model, dataset)
     train_step, eval_step, sparsity_fn = make_step_functions(model, tx, algorithm)
 
