@@ -106,9 +106,13 @@ def polynomial(
         raise ValueError(f"power must be positive, got {power!r}")
 
     def sparsity(t):
-        t = jnp.asarray(t, jnp.float32)
-        progress = jnp.clip((t - begin) / (end - begin), 0.0, 1.0)
-        value = final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** power
+        t = jnp.asarray(t)
+        # The remaining fraction (t_end - t) / (t_end - t_0) is formed directly (the step
+        # difference is exact) rather than as 1 - progress: near t_end the subtraction would
+        # cancel, and a power below 1 magnifies that relative error into the result.
+        remaining = jnp.clip((end - t).astype(jnp.float32) / (end - begin), 0.0, 1.0)
+        t = t.astype(jnp.float32)
+        value = final_sparsity + (initial_sparsity - final_sparsity) * remaining**power
         # Hold s_i and s_f exactly: XLA turns the division by the constant t_end - t_0 into
         # a multiplication by its float32 reciprocal, so progress at t_end can be 1 - 1 ulp
         # (then s_t misses s_f by (1 ulp) ** power), and s_f + (s_i - s_f) need not be s_i.
