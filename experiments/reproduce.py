@@ -35,7 +35,7 @@ from experiments import lottery, stats, sweep, train
 from experiments import models as models_lib
 from sparsejax import algorithms, distributions, flops
 
-__all__ = ["TABLES", "Cell", "Table", "run_table"]
+__all__ = ["TABLES", "Cell", "Table", "TableRun", "register", "run_table"]
 
 
 class Cell(NamedTuple):
@@ -62,6 +62,11 @@ class Table(NamedTuple):
       extras: optional (cell, result) -> {title: value}; each title becomes an extra
         Markdown table (a number prints as is, a per-seed list as mean ± CI in %) and
         results[(row, col, title)] = value.
+      run_all: optional (quick, seeds, dataset, workdir, progress) -> `TableRun`, for a
+        table that is not a grid of independent cells (e.g. iterative pruning, where each
+        column depends on the previous one); ``cells`` is then unused.
+      metric: what the values are, for the Markdown caption and the plot's axis.
+      scale: values are multiplied by this when shown (100: fractions shown in percent).
     """
 
     name: str
@@ -73,6 +78,32 @@ class Table(NamedTuple):
     notes: Callable[[bool], str]
     run: Callable[..., sweep.SweepResult] | None = None
     extras: Callable[[Cell, sweep.SweepResult], dict] | None = None
+    run_all: Callable[..., TableRun] | None = None
+    metric: str = "Test accuracy (%)"
+    scale: float = 100.0
+
+
+class TableRun(NamedTuple):
+    """What `Table.run_all` returns: the row and column order and the per-seed values.
+
+    ``results[(row, col)]`` is a list with one value per seed; ``extra_rows[title]``
+    maps (row, col) to a number or a per-seed list, shown as extra Markdown tables.
+    """
+
+    rows: list[str]
+    cols: list[float]
+    results: dict
+    extra_rows: dict
+
+
+def register(table: Table) -> Table:
+    """Adds ``table`` to `TABLES` (a table module in `experiments.tables` calls this)."""
+    if not isinstance(table, Table):
+        raise ValueError(f"table must be a reproduce.Table, got {type(table).__name__}")
+    if table.name in TABLES and TABLES[table.name] is not table:
+        raise ValueError(f"table name={table.name!r} is already registered")
+    TABLES[table.name] = table
+    return table
 
 
 def _percent(x: float) -> str:
@@ -399,6 +430,17 @@ def _lottery_config(quick: bool) -> tuple[ml_collections.ConfigDict, int]:
     config.total_steps = 150 if quick else 1501
     config.eval_every_steps = config.total_steps
     return config, (2 if quick else 10)
+
+
+def _lottery_run(quick, seeds, dataset, workdir, progress) -> TableRun:
+    config, rounds = _lottery_config(quick)
+    record = lottery.run_imp(
+        config, seeds, rounds=rounds, dataset=dataset, workdir=workdir, progress=progress
+    )
+    cols = record["sparsity"]
+    rows = ["ticket", "reinit", "random"]
+    results = {(row, s): accs for row in rows for s, accs in zip(cols, record[row], strict=True)}
+    return TableRun(rows, cols, results, {})
 
 
 def _lottery_claims(results: dict, cols: list) -> list[stats.Claim]:
@@ -737,6 +779,7 @@ TABLES: dict[str, Table] = {
         lambda quick: [],
         _lottery_claims,
         _lottery_notes,
+        run_all=_lottery_run,
     ),
     "tensor": Table(
         "tensor",
@@ -821,16 +864,10 @@ def run_table(
     dataset = data_lib.load_mnist1d()
     results: dict = {}
     extra_rows: dict[str, dict] = {}
-    if name == "lottery":
-        config, rounds = _lottery_config(quick)
-        record = lottery.run_imp(
-            config, seed_list, rounds=rounds, dataset=dataset, workdir=workdir, progress=progress
+    if table.run_all is not None:
+        rows, cols, results, extra_rows = table.run_all(
+            quick, seed_list, dataset, workdir, progress
         )
-        cols = record["sparsity"]
-        for row in ("ticket", "reinit", "random"):
-            for s, accs in zip(cols, record[row], strict=True):
-                results[(row, s)] = accs
-        rows = ["ticket", "reinit", "random"]
     else:
         cells = table.cells(quick)
         rows = list(dict.fromkeys(c.row for c in cells))
@@ -900,13 +937,16 @@ def _markdown(table, rows, cols, results, claims, seeds, quick, elapsed, extra_r
         "",
         table.notes(quick),
         "",
-        f"Test accuracy (%), mean ± 95% CI over {seeds} seeds; columns: {table.col_label}.",
+        f"{table.metric}, mean ± 95% CI over {seeds} seeds; columns: {table.col_label}.",
         "",
         header,
         rule,
     ]
     for row in rows:
-        cells = [stats.fmt(results[(row, c)]) if (row, c) in results else "" for c in cols]
+        cells = [
+            stats.fmt(results[(row, c)], scale=table.scale) if (row, c) in results else ""
+            for c in cols
+        ]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     for title, values in extra_rows.items():
         caption = (
@@ -915,7 +955,9 @@ def _markdown(table, rows, cols, results, claims, seeds, quick, elapsed, extra_r
             else title
         )
         lines += ["", f"{caption}:", "", header, rule]
-        show = lambda v: stats.fmt(v) if isinstance(v, list) else f"{v:.3f}"  # noqa: E731
+        show = lambda v: (  # noqa: E731
+            stats.fmt(v, scale=table.scale) if isinstance(v, list) else f"{v:.3f}"
+        )
         for row in (row for row in rows if any((row, c) in values for c in cols)):
             cells = [show(values[(row, c)]) if (row, c) in values else "" for c in cols]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
@@ -947,13 +989,19 @@ def _plot(table, rows, cols, results, path, seeds) -> None:
         xs, means, halves = zip(*pts, strict=True)
         halves = [0.0 if math.isnan(h) else h for h in halves]
         ax.errorbar(
-            xs, 100 * np.array(means), yerr=100 * np.array(halves), marker="o", capsize=3, label=row
+            xs,
+            table.scale * np.array(means),
+            yerr=table.scale * np.array(halves),
+            marker="o",
+            capsize=3,
+            label=row,
         )
     ax.set_xticks(positions, [table.col_format(c) for c in cols])
     ax.set_xlabel(table.col_label)
-    ax.set_ylabel("test accuracy (%)")
-    low, high = ax.get_ylim()
-    ax.set_ylim(max(low, 0.0), min(high, 100.0))
+    ax.set_ylabel(table.metric)
+    if table.scale == 100.0:
+        low, high = ax.get_ylim()
+        ax.set_ylim(max(low, 0.0), min(high, 100.0))
     ax.set_title(f"{table.name}: mean ± 95% CI over {seeds} seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
@@ -961,6 +1009,19 @@ def _plot(table, rows, cols, results, path, seeds) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
+
+def _load_table_modules() -> None:
+    """Imports every module of `experiments.tables`; each registers its tables."""
+    import importlib
+    import pkgutil
+
+    from experiments import tables as table_pkg
+
+    for info in pkgutil.iter_modules(table_pkg.__path__):
+        importlib.import_module(f"{table_pkg.__name__}.{info.name}")
+
+
+_load_table_modules()
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("table", None, sorted(TABLES), "Which table to reproduce.")
