@@ -1021,6 +1021,11 @@ def _load_table_modules() -> None:
         importlib.import_module(f"{table_pkg.__name__}.{info.name}")
 
 
+if __name__ == "__main__":
+    # Under `python -m experiments.reproduce` this module is __main__; the table modules
+    # import `experiments.reproduce`, which would load a second copy (its own TABLES, and
+    # the flags below defined twice). Make that name refer to this module.
+    sys.modules.setdefault("experiments.reproduce", sys.modules[__name__])
 _load_table_modules()
 
 FLAGS = flags.FLAGS
