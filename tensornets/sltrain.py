@@ -176,7 +176,7 @@ def sltrain_apply(
 
 
 def sltrain_reference(x, a, b, values, indices, scale, bias=None) -> np.ndarray:
-    """Plain NumPy float64 ``x (scale A B + S) + bias``: the reference the tests hold both paths to."""
+    """Plain NumPy float64 ``x (scale A B + S) + bias``, the reference for both contractions."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     kernel = scale * (a @ b)
     flat = kernel.reshape(-1)
