@@ -39,6 +39,7 @@ __all__ = [
     "MLP",
     "ResNet",
     "ResidualMLP",
+    "ViT1D",
     "factorize_spec",
     "freeze_factorize",
     "get_model",
@@ -433,11 +434,113 @@ class ResidualMLP(nn.Module):
         return _layer(nn.Dense, "output", self.factorize, self.num_classes)(h)
 
 
+class _SelfAttention(nn.Module):
+    """Multi-head self-attention whose four projections are plain ``nn.Dense`` layers.
+
+    (Not ``nn.MultiHeadDotProductAttention``, whose ``DenseGeneral`` projections are not
+    the Dense/Conv layers that pruning and FLOP counting see.)
+    """
+
+    num_heads: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, tokens, width = x.shape
+        head = width // self.num_heads
+        split = lambda t: t.reshape(batch, tokens, self.num_heads, head)  # noqa: E731
+        q = split(nn.Dense(width, name="query")(x))
+        k = split(nn.Dense(width, name="key")(x))
+        v = split(nn.Dense(width, name="value")(x))
+        weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head), axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, tokens, width)
+        return nn.Dense(width, name="out")(out)
+
+
+class _EncoderBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)) with a GELU MLP."""
+
+    num_heads: int
+    mlp_dim: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + _SelfAttention(self.num_heads, name="attention")(nn.LayerNorm(name="norm1")(x))
+        h = nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(nn.LayerNorm(name="norm2")(x)))
+        return x + nn.Dense(x.shape[-1], name="mlp_out")(h)
+
+
+class ViT1D(nn.Module):
+    """A small vision transformer over a 1D signal: tokens are positions (or patches of them).
+
+    The input ``[batch, length, channels]`` is cut into ``length / patch_size`` tokens of
+    ``patch_size * channels`` values, embedded by a ``Dense`` plus a learned position
+    embedding, passed through ``depth`` pre-norm encoder blocks (self-attention with Dense
+    query/key/value/out projections and a GELU MLP), layer-normalized, averaged over tokens
+    and classified by a ``Dense`` head. For MNIST-1D with ``patch_size=1`` the 40 positions
+    are the 40 tokens. Every weight matrix is an ``nn.Dense``, so the attention and MLP
+    blocks can be pruned like the linear layers of a language model.
+
+    Attributes:
+      patch_size: positions per token; must divide the input length.
+      width: embedding width; ``num_heads`` must divide it.
+      depth: number of encoder blocks.
+      num_heads: attention heads.
+      mlp_dim: hidden width of each block's MLP.
+      num_classes: output width.
+
+    Input ``float[batch, length, channels]``, output logits ``float32[batch, num_classes]``.
+    Submodules ``embed``, ``block_{i}`` (``attention/{query,key,value,out}``, ``mlp_in``,
+    ``mlp_out``, ``norm1``, ``norm2``), ``norm`` and ``head``; parameter ``position``.
+
+    Reference: Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words: Transformers for
+    Image Recognition at Scale" (patch tokens, learned positions, pre-norm encoder), on
+    MNIST-1D (Greydanus, "Scaling down Deep Learning", 2020).
+    """
+
+    patch_size: int = 1
+    width: int = 32
+    depth: int = 2
+    num_heads: int = 4
+    mlp_dim: int = 64
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "width", "depth", "num_heads", "mlp_dim", "num_classes"):
+            _check_positive_int(getattr(self, name), name)
+        if self.width % self.num_heads:
+            raise ValueError(
+                f"num_heads must divide width, got num_heads={self.num_heads}, width={self.width}"
+            )
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim == 2:
+            x = x[..., None]
+        batch, length, channels = x.shape
+        if length % self.patch_size:
+            raise ValueError(
+                f"patch_size={self.patch_size} must divide the input length {length}"
+            )
+        tokens = length // self.patch_size
+        x = x.reshape(batch, tokens, self.patch_size * channels)
+        x = nn.Dense(self.width, name="embed")(x)
+        position = self.param(
+            "position", nn.initializers.normal(0.02), (tokens, self.width), jnp.float32
+        )
+        x = x + position[None]
+        for i in range(self.depth):
+            x = _EncoderBlock(self.num_heads, self.mlp_dim, name=f"block_{i}")(x)
+        x = jnp.mean(nn.LayerNorm(name="norm")(x), axis=1)
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
 _MODELS: dict[str, type[nn.Module]] = {
     "cnn1d": CNN1D,
     "mlp": MLP,
     "resmlp": ResidualMLP,
     "resnet": ResNet,
+    "vit1d": ViT1D,
 }
 
 # The attribute that sets each model's width, for `narrow_to_params`.
@@ -489,7 +592,7 @@ def narrow_to_params(name: str, target_params: int, example_x: Any, **kwargs: An
 
 
 def get_model(name: str, **kwargs: Any) -> nn.Module:
-    """Builds a model by name: ``'cnn1d'``, ``'mlp'``, ``'resmlp'`` or ``'resnet'``.
+    """Builds a model by name: ``'cnn1d'``, ``'mlp'``, ``'resmlp'``, ``'resnet'`` or ``'vit1d'``.
 
     Args:
       name: registry name.

@@ -1,0 +1,31 @@
+"""One-shot pruning of trained models from calibration data: magnitude, Wanda, SparseGPT, DSnoT.
+
+Each pruner works on one layer, a kernel ``[in, out]`` with calibration inputs
+``[tokens, in]``, and returns ``(pruned kernel, mask)``; `prune_model` applies one to every
+Dense and Conv layer of a Flax model in call order, each calibrated on the outputs of the
+already pruned layers before it.
+"""
+
+from sparsejax.posttrain.calibration import LayerCall, capture_input, input_matrix, layer_calls
+from sparsejax.posttrain.dsnot import dsnot
+from sparsejax.posttrain.layerwise import METHODS, PruneResult, prune_layer, prune_model
+from sparsejax.posttrain.magnitude import magnitude
+from sparsejax.posttrain.sparsegpt import hessian_inverse_factor, sparsegpt
+from sparsejax.posttrain.wanda import wanda, wanda_scores
+
+__all__ = [
+    "METHODS",
+    "LayerCall",
+    "PruneResult",
+    "capture_input",
+    "dsnot",
+    "hessian_inverse_factor",
+    "input_matrix",
+    "layer_calls",
+    "magnitude",
+    "prune_layer",
+    "prune_model",
+    "sparsegpt",
+    "wanda",
+    "wanda_scores",
+]

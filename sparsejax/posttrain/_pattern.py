@@ -1,0 +1,77 @@
+"""The sparsity pattern shared by the post-training pruners: unstructured or N:M."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsejax import masks as masks_lib
+
+
+class Pattern(NamedTuple):
+    """What to keep: a fraction of entries, or ``n`` of every ``m`` consecutive inputs.
+
+    Attributes:
+      sparsity: fraction of entries removed (unstructured); ``1 - n / m`` for N:M.
+      n: kept entries per group (None for unstructured).
+      m: group length along the input axis (None for unstructured).
+    """
+
+    sparsity: float
+    n: int | None
+    m: int | None
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m is not None
+
+
+def make_pattern(sparsity: Any = 0.0, n: Any = None, m: Any = None) -> Pattern:
+    """Validates ``sparsity`` or the pair ``(n, m)`` and returns the `Pattern`.
+
+    Raises:
+      ValueError: naming the argument, for a sparsity outside [0, 1), only one of n and m,
+        non-positive n or m, n > m, or both a nonzero sparsity and N:M.
+    """
+    if (n is None) != (m is None):
+        raise ValueError(f"n and m must be given together, got n={n!r}, m={m!r}")
+    if n is None:
+        masks_lib.validate_sparsity(sparsity)
+        return Pattern(float(sparsity), None, None)
+    for name, value in (("n", n), ("m", m)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if n > m:
+        raise ValueError(f"n must be <= m, got n={n}, m={m}")
+    if sparsity not in (0, 0.0, None):
+        raise ValueError(
+            f"give either sparsity or n and m, got sparsity={sparsity!r}, n={n}, m={m}"
+        )
+    return Pattern(1.0 - n / m, int(n), int(m))
+
+
+def check_layer(kernel: jax.Array, x: jax.Array | None, pattern: Pattern) -> None:
+    """A 2D kernel ``[in, out]``, inputs ``[tokens, in]`` and an N:M group that divides ``in``."""
+    if jnp.ndim(kernel) != 2:
+        raise ValueError(f"kernel must be 2D [in, out], got shape {jnp.shape(kernel)}")
+    if x is not None and (jnp.ndim(x) != 2 or jnp.shape(x)[1] != jnp.shape(kernel)[0]):
+        raise ValueError(f"x must be [tokens, in={jnp.shape(kernel)[0]}], got shape {jnp.shape(x)}")
+    if pattern.is_nm and jnp.shape(kernel)[0] % pattern.m:
+        raise ValueError(
+            f"m={pattern.m} must divide the input dimension {jnp.shape(kernel)[0]} of the kernel"
+        )
+
+
+def mask_per_output(scores: jax.Array, pattern: Pattern) -> jax.Array:
+    """Keeps the best inputs of every output column of ``scores [in, out]``.
+
+    Unstructured: exactly ``num_kept(in, sparsity)`` per column; N:M: ``n`` of every ``m``
+    consecutive inputs per column (axis 0).
+    """
+    if pattern.is_nm:
+        return masks_lib.nm_mask(scores, pattern.n, pattern.m, axis=0)
+    k = masks_lib.num_kept(scores.shape[0], pattern.sparsity)
+    return jax.vmap(lambda s: masks_lib.topk_mask_by_count(s, k), in_axes=1, out_axes=1)(scores)

@@ -1,0 +1,173 @@
+"""The layer-by-layer driver: prune a trained Flax model from a small calibration batch.
+
+Layers are pruned in call order. Each layer is calibrated on the inputs it receives from the
+model whose earlier layers are already pruned, so later layers see (and compensate for) the
+errors of earlier ones, as in SparseGPT and Wanda's sequential setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sparsejax.posttrain import _pattern, calibration
+from sparsejax.posttrain.dsnot import dsnot as dsnot_refine
+from sparsejax.posttrain.magnitude import magnitude
+from sparsejax.posttrain.sparsegpt import sparsegpt
+from sparsejax.posttrain.wanda import wanda
+
+PyTree = Any
+
+__all__ = ["METHODS", "PruneResult", "prune_layer", "prune_model"]
+
+METHODS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
+    "magnitude": magnitude,
+    "sparsegpt": sparsegpt,
+    "wanda": wanda,
+}
+
+
+class PruneResult(NamedTuple):
+    """What `prune_model` returns.
+
+    Attributes:
+      params: the pruned parameters (same structure as the input).
+      masks: a mask tree like ``params``: boolean kernels of the pruned layers, None elsewhere.
+      errors: ``{layer name: ||XW - XŴ||_F / ||XW||_F}`` on the layer's calibration inputs X.
+    """
+
+    params: PyTree
+    masks: PyTree
+    errors: dict[str, float]
+
+
+def _get_method(method: str):
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; known methods: {sorted(METHODS)}")
+    return METHODS[method]
+
+
+def prune_layer(
+    method: str,
+    kernel: jax.Array,
+    x: jax.Array,
+    *,
+    sparsity: Any = 0.0,
+    n: int | None = None,
+    m: int | None = None,
+    dsnot: bool | Mapping[str, Any] = False,
+    **options: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """Prunes one 2D kernel ``[in, out]`` with ``method``, optionally refined by DSnoT.
+
+    Args:
+      method: 'magnitude', 'wanda' or 'sparsegpt'.
+      kernel: ``float[in, out]``.
+      x: calibration inputs ``float[tokens, in]``.
+      sparsity, n, m: the pattern (see `magnitude`).
+      dsnot: True (default options) or a mapping of `dsnot` options to refine the mask;
+        the refined layer is the dense kernel under the new mask.
+      **options: passed to the method (e.g. ``block_size``, ``dampening`` for SparseGPT).
+
+    Returns:
+      ``(pruned kernel, mask)``.
+    """
+    fn = _get_method(method)
+    pruned, mask = fn(kernel, x, sparsity=sparsity, n=n, m=m, **options)
+    if dsnot is not False and dsnot is not None:
+        dsnot_options = {} if dsnot is True else dict(dsnot)
+        pruned, mask = dsnot_refine(kernel, x, mask, n=n, m=m, **dsnot_options)
+    return pruned, mask
+
+
+def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: Mapping, path: tuple[str, ...], key: str, value: Any) -> dict:
+    """A copy of nested dict ``tree`` with ``tree[path...][key] = value``."""
+    tree = dict(tree)
+    if not path:
+        tree[key] = value
+        return tree
+    tree[path[0]] = _set(tree[path[0]], path[1:], key, value)
+    return tree
+
+
+def prune_model(
+    apply_fn: Callable[..., Any],
+    params: PyTree,
+    x: jax.Array,
+    *,
+    method: str,
+    sparsity: Any = 0.0,
+    n: int | None = None,
+    m: int | None = None,
+    dsnot: bool | Mapping[str, Any] = False,
+    skip: Sequence[str] = (),
+    **options: Any,
+) -> PruneResult:
+    """Prunes every Dense and Conv kernel of a model, one layer at a time, in call order.
+
+    Args:
+      apply_fn: ``model.apply``; called as ``apply_fn({"params": params}, x)``.
+      params: trained parameters (nested dicts, kernels at ``[...]['kernel']``).
+      x: a calibration batch of model inputs (e.g. 128 examples).
+      method: 'magnitude', 'wanda' or 'sparsegpt'.
+      sparsity: per-layer sparsity in [0, 1) (unstructured).
+      n, m: N:M instead, along each kernel's input axis (a conv's input channels, so m
+        must divide them).
+      dsnot: refine each layer's mask with DSnoT (True, or a mapping of its options).
+      skip: layer names (``'block_0/attention/query'``) left dense, e.g. embeddings and the
+        classifier, as the papers leave the embeddings and the LM head dense.
+      **options: passed to the method.
+
+    Returns:
+      A `PruneResult`. Biases and other parameters are unchanged.
+
+    Raises:
+      ValueError: for an unknown method or skipped name, a bad pattern, or a layer whose
+        input size ``m`` does not divide.
+
+    The calibration input of layer l is captured (`calibration.capture_input`) from the model
+    whose layers before l are already pruned; a Conv's input becomes im2col patches
+    (`calibration.input_matrix`) and its kernel ``[window..., in, out]`` the matrix
+    ``[window * in, out]``.
+    """
+    _get_method(method)
+    _pattern.make_pattern(sparsity, n, m)
+    x = jnp.asarray(x)
+    calls = calibration.layer_calls(apply_fn, {"params": params}, x)
+    names = [c.name for c in calls]
+    unknown = sorted(set(skip) - set(names))
+    if unknown:
+        raise ValueError(
+            f"skip names layers {unknown} that the model does not call; its layers: {names}"
+        )
+    masks = jax.tree.map(lambda _: None, params)
+    errors: dict[str, float] = {}
+    for call in calls:
+        if call.name in skip:
+            continue
+        inputs = calibration.capture_input(apply_fn, {"params": params}, x, call.path)
+        matrix = calibration.input_matrix(call.module, inputs).astype(jnp.float32)
+        kernel = _get(params, call.path)["kernel"]
+        flat = kernel.reshape(-1, kernel.shape[-1])
+        pruned, mask = prune_layer(
+            method, flat, matrix, sparsity=sparsity, n=n, m=m, dsnot=dsnot, **options
+        )
+        dense_out = matrix @ flat.astype(jnp.float32)
+        diff = dense_out - matrix @ pruned.astype(jnp.float32)
+        errors[call.name] = float(
+            jnp.linalg.norm(diff) / jnp.maximum(jnp.linalg.norm(dense_out), 1e-30)
+        )
+        params = _set(
+            params, call.path, "kernel", pruned.reshape(kernel.shape).astype(kernel.dtype)
+        )
+        masks = _set(masks, call.path, "kernel", mask.reshape(kernel.shape))
+    return PruneResult(params, masks, errors)
