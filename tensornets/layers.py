@@ -78,6 +78,8 @@ from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import canonicalize_padding, default_embed_init, default_kernel_init
 
 from tensornets import contract as contract_lib
+from tensornets import rank as rank_lib
+from tensornets import regularizers
 from tensornets.formats import _ranks
 from tensornets.formats.cp import CP
 from tensornets.formats.tt import TT, TTMatrix
@@ -359,6 +361,36 @@ def _apply_matrix(layout: _Layout, params, x, method, precision):
     return y.reshape(x.shape[:-1] + (math.prod(out_shape),))
 
 
+def _rank_masked(mod: nn.Module, params: dict, rank_dropout: float) -> dict:
+    """Applies the layer's rank mask and, when training, tensor dropout to its factors.
+
+    The rank mask comes from the ``"rank_masks"`` variable collection when the caller
+    passes one (``model.apply({"params": p, "rank_masks": rm}, x)``, see
+    `tensornets.rank`): dead components are exactly zero, so one compiled shape serves
+    every rank. Tensor dropout (`tensornets.regularizers`) runs when ``rank_dropout`` > 0
+    and a ``"dropout"`` rng is given, never at init.
+    """
+    axes = rank_lib.layer_rank_axes(params)
+    present = [a for a in axes if mod.has_variable(rank_lib.RANK_COLLECTION, a)]
+    if present and len(present) != len(axes):
+        raise ValueError(
+            f"rank_masks of {mod.name!r} has axes {present}; the layer needs all of {list(axes)}"
+        )
+    if present:
+        mask = {a: mod.get_variable(rank_lib.RANK_COLLECTION, a) for a in axes}
+        params = rank_lib.mask_layer(params, mask)
+    if rank_dropout:
+        fmt = rank_lib.layer_format(params)
+        if fmt not in regularizers.DROPOUT_FORMATS:
+            raise ValueError(
+                f"rank_dropout={rank_dropout!r} needs format in {regularizers.DROPOUT_FORMATS}, "
+                f"got {fmt!r}"
+            )
+        if not mod.is_initializing() and mod.has_rng("dropout"):
+            params = regularizers.tensor_dropout(params, rank_dropout, mod.make_rng("dropout"))
+    return params
+
+
 def _dense_layout(fmt, in_features, features, rank, in_shape, out_shape) -> _Layout:
     return _matrix_layout(_canon_format(fmt), in_features, features, rank, in_shape, out_shape)
 
@@ -385,8 +417,11 @@ class FactorizedDense(nn.Module):
       bias_init: bias initializer.
       init_variance: explicit target E[W_ij^2], overriding ``kernel_init``.
       contraction: "auto" (fewer FLOPs) | "factorized" | "dense".
+      rank_dropout: tensor dropout rate (cp and tucker; Kolbeinsson et al. 2021),
+        active when a "dropout" rng is passed.
 
-    Input (..., in) -> output (..., features).
+    A "rank_masks" variable collection, when given, masks the components (see
+    `tensornets.rank`). Input (..., in) -> output (..., features).
     """
 
     features: int
@@ -402,6 +437,7 @@ class FactorizedDense(nn.Module):
     bias_init: Initializer = nn.initializers.zeros_init()
     init_variance: float | None = None
     contraction: str = "auto"
+    rank_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -420,6 +456,7 @@ class FactorizedDense(nn.Module):
             self.param_dtype,
         )
         params = _make_params(self, layout, variance, self.param_dtype, None)
+        params = _rank_masked(self, params, self.rank_dropout)
         bias = (
             self.param("bias", self.bias_init, (features,), self.param_dtype)
             if self.use_bias
@@ -526,6 +563,7 @@ def _conv_apply(
     kernel_init,
     bias_init,
     init_variance,
+    rank_dropout=0.0,
 ) -> jax.Array:
     fmt = _canon_format(fmt, _CONV_FORMATS)
     kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
@@ -555,6 +593,7 @@ def _conv_apply(
         param_dtype,
     )
     params = _make_params(mod, layout, variance, param_dtype, g)
+    params = _rank_masked(mod, params, rank_dropout)
     bias = mod.param("bias", bias_init, (features,), param_dtype) if use_bias else None
     names = list(params)
     inputs, bias, *leaves = promote_dtype(inputs, bias, *params.values(), dtype=dtype)
@@ -644,7 +683,9 @@ class FactorizedConv(nn.Module):
       use_bias, dtype, param_dtype, precision, bias_init: as in ``nn.Conv``.
       kernel_init: the dense initializer whose second moment the kernel matches.
       init_variance: explicit target E[K^2], overriding ``kernel_init``.
+      rank_dropout: tensor dropout rate (cp and tucker), with a "dropout" rng.
 
+    A "rank_masks" collection masks components (see `tensornets.rank`).
     Input (..., *spatial, C) -> output (..., *spatial_out, F), same as ``nn.Conv``.
     """
 
@@ -666,6 +707,7 @@ class FactorizedConv(nn.Module):
     kernel_init: Initializer | None = default_kernel_init
     bias_init: Initializer = nn.initializers.zeros_init()
     init_variance: float | None = None
+    rank_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -690,6 +732,7 @@ class FactorizedConv(nn.Module):
             kernel_init=self.kernel_init,
             bias_init=self.bias_init,
             init_variance=self.init_variance,
+            rank_dropout=self.rank_dropout,
         )
 
 
@@ -746,8 +789,9 @@ class FactorizedEmbedding(nn.Module):
         self._cores = _make_params(self, self._layout, variance, self.param_dtype, None)
 
     def _table(self) -> TTMatrix:
-        names = list(self._cores)
-        leaves = promote_dtype(*self._cores.values(), dtype=self.dtype)
+        cores = _rank_masked(self, dict(self._cores), 0.0)
+        names = list(cores)
+        leaves = promote_dtype(*cores.values(), dtype=self.dtype)
         return TTMatrix.from_params(dict(zip(names, leaves)))
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -763,8 +807,12 @@ class FactorizedEmbedding(nn.Module):
 
 
 # ------------------------------------------------------------------ wrapper
-def _factorized_like(module: nn.Module, fmt, rank, in_shape, out_shape, contraction, variance):
+def _factorized_like(
+    module: nn.Module, fmt, rank, in_shape, out_shape, contraction, variance, rank_dropout=0.0
+):
     if isinstance(module, nn.Embed):
+        if rank_dropout:
+            raise ValueError(f"rank_dropout={rank_dropout!r} is for cp / tucker, not embeddings")
         return FactorizedEmbedding(
             num_embeddings=module.num_embeddings,
             features=module.features,
@@ -792,6 +840,7 @@ def _factorized_like(module: nn.Module, fmt, rank, in_shape, out_shape, contract
             bias_init=module.bias_init,
             init_variance=variance,
             contraction=contraction,
+            rank_dropout=rank_dropout,
             parent=None,
         )
     if isinstance(module, nn.Conv):
@@ -816,6 +865,7 @@ def _factorized_like(module: nn.Module, fmt, rank, in_shape, out_shape, contract
             kernel_init=module.kernel_init,
             bias_init=module.bias_init,
             init_variance=variance,
+            rank_dropout=rank_dropout,
             parent=None,
         )
     raise ValueError(
@@ -844,6 +894,7 @@ class Factorized(nn.Module):
       in_shape, out_shape: factorizations (see the factorized layers).
       contraction: dense layers only: "auto" | "factorized" | "dense".
       init_variance: explicit target second moment of the reconstructed weight.
+      rank_dropout: tensor dropout rate for cp / tucker (a "dropout" rng turns it on).
     """
 
     module: nn.Module
@@ -853,6 +904,7 @@ class Factorized(nn.Module):
     out_shape: tuple[int, ...] | None = None
     contraction: str = "auto"
     init_variance: float | None = None
+    rank_dropout: float = 0.0
 
     def setup(self):
         fmt = _canon_format(self.format)
@@ -866,6 +918,7 @@ class Factorized(nn.Module):
             self.out_shape,
             self.contraction,
             self.init_variance,
+            self.rank_dropout,
         )
         nn.share_scope(self, self.impl)
 

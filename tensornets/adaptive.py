@@ -1,0 +1,481 @@
+"""Rank-adaptive training as algorithms of the masked optax transform.
+
+Factorized layers stay at their maximum rank; a rank mask (`tensornets.rank`) says
+which components are live and `sparsejax.transforms.masked` keeps the dead ones at
+exactly zero. Both algorithms below only change masks (and, for the spectral one,
+the basis of the factors), so every step runs one compiled shape, and
+`tensornets.rank.compact` turns the result into smaller factors at the end.
+
+`SpectralTruncation` (Schotthöfer, Zangrando, Kusch, Ceruti & Tudisco 2022,
+"Low-rank lottery tickets: finding efficient low-rank neural networks via matrix
+differential equations" (DLRT); Schotthöfer et al. 2024, "Rank-adaptive spectral
+pruning of convolutional layers during training"). A low-rank layer
+W = A diag(w) B^T (the ``"low_rank"`` 2-factor CP) is periodically brought to its
+singular value form inside jit, with fixed shapes:
+
+  A = Q_A R_A,  B = Q_B R_B            (QR; dead columns are zero)
+  R_A diag(w) R_B^T = P S V^T          (SVD of the small r x r core)
+  A <- Q_A P,  B <- Q_B V,  w <- diag(S)
+
+so W is unchanged and the components are its singular triplets. The rank is then
+cut to the smallest k whose discarded tail satisfies
+sqrt(sum_{i >= k} s_i^2) <= tau * ||s||_2 (a relative tolerance, as in DLRT's
+truncation step). The basis change is also applied to the optimizer's moments, so
+they are carried over instead of being reset: with A' = A T_A, T_A = R_A^{-1} P,
+a gradient maps as dL/dA' = dL/dA T_A^{-T} = dL/dA R_A^T P (exact for the
+gradient at the rotation point, and needs no inverse); first moments follow this
+linear map, second moments (Adam's ``nu``) the map with squared entries (the
+usual diagonal approximation); the moments of ``w`` map through the diagonal of
+T_A^T diag(m_w) T_B (pseudo-inverses of R for dead components). What is not
+reproduced: DLRT's K/L/S integrator with basis augmentation (here the factors are
+trained directly by the optimizer, so the rank only decreases).
+
+`GreedyGrowth` (Hashemizadeh, Liu, Miller & Rabusseau 2020/2024, "Adaptive
+Learning of Tensor Network Structures"): start every rank axis small and, every
+few steps, grow by one component the bond whose growth most reduces the loss,
+as long as the factor parameters stay within a budget. A dead component keeps
+random values everywhere but on its gate slice (CP's weight, Tucker's core
+slice, one side of a TT bond, the tubal ``s``), which is exactly zero
+(``gate_only`` rank masks), so growing is function-preserving and the raw
+gradient on the dead gate slice g is available to the transform: under gradient
+flow the loss falls at rate ||g||^2 right after the component is switched on.
+That first-order decrease is the score of the candidate (the paper trains each
+candidate briefly and keeps the best; this is the first-order version of that
+comparison, computed for all candidates from one gradient).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax import transforms
+from sparsejax.algorithms.base import Algorithm
+from sparsejax.masks import is_none
+from tensornets import rank as rank_lib
+
+PyTree = Any
+
+__all__ = ["GreedyGrowth", "SpectralTruncation", "rank_adaptive"]
+
+
+# ------------------------------------------------------------------ helpers
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _layers(params: PyTree, include: Sequence[str], predicate) -> dict[tuple, Mapping]:
+    """{key path: layer params} of the factorized layers passing ``predicate``."""
+    out = {}
+
+    def walk(node, path):
+        if rank_lib.layer_format(node) is not None:
+            name = "/".join(path)
+            if predicate(node) and (not include or any(s in name for s in include)):
+                out[path] = node
+            return
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, (*path, str(k)))
+
+    walk(params, ())
+    return out
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set_layers(tree: PyTree, new: dict[tuple, Any]) -> PyTree:
+    """Replaces the sub-trees at the given key paths (nested dicts are copied)."""
+
+    def walk(node, path):
+        if path in new:
+            return new[path]
+        if isinstance(node, Mapping):
+            return {k: walk(v, (*path, str(k))) for k, v in node.items()}
+        return node
+
+    return walk(tree, ())
+
+
+def _masks_for(params: PyTree, rank_masks: dict[tuple, Mapping], gate_only: bool) -> PyTree:
+    nested: dict = {}
+    for path, rm in rank_masks.items():
+        node = nested
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = rm
+    return rank_lib.param_masks(params, nested, gate_only=gate_only)
+
+
+def _rank_masks_of(masks: PyTree, params: PyTree, paths) -> dict[tuple, Mapping]:
+    recovered = rank_lib.rank_masks_from_param_masks(masks, params)
+    return {p: _get(recovered, p) for p in paths}
+
+
+def _check_steps(every_steps, begin_step, end_step):
+    if isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 1:
+        raise ValueError(f"every_steps must be a positive int, got {every_steps!r}")
+    if isinstance(begin_step, bool) or not isinstance(begin_step, int) or begin_step < 0:
+        raise ValueError(f"begin_step must be a non-negative int, got {begin_step!r}")
+    if end_step is not None and (not isinstance(end_step, int) or end_step < begin_step):
+        raise ValueError(f"end_step must be None or an int >= begin_step, got {end_step!r}")
+
+
+def _scheduled(step, every_steps, begin_step, end_step):
+    ok = (step > 0) & (step >= begin_step) & ((step - begin_step) % every_steps == 0)
+    if end_step is not None:
+        ok = ok & (step <= end_step)
+    return ok
+
+
+# ------------------------------------------------------- spectral truncation
+def _is_low_rank(node: Mapping) -> bool:
+    return (
+        rank_lib.layer_format(node) == "cp"
+        and len(node) - ("bias" in node) == 3
+        and jnp.ndim(node["factor_0"]) == 2
+    )
+
+
+def _svd_basis(node: Mapping, live: jax.Array):
+    """QR of both factors and SVD of the small core (fixed shapes, masked components)."""
+    a = node["factor_0"] * live
+    b = node["factor_1"] * live
+    w = node["weights"] * live
+    qa, ra = jnp.linalg.qr(a)
+    qb, rb = jnp.linalg.qr(b)
+    core = (ra * w) @ rb.T
+    p, s, vt = jnp.linalg.svd(core)
+    return qa, ra, qb, rb, p, s, vt.T
+
+
+def truncation_mask(singular_values: jax.Array, live: jax.Array, tau: float, min_rank: int):
+    """Live components after truncating with relative tolerance ``tau``.
+
+    Keeps the fewest largest values whose discarded tail has
+    ``||tail||_2 <= tau * ||s||_2`` (at least ``min_rank``, never reviving dead ones).
+
+    Args:
+      singular_values: float[r], any order, dead entries zero.
+      live: bool[r].
+      tau: relative tolerance in [0, 1).
+      min_rank: lower bound on the kept count.
+
+    Returns:
+      bool[r].
+    """
+    s = jnp.where(live, jnp.abs(singular_values), 0.0)
+    order = jnp.argsort(-s)
+    sorted_sq = s[order] ** 2
+    tail = jnp.cumsum(sorted_sq[::-1])[::-1]  # tail[k] = sum_{i >= k} s_(i)^2
+    keep = jnp.sum(tail > (tau**2) * tail[0])
+    keep = jnp.maximum(keep, min_rank)
+    position = jnp.zeros_like(order).at[order].set(jnp.arange(order.size))
+    return live & (position < keep)
+
+
+def _map_moments(inner_state, params, linear, squared):
+    """Applies ``linear`` to first-moment-like slots and ``squared`` to ``nu`` slots."""
+    treedef = jax.tree.structure(params)
+    shapes = [jnp.shape(p) for p in jax.tree.leaves(params)]
+
+    def is_slot(x):
+        if x is None or isinstance(x, jax.Array) or jax.tree.structure(x) != treedef:
+            return False
+        return [jnp.shape(v) for v in jax.tree.leaves(x)] == shapes
+
+    def visit(node, field=None):
+        if is_slot(node):
+            return squared(node) if field == "nu" else linear(node)
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            return type(node)(*[visit(getattr(node, f), f) for f in node._fields])
+        if isinstance(node, tuple | list):
+            return type(node)(visit(v) for v in node)
+        return node
+
+    return visit(inner_state)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralTruncation(Algorithm):
+    """Rank-adaptive low-rank training by periodic SVD truncation (see the module docstring).
+
+    Use with `rank_adaptive` (which rotates params and optimizer moments into the
+    singular basis before the masks are updated); applies to ``"low_rank"`` layers
+    (2-factor CP, W = A diag(w) B^T) whose path contains one of ``layers`` (all when
+    empty).
+
+    Attributes:
+      tau: relative truncation tolerance in [0, 1).
+      every_steps: steps between truncations.
+      begin_step: first truncation step.
+      end_step: last truncation step (None: no end).
+      min_rank: fewest components kept per layer.
+      layers: substrings of layer paths to adapt.
+    """
+
+    tau: float = 0.1
+    every_steps: int = 100
+    begin_step: int = 0
+    end_step: int | None = None
+    min_rank: int = 1
+    layers: Sequence[str] = ()
+
+    updates_masks = True
+    skip_update_on_mask_step = True  # the step's gradient is in the old basis
+
+    def __post_init__(self):
+        if not isinstance(self.tau, int | float) or not 0.0 <= self.tau < 1.0:
+            raise ValueError(f"tau must be in [0, 1), got {self.tau!r}")
+        _check_steps(self.every_steps, self.begin_step, self.end_step)
+        if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int):
+            raise ValueError(f"min_rank must be a positive int, got {self.min_rank!r}")
+        if self.min_rank < 1:
+            raise ValueError(f"min_rank must be a positive int, got {self.min_rank!r}")
+        object.__setattr__(self, "layers", tuple(self.layers))
+
+    def _targets(self, params):
+        found = _layers(params, self.layers, _is_low_rank)
+        if not found:
+            raise ValueError(
+                "SpectralTruncation found no low-rank (2-factor CP) layer"
+                + (f" matching layers={self.layers!r}" if self.layers else "")
+            )
+        return found
+
+    def init_masks(self, params, key):
+        del key
+        targets = self._targets(params)
+        full = {p: {"rank": jnp.ones(jnp.shape(n["weights"]), bool)} for p, n in targets.items()}
+        return _masks_for(params, full, gate_only=False)
+
+    def is_update_step(self, step):
+        return _scheduled(step, self.every_steps, self.begin_step, self.end_step)
+
+    def update_masks(self, masks, params, grads, step, key, algo_state=()):
+        del grads, step, key, algo_state
+        targets = self._targets(params)
+        live = _rank_masks_of(masks, params, targets)
+        # After `reparametrize` the components are singular triplets: s_i = |w_i|.
+        new = {
+            p: {"rank": truncation_mask(n["weights"], live[p]["rank"], self.tau, self.min_rank)}
+            for p, n in targets.items()
+        }
+        return _masks_for(params, new, gate_only=False)
+
+    def reparametrize(self, params, inner_state, masks):
+        """Rotates every target layer into its singular basis; maps the moments alike.
+
+        Args:
+          params: the parameter tree.
+          inner_state: the wrapped optimizer's state.
+          masks: the current param masks.
+
+        Returns:
+          ``(params, inner_state)`` in the new basis; the layers' weights are unchanged.
+        """
+        targets = self._targets(params)
+        live = _rank_masks_of(masks, params, targets)
+        new_nodes, maps = {}, {}
+        for path, node in targets.items():
+            rho = live[path]["rank"].astype(node["weights"].dtype)
+            qa, ra, qb, rb, p, s, v = _svd_basis(node, rho)
+            new_nodes[path] = {
+                **node,
+                "factor_0": qa @ p,
+                "factor_1": qb @ v,
+                "weights": s.astype(node["weights"].dtype),
+            }
+            ta = jnp.linalg.pinv(ra) @ p
+            tb = jnp.linalg.pinv(rb) @ v
+            maps[path] = (ra.T @ p, rb.T @ v, ta, tb)
+
+        def mapper(power):
+            def apply(slot):
+                out = {}
+                for path, (ma, mb, ta, tb) in maps.items():
+                    node = _get(slot, path)
+                    ma_, mb_, ta_, tb_ = (m**power for m in (ma, mb, ta, tb))
+                    out[path] = {
+                        **node,
+                        "factor_0": node["factor_0"] @ ma_,
+                        "factor_1": node["factor_1"] @ mb_,
+                        # diag(T_A^T diag(m_w) T_B): the core's moment kept on its diagonal.
+                        "weights": jnp.einsum("ri,r,ri->i", ta_, node["weights"], tb_),
+                    }
+                return _set_layers(slot, out)
+
+            return apply
+
+        inner_state = _map_moments(inner_state, params, mapper(1), mapper(2))
+        return _set_layers(params, new_nodes), inner_state
+
+
+# ----------------------------------------------------------- greedy growth
+@dataclasses.dataclass(frozen=True)
+class GreedyGrowth(Algorithm):
+    """Greedy rank growth under a parameter budget (see the module docstring).
+
+    Works with plain `sparsejax.transforms.masked` (no basis change) on every format:
+    the candidates are all rank axes (CP / tubal rank, each Tucker mode, each TT bond)
+    of the factorized layers whose path contains one of ``layers``.
+
+    Attributes:
+      budget: the factor parameters allowed, as a fraction in (0, 1] of the adapted
+        layers' factors at full rank.
+      initial_rank: live components of every axis at step 0.
+      every_steps: steps between growths (one component each).
+      begin_step, end_step: growth window (end None: no end).
+      layers: substrings of layer paths to adapt (all factorized layers when empty).
+    """
+
+    budget: float = 0.5
+    initial_rank: int = 1
+    every_steps: int = 50
+    begin_step: int = 0
+    end_step: int | None = None
+    layers: Sequence[str] = ()
+
+    updates_masks = True
+    reset_grown_moments = True
+
+    def __post_init__(self):
+        if not isinstance(self.budget, int | float) or not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget!r}")
+        if isinstance(self.initial_rank, bool) or not isinstance(self.initial_rank, int):
+            raise ValueError(f"initial_rank must be a positive int, got {self.initial_rank!r}")
+        if self.initial_rank < 1:
+            raise ValueError(f"initial_rank must be a positive int, got {self.initial_rank!r}")
+        _check_steps(self.every_steps, self.begin_step, self.end_step)
+        object.__setattr__(self, "layers", tuple(self.layers))
+
+    def _targets(self, params):
+        found = _layers(params, self.layers, lambda n: True)
+        if not found:
+            raise ValueError(
+                "GreedyGrowth found no factorized layer"
+                + (f" matching layers={self.layers!r}" if self.layers else "")
+            )
+        return found
+
+    def _budget(self, targets) -> int:
+        # At full rank every factor entry is live: the budget is static.
+        full = sum(
+            math.prod(jnp.shape(v))
+            for node in targets.values()
+            for k, v in node.items()
+            if k != "bias"
+        )
+        return int(self.budget * full)
+
+    def init_masks(self, params, key):
+        del key
+        targets = self._targets(params)
+        start = {
+            p: rank_lib.init_rank_masks({"l": n}, live=self.initial_rank)["l"]
+            for p, n in targets.items()
+        }
+        return _masks_for(params, start, gate_only=True)
+
+    def is_update_step(self, step):
+        return _scheduled(step, self.every_steps, self.begin_step, self.end_step)
+
+    def update_masks(self, masks, params, grads, step, key, algo_state=()):
+        del step, key, algo_state
+        targets = self._targets(params)
+        live = _rank_masks_of(masks, params, targets)
+
+        def factor_params(p, rm):
+            node = {k: v for k, v in targets[p].items() if k != "bias"}
+            return rank_lib.num_live_params(node, rm)
+
+        used = sum(factor_params(p, live[p]) for p in targets)
+        budget = self._budget(targets)
+        scores, choices, cands = [], [], []
+        for path, node in targets.items():
+            g = _get(grads, path)
+            for name, ((leaf, ax), *_) in rank_lib.layer_rank_axes(node).items():
+                m = live[path][name]
+                gl = g[leaf]
+                ax = ax % gl.ndim
+                energy = jnp.sum(gl**2, axis=tuple(i for i in range(gl.ndim) if i != ax))
+                energy = jnp.where(m, -jnp.inf, energy)
+                idx = jnp.argmax(energy)
+                grown = {**live[path], name: m.at[idx].set(True)}
+                cost = factor_params(path, grown) - factor_params(path, live[path])
+                feasible = (~m[idx]) & (used + cost <= budget)
+                scores.append(jnp.where(feasible, energy[idx], -jnp.inf))
+                choices.append(idx)
+                cands.append((path, name))
+        scores = jnp.stack(scores)
+        best = jnp.argmax(scores)
+        any_ok = jnp.isfinite(scores[best])
+        new = {p: dict(rm) for p, rm in live.items()}
+        for c, (path, name) in enumerate(cands):
+            grow = any_ok & (best == c)
+            m = new[path][name]
+            new[path][name] = m.at[choices[c]].set(m[choices[c]] | grow)
+        return _masks_for(params, new, gate_only=True)
+
+
+# ------------------------------------------------------------ the transform
+def rank_adaptive(
+    inner: optax.GradientTransformation,
+    algorithm: Algorithm,
+    *,
+    key: jax.Array | None = None,
+    masks: PyTree | None = None,
+) -> optax.GradientTransformation:
+    """``sparsejax.transforms.masked(inner, algorithm)`` plus the algorithm's basis changes.
+
+    On the algorithm's update steps, an algorithm with a ``reparametrize(params,
+    inner_state, masks)`` method (`SpectralTruncation`) first moves the params and the
+    optimizer moments to a new basis of the same weights; the masked transform then
+    updates the masks on the new params. The emitted update takes the params to the
+    new basis (and dead entries to exactly zero), so ``optax.apply_updates`` is all a
+    train step needs. The state is the `sparsejax.transforms.MaskedState` of `masked`.
+    Algorithms without ``reparametrize`` get `masked` itself.
+
+    Args:
+      inner: any optax transformation.
+      algorithm: `SpectralTruncation`, `GreedyGrowth` or any `sparsejax` algorithm.
+      key: ``jax.random.key`` for the algorithm (default ``key(0)``).
+      masks: initial masks instead of ``algorithm.init_masks``.
+
+    Returns:
+      An `optax.GradientTransformation` (``update`` needs ``params``).
+    """
+    tx = transforms.masked(inner, algorithm, key=key, masks=masks)
+    if not hasattr(algorithm, "reparametrize"):
+        return tx
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("rank_adaptive(...).update needs params")
+        new_params, inner_state = jax.lax.cond(
+            algorithm.is_update_step(state.count),
+            lambda: algorithm.reparametrize(params, state.inner_state, state.masks),
+            lambda: (params, state.inner_state),
+        )
+        out, new_state = tx.update(updates, state._replace(inner_state=inner_state), new_params)
+
+        def combine(m, u, p, q):
+            moved = (q - p) + u
+            if m is None:
+                return moved
+            return jnp.where(m, moved, -p).astype(u.dtype)
+
+        out = jax.tree.map(combine, new_state.masks, out, params, new_params, is_leaf=is_none)
+        return out, new_state
+
+    return optax.GradientTransformation(tx.init, update_fn)
