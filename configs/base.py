@@ -42,6 +42,18 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 2000
     config.keep_checkpoints = 2
     config.progress_bar = True
+    # "stop": raise on a non-finite loss (the last good checkpoint stays);
+    # "skip": drop that step's update and go on (counted in metrics).
+    config.on_nonfinite = "stop"
+    # Masks bit-packed in the optimizer state (1 bit a weight instead of 1 byte).
+    config.pack_masks = False
+
+    # Devices: a (data, model) mesh; data=-1 takes every device. The batch is split
+    # over "data"; leaves with at least fsdp_min_size entries are sharded (FSDP).
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1
+    config.mesh.model = 1
+    config.mesh.fsdp_min_size = 2**16
     return config
 
 
