@@ -4,11 +4,15 @@ Formats are pytrees with jit-able ``from_dense`` and ``to_dense`` and a
 factorized ``apply``; `tensornets.contract` plans contractions with opt_einsum and
 chooses factorized vs reconstruct-then-matmul by FLOPs; `tensornets.layers`
 holds Flax layers (``Factorized(nn.Dense(...), format=..., rank=...)``) and
-`factorize_params` to convert a trained dense model. Importing or using it never
-changes tensorly's backend or JAX's x64 flag (tensorly is not imported at all).
+`factorize_params` to convert a trained dense model; `tensornets.rank` holds rank
+masks and `compact`, `tensornets.adaptive` rank-adaptive training (spectral
+truncation, greedy growth) and `tensornets.regularizers` tensor dropout.
+Importing or using it never changes tensorly's backend or JAX's x64 flag
+(tensorly is not imported at all).
 """
 
-from tensornets import contract, formats, layers
+from tensornets import adaptive, contract, formats, layers, rank, regularizers
+from tensornets.adaptive import GreedyGrowth, SpectralTruncation, rank_adaptive
 from tensornets.formats import (
     CP,
     TT,
@@ -32,6 +36,15 @@ from tensornets.layers import (
     factorize_params,
     factorized_dense_cost,
 )
+from tensornets.rank import (
+    apply_rank_masks,
+    compact,
+    compact_ranks,
+    init_rank_masks,
+    num_live_params,
+    param_masks,
+)
+from tensornets.regularizers import tensor_dropout
 
 __all__ = [
     "CP",
@@ -40,20 +53,33 @@ __all__ = [
     "FactorizedConv",
     "FactorizedDense",
     "FactorizedEmbedding",
+    "GreedyGrowth",
+    "SpectralTruncation",
     "TT",
     "TTMatrix",
     "Tubal",
     "Tucker",
+    "adaptive",
+    "apply_rank_masks",
     "balanced_factors",
+    "compact",
+    "compact_ranks",
     "contract",
     "densify_params",
     "factorize_params",
     "factorized_dense_cost",
     "formats",
+    "init_rank_masks",
     "layers",
+    "num_live_params",
+    "param_masks",
+    "rank",
+    "rank_adaptive",
+    "regularizers",
     "t_identity",
     "t_product",
     "t_svd",
     "t_transpose",
+    "tensor_dropout",
     "tubal_rank",
 ]
