@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -23,6 +25,7 @@ from absl import logging
 from tqdm import tqdm
 
 from experiments import data as data_lib
+from experiments import distributed
 from experiments import models as models_lib
 from sparsejax import algorithms, masks, transforms
 
@@ -31,6 +34,8 @@ __all__ = [
     "TrainState",
     "create_train_state",
     "init_state",
+    "load_checkpoint",
+    "make_mesh",
     "make_tx",
     "step_functions",
     "make_model",
@@ -164,7 +169,11 @@ def init_state(
             input_shape=x_example.shape[1:],
         )
     tx = transforms.masked(
-        make_optimizer(config, config.total_steps), algorithm, key=mask_key, masks=masks_tree
+        make_optimizer(config, config.total_steps),
+        algorithm,
+        key=mask_key,
+        masks=masks_tree,
+        packed=_packed(config),
     )
     opt_state = tx.init(params)
     if not algorithm.straight_through:
@@ -183,15 +192,36 @@ def make_tx(
     """``masked(optimizer, algorithm)`` for updating any state made by `init_state`.
 
     The update depends only on the state (masks, counters and keys live there),
-    so one transform serves every seed.
+    so one transform serves every seed. ``config.pack_masks`` keeps the masks
+    bit-packed in the state.
     """
-    return transforms.masked(make_optimizer(config, config.total_steps), algorithm)
+    return transforms.masked(
+        make_optimizer(config, config.total_steps), algorithm, packed=_packed(config)
+    )
+
+
+def _packed(config: ml_collections.ConfigDict) -> bool:
+    value = config.get("pack_masks", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"config.pack_masks must be a bool, got {value!r}")
+    return value
 
 
 def create_train_state(
-    config: ml_collections.ConfigDict, model: Any, dataset: data_lib.Dataset
+    config: ml_collections.ConfigDict,
+    model: Any,
+    dataset: data_lib.Dataset,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[TrainState, optax.GradientTransformation, algorithms.Algorithm]:
     """Builds the algorithm, the masked optimizer and the initial state for ``config.seed``.
+
+    Args:
+      config: the run config.
+      model: a Flax module.
+      dataset: the training data (the first batch calibrates prune-at-init).
+      mesh: place the state on this mesh by `distributed.state_shardings`
+        (``config.mesh.fsdp_min_size``); None: the default device.
 
     Returns:
       (state, tx, algorithm).
@@ -200,32 +230,95 @@ def create_train_state(
     calibration = data_lib.batch_at(
         dataset.x_train, dataset.y_train, batch_size=config.batch_size, seed=config.seed, step=0
     )
-    state = jax.jit(lambda key, x, cal: init_state(config, model, algorithm, key, x, cal))(
-        jax.random.key(config.seed), jnp.asarray(dataset.x_train[:1]), calibration
-    )
+    x_example = dataset.x_train[:1]
+
+    # The key is made inside the jitted function: a host-made key would be a
+    # single-device array that a multi-process computation cannot take.
+    def init(x, cal):
+        return init_state(config, model, algorithm, jax.random.key(config.seed), x, cal)
+
+    if mesh is None:
+        state = jax.jit(init)(jnp.asarray(x_example), calibration)
+    else:
+        abstract = jax.eval_shape(init, x_example, calibration)
+        shardings = distributed.state_shardings(abstract, mesh, min_size=_fsdp_min_size(config))
+        inputs = distributed.host_to_global((x_example, calibration), distributed.replicated(mesh))
+        state = jax.jit(init, out_shardings=shardings)(*inputs)
     return state, make_tx(config, algorithm), algorithm
 
 
-def step_functions(model, tx, algorithm):
-    """Un-jitted (train_step, eval_step, sparsity) bodies; see `make_step_functions`."""
+def _fsdp_min_size(config: ml_collections.ConfigDict) -> int:
+    return int(config.get("mesh", {}).get("fsdp_min_size", 2**16))
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The run's device mesh from ``config.mesh`` (``data``, ``model``; all devices by default)."""
+    mesh_config = config.get("mesh", {})
+    mesh = distributed.make_mesh(
+        data=mesh_config.get("data", -1), model=mesh_config.get("model", 1)
+    )
+    data_size = mesh.shape[distributed.DATA_AXIS]
+    if config.batch_size % data_size:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is not divisible by the data axis "
+            f"(config.mesh.data={data_size})"
+        )
+    return mesh
+
+
+def algo_state_of(opt_state: optax.OptState) -> PyTree:
+    """The algorithm's own state inside ``opt_state`` (``()`` without a `MaskedState`)."""
+    found = [
+        node
+        for node in jax.tree.leaves(
+            opt_state, is_leaf=lambda x: isinstance(x, transforms.MaskedState)
+        )
+        if isinstance(node, transforms.MaskedState)
+    ]
+    return found[0].algo_state if found else ()
+
+
+def step_functions(model, tx, algorithm, *, skip_nonfinite: bool = False):
+    """Un-jitted (train_step, eval_step, sparsity) bodies; see `make_step_functions`.
+
+    With ``skip_nonfinite`` a step whose loss or gradients are not finite leaves
+    params and optimizer state unchanged (the step counter still advances, so
+    the batch order stays that of an uninterrupted run) and reports
+    ``skipped = 1`` in its metrics.
+    """
 
     def effective(state: TrainState):
-        return algorithm.forward_params(state.params, transforms.get_masks(state.opt_state))
+        return algorithm.forward_params_with_state(
+            state.params, transforms.get_masks(state.opt_state), algo_state_of(state.opt_state)
+        )
 
-    def loss_fn(params, masks_tree, x, y):
-        logits = model.apply({"params": algorithm.forward_params(params, masks_tree)}, x)
+    def loss_fn(params, masks_tree, algo_state, x, y):
+        forward = algorithm.forward_params_with_state(params, masks_tree, algo_state)
+        with algorithm.model_context(params, masks_tree, algo_state):
+            logits = model.apply({"params": forward}, x)
         return _cross_entropy(logits, y), logits
 
     def train_step(state: TrainState, x, y):
         masks_tree = transforms.get_masks(state.opt_state)
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, masks_tree, x, y
+            state.params, masks_tree, algo_state_of(state.opt_state), x, y
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
+        metrics = {"loss": loss, "accuracy": accuracy}
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jax.tree.reduce(
+                jnp.logical_and, jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)
+            )
+            params, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (params, opt_state),
+                (state.params, state.opt_state),
+            )
+            metrics["skipped"] = (~finite).astype(jnp.int32)
         new_state = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, {"loss": loss, "accuracy": accuracy}
+        return new_state, metrics
 
     def eval_step(state: TrainState, x, y):
         logits = model.apply({"params": effective(state)}, x)
@@ -239,7 +332,15 @@ def step_functions(model, tx, algorithm):
     return train_step, eval_step, sparsity
 
 
-def make_step_functions(model, tx, algorithm):
+def make_step_functions(
+    model,
+    tx,
+    algorithm,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    state_sharding: PyTree | None = None,
+    skip_nonfinite: bool = False,
+):
     """Jitted (train_step, eval_step, sparsity) for ``model`` trained with ``tx``.
 
     The model always runs on ``algorithm.forward_params(params, masks)`` (the
@@ -247,18 +348,48 @@ def make_step_functions(model, tx, algorithm):
     train_step(state, x, y) -> (state, {"loss", "accuracy"}) donates ``state``;
     eval_step(state, x, y) -> (summed loss, number correct);
     sparsity(state) -> fraction of zeros over the masked weights the model uses.
+
+    With a ``mesh`` (and the state's ``state_sharding``, from
+    `distributed.state_shardings`) the same bodies are compiled for the mesh:
+    the state keeps its sharding from step to step and metrics come back
+    replicated; the batch must be sharded over the data axis by the caller.
     """
-    train_step, eval_step, sparsity = step_functions(model, tx, algorithm)
-    return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step), jax.jit(sparsity)
+    train_step, eval_step, sparsity = step_functions(
+        model, tx, algorithm, skip_nonfinite=skip_nonfinite
+    )
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step), jax.jit(sparsity)
+    if state_sharding is None:
+        raise ValueError("make_step_functions with a mesh needs state_sharding")
+    repl = distributed.replicated(mesh)
+    return (
+        jax.jit(
+            train_step,
+            out_shardings=(state_sharding, repl),
+            donate_argnums=0,
+        ),
+        jax.jit(eval_step, out_shardings=repl),
+        jax.jit(sparsity, out_shardings=repl),
+    )
 
 
-def evaluate(eval_step, state: TrainState, x: np.ndarray, y: np.ndarray, batch_size: int = 1000):
-    """Mean loss and accuracy of the model in ``state`` over (x, y), in fixed-size batches."""
+def evaluate(
+    eval_step,
+    state: TrainState,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int = 1000,
+    *,
+    put=None,
+):
+    """Mean loss and accuracy of the model in ``state`` over (x, y), in fixed-size batches.
+
+    ``put(x_batch, y_batch)`` places a batch (e.g. on a mesh); None passes numpy.
+    """
     total_loss, total_correct = 0.0, 0
     for start in range(0, len(x), batch_size):
-        loss, correct = eval_step(
-            state, x[start : start + batch_size], y[start : start + batch_size]
-        )
+        batch = (x[start : start + batch_size], y[start : start + batch_size])
+        loss, correct = distributed.to_host(eval_step(state, *(put(*batch) if put else batch)))
         total_loss += float(loss)
         total_correct += int(correct)
     return {"test_loss": total_loss / len(x), "test_accuracy": total_correct / len(x)}
@@ -277,17 +408,118 @@ def make_model(config: ml_collections.ConfigDict, num_classes: int):
     return models_lib.get_model(config.model.name, num_classes=num_classes, **kwargs)
 
 
+_NONFINITE_MODES = ("stop", "skip")
+
+
 def _check_config(config: ml_collections.ConfigDict) -> None:
     for key in ("total_steps", "batch_size", "eval_every_steps", "checkpoint_every_steps"):
         value = config.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
+    keep = config.get("keep_checkpoints", 3)
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep <= 0:
+        raise ValueError(f"config.keep_checkpoints must be a positive integer, got {keep!r}")
+    mode = config.get("on_nonfinite", "stop")
+    if mode not in _NONFINITE_MODES:
+        raise ValueError(
+            f"config.on_nonfinite={mode!r} is unknown; known: {list(_NONFINITE_MODES)}"
+        )
+    min_size = config.get("mesh", {}).get("fsdp_min_size", 2**16)
+    if not isinstance(min_size, int) or isinstance(min_size, bool) or min_size < 1:
+        raise ValueError(f"config.mesh.fsdp_min_size must be a positive integer, got {min_size!r}")
+    _packed(config)
+
+
+@jax.jit
+def _tree_all_finite(tree: PyTree) -> jax.Array:
+    return jax.tree.reduce(
+        jnp.logical_and, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree), jnp.bool_(True)
+    )
 
 
 def _all_finite(tree: PyTree) -> bool:
-    return bool(
-        jax.tree.reduce(lambda a, b: a & b, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree))
+    return bool(distributed.to_host(_tree_all_finite(tree)))
+
+
+def _restore_latest(
+    manager: ocp.CheckpointManager, state: TrainState, ckpt_dir: str, quarantine_dir: str
+) -> tuple[TrainState, int | None]:
+    """The newest checkpoint that restores; unreadable ones are moved aside with a warning.
+
+    A checkpoint directory only appears once its save is complete (orbax writes
+    into a temporary directory and renames it), so a run killed mid-save never
+    leaves a step directory behind. A step that still fails to restore (files
+    truncated or deleted afterwards, a disk error) is moved to
+    ``quarantine_dir`` (nothing is deleted) and the next older one is tried.
+    """
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            if int(distributed.to_host(restored.step)) != step:
+                raise ValueError(f"holds step {int(restored.step)}")
+            return restored, step
+        except Exception as error:  # noqa: BLE001 -- any unreadable checkpoint is skipped
+            message = (
+                f"checkpoint {step} in {ckpt_dir} cannot be restored ({type(error).__name__}: "
+                f"{str(error)[:200]}); moving it to {quarantine_dir} and trying an older one"
+            )
+            logging.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            if jax.process_index() == 0:
+                os.makedirs(quarantine_dir, exist_ok=True)
+                target = os.path.join(quarantine_dir, f"{step}-{time.time_ns()}")
+                shutil.move(os.path.join(ckpt_dir, str(step)), target)
+            _sync("quarantine")
+            manager.reload()
+    return state, None
+
+
+def load_checkpoint(workdir: str, step: int | None = None) -> dict[str, Any]:
+    """A checkpoint of ``workdir`` as numpy arrays, whatever mesh or processes saved it.
+
+    Args:
+      workdir: a run's workdir (checkpoints in ``workdir/checkpoints``).
+      step: which step; None: the latest.
+
+    Returns:
+      The saved `TrainState` as a nested dict (``step``, ``params``, ``opt_state``,
+      ``rng``) of numpy arrays.
+
+    Raises:
+      ValueError: if ``workdir`` holds no checkpoint or not that step.
+    """
+    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    steps = []
+    if os.path.isdir(ckpt_dir):
+        with ocp.CheckpointManager(ckpt_dir) as manager:
+            steps = list(manager.all_steps())
+    if not steps or (step is not None and step not in steps):
+        raise ValueError(
+            f"step={step!r} is not among the checkpoints {sorted(steps)} in {ckpt_dir}"
+        )
+    path = os.path.join(ckpt_dir, str(max(steps) if step is None else step), "default")
+    checkpointer = ocp.StandardCheckpointer()
+    # The saved shardings may name devices this process does not have: restore
+    # every leaf onto the first local device instead.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        checkpointer.metadata(path).item_metadata,
+    )
+    try:
+        return jax.device_get(checkpointer.restore(path, target))
+    finally:
+        checkpointer.close()
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mapping[str, Any]:
@@ -311,38 +543,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mappi
       ValueError: on bad config values.
     """
     _check_config(config)
+    mesh = make_mesh(config)
+    is_chief = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    if is_chief:
+        config_json = config.to_json_best_effort(indent=2)
+        _write_atomically(os.path.join(workdir, "config.json"), config_json)
 
     dataset = _load_data(config)
     model = make_model(config, dataset.num_classes)
-    state, tx, algorithm = create_train_state(config, model, dataset)
-    train_step, eval_step, sparsity_fn = make_step_functions(model, tx, algorithm)
+    state, tx, algorithm = create_train_state(config, model, dataset, mesh=mesh)
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    skip_nonfinite = config.get("on_nonfinite", "stop") == "skip"
+    train_step, eval_step, sparsity_fn = make_step_functions(
+        model,
+        tx,
+        algorithm,
+        mesh=mesh,
+        state_sharding=state_sharding,
+        skip_nonfinite=skip_nonfinite,
+    )
+    batch_sharding = distributed.batch_sharding(mesh)
+    data_size = mesh.shape[distributed.DATA_AXIS]
+
+    def put_eval(x, y):
+        # A last partial eval batch the data axis does not divide is replicated instead.
+        sharding = batch_sharding if len(x) % data_size == 0 else distributed.replicated(mesh)
+        return distributed.host_to_global((x, y), sharding)
 
     ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
     manager = ocp.CheckpointManager(
         ckpt_dir,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.get("keep_checkpoints", 3), create=True
+            max_to_keep=config.get("keep_checkpoints", 3),
+            create=True,
+            # Temporary directories of saves killed midway are never restored; drop them.
+            cleanup_tmp_directories=True,
         ),
     )
-    latest = manager.latest_step()
+    state, latest = _restore_latest(
+        manager, state, ckpt_dir, os.path.join(os.path.abspath(workdir), "corrupt_checkpoints")
+    )
     if latest is not None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
         logging.info("Resumed from %s at step %d", ckpt_dir, latest)
-    start_step = int(state.step)
+    start_step = int(distributed.to_host(state.step))
 
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    if start_step == 0 and os.path.exists(metrics_path):
+    if is_chief and start_step == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)
-    elif os.path.exists(metrics_path):
+    elif is_chief and os.path.exists(metrics_path):
         # Drop records written after the checkpoint we resumed from.
         with open(metrics_path) as f:
             kept = [line for line in f if json.loads(line)["step"] <= start_step]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
+        _write_atomically(metrics_path, "".join(kept))
 
     batches = data_lib.batches(
         dataset.x_train,
@@ -356,23 +609,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mappi
     bar = tqdm(
         total=config.total_steps,
         initial=start_step,
-        disable=not config.get("progress_bar", True),
+        disable=not (config.get("progress_bar", True) and is_chief),
         dynamic_ncols=True,
         desc=os.path.basename(os.path.normpath(workdir)),
     )
     last_good = latest
+    skipped_total = 0
     tick = time.perf_counter()
     tick_step = start_step
 
     def check_pending():
         """Mean loss and accuracy since the last check; raises on a non-finite loss."""
-        losses, accs = jax.device_get(
+        nonlocal skipped_total
+        losses, accs, skipped = distributed.to_host(
             (
                 jnp.stack([m["loss"] for _, m in pending]),
                 jnp.stack([m["accuracy"] for _, m in pending]),
+                jnp.stack([m.get("skipped", jnp.int32(0)) for _, m in pending]),
             )
         )
-        bad = np.flatnonzero(~np.isfinite(losses))
+        finite = np.isfinite(losses)
+        if skip_nonfinite:
+            for i in np.flatnonzero(skipped):
+                logging.warning("non-finite loss or gradients at step %d; skipped", pending[i][0])
+            skipped_total += int(skipped.sum())
+            if not finite.any():
+                return float("nan"), float("nan")
+            return float(np.mean(losses[finite])), float(np.mean(accs[finite]))
+        bad = np.flatnonzero(~finite)
         if bad.size:
             step = pending[bad[0]][0]
             raise NonFiniteLossError(
@@ -383,7 +647,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mappi
 
     try:
         for step in range(start_step, config.total_steps):
-            x, y = next(batches)
+            x, y = distributed.host_to_global(next(batches), batch_sharding)
             state, step_metrics = train_step(state, x, y)
             pending.append((step, step_metrics))
             done = step + 1
@@ -392,7 +656,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mappi
             if not (is_eval or is_ckpt or done % config.get("log_every_steps", 100) == 0):
                 continue
             train_loss, train_acc = check_pending()
-            sparsity = float(sparsity_fn(state))
+            sparsity = float(distributed.to_host(sparsity_fn(state)))
             bar.set_postfix(
                 loss=f"{train_loss:.3f}",
                 acc=f"{train_acc:.3f}",
@@ -406,12 +670,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mappi
                     "step": done,
                     "train_loss": train_loss,
                     "train_accuracy": train_acc,
-                    **evaluate(eval_step, state, dataset.x_test, dataset.y_test),
+                    **evaluate(eval_step, state, dataset.x_test, dataset.y_test, put=put_eval),
                     "sparsity": sparsity,
                     "steps_per_second": (done - tick_step) / max(now - tick, 1e-9),
+                    **{
+                        k: float(distributed.to_host(v))
+                        for k, v in algorithm.metrics(algo_state_of(state.opt_state)).items()
+                    },
                 }
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                if skip_nonfinite:
+                    record["skipped_steps"] = skipped_total
+                if is_chief:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
                 tick, tick_step = time.perf_counter(), done
             pending.clear()
             if is_ckpt:
@@ -427,3 +698,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mappi
         manager.wait_until_finished()
         manager.close()
     return record
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -8,6 +8,8 @@ exact (ties are broken deterministically by position), so densities are exact.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +31,9 @@ __all__ = [
     "summary",
     "topk_mask",
     "topk_mask_by_count",
+    "transposable_nm_mask",
+    "transposable_nm_patterns",
+    "validate_nm",
     "validate_sparsity",
 ]
 
@@ -122,6 +127,18 @@ def _normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
     return int(axis) % ndim
 
 
+def validate_nm(n: Any, m: Any) -> None:
+    """Raises ValueError unless ``n`` and ``m`` are positive integers with n <= m.
+
+    The message names the offending parameter and its value.
+    """
+    for name, value in (("n", n), ("m", m)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if n > m:
+        raise ValueError(f"n must be <= m, got n={n}, m={m}")
+
+
 def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
     """N:M mask: in every group of ``m`` consecutive entries along ``axis`` keep the ``n`` largest.
 
@@ -143,11 +160,7 @@ def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
     Fine-grained Structured Sparse Neural Networks From Scratch".
     """
     scores = jnp.asarray(scores)
-    for name, value in (("n", n), ("m", m)):
-        if not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if n > m:
-        raise ValueError(f"n must be <= m, got n={n}, m={m}")
+    validate_nm(n, m)
     if scores.ndim == 0:
         raise ValueError("scores must have at least one axis for an N:M mask, got a scalar")
     axis = _normalize_axis(axis, scores.ndim)
@@ -163,6 +176,117 @@ def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
     ranks = jnp.argsort(order, axis=-1, stable=True)
     keep = (ranks < n).reshape(moved.shape)
     return jnp.moveaxis(keep, -1, axis)
+
+
+@functools.cache
+def transposable_nm_patterns(n: int, m: int) -> np.ndarray:
+    """Candidate (m, m) blocks with exactly ``n`` ones in every row and every column.
+
+    For ``m <= 4`` these are *all* such blocks (90 for 2:4, 24 for 1:4), so the
+    best candidate is the optimal transposable block. For larger ``m`` the count
+    explodes (40320 permutation matrices for 1:8), so the candidates are the
+    C(m, n) unions of ``n`` distinct cyclic diagonals {(i, (i + s) mod m)}, each a
+    valid transposable block; the choice among them is then approximate.
+
+    Args:
+      n, m: the pattern, 0 < n <= m.
+
+    Returns:
+      Read-only bool numpy array of shape (num_candidates, m, m).
+
+    Raises:
+      ValueError: for invalid ``n`` or ``m``.
+    """
+    validate_nm(n, m)
+    if m <= 4:
+        rows = [np.array(c) for c in itertools.combinations(range(m), n)]
+        found = []
+
+        def extend(prefix, col_counts):
+            if len(prefix) == m:
+                found.append(np.stack(prefix))
+                return
+            for cols in rows:
+                if np.all(col_counts[cols] < n):
+                    row = np.zeros(m, bool)
+                    row[cols] = True
+                    counts = col_counts.copy()
+                    counts[cols] += 1
+                    extend([*prefix, row], counts)
+
+        extend([], np.zeros(m, np.int64))
+        return _read_only(np.stack(found))
+    eye = np.arange(m)
+    out = []
+    for shifts in itertools.combinations(range(m), n):
+        block = np.zeros((m, m), bool)
+        for s in shifts:
+            block[eye, (eye + s) % m] = True
+        out.append(block)
+    return _read_only(np.stack(out))
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    # The result is cached, so callers must not be able to change it in place.
+    array.setflags(write=False)
+    return array
+
+
+def transposable_nm_mask(
+    scores: jax.Array, n: int, m: int, axes: Sequence[int] = (-2, -1)
+) -> jax.Array:
+    """Transposable N:M mask: N:M along *both* ``axes``, so W and W^T are both N:M.
+
+    The two axes are tiled by (m, m) blocks; each block takes the candidate of
+    `transposable_nm_patterns` with the largest sum of ``scores`` (ties: the
+    first candidate). Every group of ``m`` consecutive entries along either axis
+    then keeps exactly ``n``. A transposable mask lets the backward product with
+    W^T use the same sparse tensor cores as the forward one.
+
+    Args:
+      scores: array of rank >= 2; larger means more important (e.g. ``|w|``).
+        The other axes (e.g. a convolution's spatial axis) are independent.
+      n, m: the pattern, 0 < n <= m; ``m`` must divide both axis lengths.
+      axes: the two axes (for a kernel ``(..., in, out)``: (-2, -1)).
+
+    Returns:
+      Boolean array of ``scores.shape``.
+
+    Raises:
+      ValueError: for invalid ``n``/``m``, axes out of range or equal, or axis
+        lengths that ``m`` does not divide.
+
+    Reference: Hubara et al. 2021, "Accelerated Sparse Neural Training: A
+    Provable and Efficient Method to Find N:M Transposable Masks" (the optimal
+    block is what their min-cost-flow solves; here it is found by enumeration
+    for m <= 4).
+    """
+    scores = jnp.asarray(scores)
+    validate_nm(n, m)
+    if scores.ndim < 2:
+        raise ValueError(
+            f"scores must have rank >= 2 for a transposable mask, got shape {tuple(scores.shape)}"
+        )
+    if len(tuple(axes)) != 2:
+        raise ValueError(f"axes must name two axes, got axes={axes!r}")
+    a0 = _normalize_axis(axes[0], scores.ndim, "axes[0]")
+    a1 = _normalize_axis(axes[1], scores.ndim, "axes[1]")
+    if a0 == a1:
+        raise ValueError(f"axes must be two different axes, got axes={tuple(axes)!r}")
+    for a in (a0, a1):
+        if scores.shape[a] % m:
+            raise ValueError(
+                f"m={m} must divide the length {scores.shape[a]} of axis {a} "
+                f"(scores.shape={tuple(scores.shape)})"
+            )
+    moved = jnp.moveaxis(scores, (a0, a1), (-2, -1))
+    *lead, r, c = moved.shape
+    blocks = moved.reshape(*lead, r // m, m, c // m, m).swapaxes(-3, -2)
+    patterns = jnp.asarray(transposable_nm_patterns(n, m))
+    totals = jnp.einsum("...ij,kij->...k", blocks.astype(jnp.float32), patterns.astype(jnp.float32))
+    best = jnp.argmax(totals, axis=-1)
+    keep = patterns[best].swapaxes(-3, -2).reshape(moved.shape)
+    return jnp.moveaxis(keep, (-2, -1), (a0, a1))
 
 
 def block_mask(scores: jax.Array, sparsity: Any, block_shape: Sequence[int]) -> jax.Array:

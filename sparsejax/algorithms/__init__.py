@@ -15,6 +15,7 @@ from typing import Any
 
 from sparsejax.algorithms.base import Algorithm, Dense, SparseAlgorithm
 from sparsejax.algorithms.dst import SET, RigL, Static
+from sparsejax.algorithms.nm import NMSTE, SRSTE, SSTE, BiMask, NMDecay, NMOneShot
 from sparsejax.algorithms.pai import PruneAtInit
 from sparsejax.algorithms.pruning import Prune
 from sparsejax.algorithms.snfs import SNFS
@@ -23,11 +24,17 @@ from sparsejax.algorithms.ste import STE
 __all__ = [
     "SET",
     "Algorithm",
+    "BiMask",
     "Dense",
+    "NMDecay",
+    "NMOneShot",
+    "NMSTE",
     "Prune",
     "PruneAtInit",
     "RigL",
     "SNFS",
+    "SRSTE",
+    "SSTE",
     "STE",
     "SparseAlgorithm",
     "Static",
@@ -49,6 +56,12 @@ _REGISTRY: dict[str, tuple[type, dict[str, Any]]] = {
     "ste": (STE, {}),
     "grasp": (PruneAtInit, {"score": "grasp", "rounds": 1}),
     "synflow": (PruneAtInit, {"score": "synflow", "rounds": 100}),
+    "nm_ste": (NMSTE, {}),
+    "sr_ste": (SRSTE, {}),
+    "s_ste": (SSTE, {}),
+    "nm_decay": (NMDecay, {}),
+    "nm_oneshot": (NMOneShot, {}),
+    "bimask": (BiMask, {}),
 }
 
 # Config keys understood by `from_config` beyond the dataclass fields.

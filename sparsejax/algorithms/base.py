@@ -7,6 +7,7 @@ arrays or mutable state: masks, counters and keys live in the optimizer state.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -39,7 +40,9 @@ class Algorithm:
       is_update_step(step) -> traced bool, when ``updates_masks`` is True.
       update_masks(masks, params, grads, step, key, algo_state) -> new masks.
       init_state / update_state, for algorithms with state of their own.
-      forward_params(params, masks), for straight-through algorithms.
+      forward_params(params, masks), for straight-through algorithms, and
+        forward_params_with_state when the forward pass reads the state too.
+      metrics(algo_state) -> scalars to log.
     and set the class flags ``updates_masks``, ``skip_update_on_mask_step``,
     ``reset_grown_moments`` and ``straight_through``.
     """
@@ -67,6 +70,30 @@ class Algorithm:
         """The weights the model computes with; pruned weights are already zero by default."""
         del masks
         return params
+
+    def forward_params_with_state(self, params: PyTree, masks: PyTree, algo_state: PyTree):
+        """`forward_params` for algorithms whose forward pass also reads their own state.
+
+        The training step calls this one (e.g. N:M mask decay needs its step,
+        S-STE its frozen scales); the default ignores the state.
+        """
+        del algo_state
+        return self.forward_params(params, masks)
+
+    def model_context(self, params: PyTree, masks: PyTree, algo_state: PyTree):
+        """A context manager the training step holds while it runs the model.
+
+        Algorithms that change a layer's backward pass (bidirectional N:M masks)
+        return a Flax method interceptor here; the default does nothing.
+        ``params`` are the dense parameters being differentiated.
+        """
+        del params, masks, algo_state
+        return contextlib.nullcontext()
+
+    def metrics(self, algo_state: PyTree) -> dict[str, jax.Array]:
+        """Scalars worth logging from the algorithm's state (e.g. the N:M mask flip rate)."""
+        del algo_state
+        return {}
 
     def is_update_step(self, step: jax.Array) -> jax.Array:
         del step
