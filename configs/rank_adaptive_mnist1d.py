@@ -1,0 +1,53 @@
+"""Rank-adaptive low-rank MLP on MNIST-1D: the settings of the ``rank_adaptive`` table.
+
+An MLP 40-128-128-10 whose two hidden layers are low-rank matrices
+W = A diag(w) B^T kept at full rank (40 and 128); the output layer stays dense.
+``config.rank_adaptive`` picks the method (`tensornets.adaptive`):
+
+  "fixed"                fixed ranks (the model's own), no masks;
+  "spectral_truncation"  SVD truncation with relative tolerance ``tau`` every
+                         ``every_steps`` steps between ``begin_step`` and ``end_step``;
+  "greedy_growth"        rank 1 per layer, one component grown every ``every_steps``
+                         steps until ``end_step``, within ``budget`` (a fraction of
+                         the full-rank factors).
+
+``get_config("quick")`` is the tiny version the tests run. Used by
+``python -m experiments.reproduce --table=rank_adaptive``.
+"""
+
+import ml_collections
+
+from configs.base import get_base_config
+
+
+def get_config(arg=None):
+    config = get_base_config()
+    config.progress_bar = False
+    quick = arg == "quick"
+    if arg not in (None, "", "quick"):
+        raise ValueError(f"config variant {arg!r} is unknown; known variants: ['quick']")
+    width = 32 if quick else 128
+    config.model = ml_collections.ConfigDict(
+        {
+            "name": "mlp",
+            "features": (width, width),
+            "factorize": {
+                "hidden_0": {"format": "low_rank", "rank": min(40, width)},
+                "hidden_1": {"format": "low_rank", "rank": width},
+            },
+        }
+    )
+    config.total_steps = 200 if quick else 3000
+    config.eval_every_steps = config.total_steps
+    config.rank_adaptive = ml_collections.ConfigDict(
+        {
+            "algorithm": "spectral_truncation",
+            "tau": 0.1,
+            "budget": 0.45,
+            "every_steps": 20 if quick else 100,
+            "begin_step": 20 if quick else 200,
+            "end_step": 150 if quick else 2000,
+            "growth_every_steps": 5 if quick else 20,
+        }
+    )
+    return config
