@@ -129,8 +129,11 @@ def launch(
             )
         deadline = None if timeout is None else time.monotonic() + timeout
         first_failure = 0
-        while any(p.poll() is None for p in procs):
-            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+        while True:
+            codes = [p.poll() for p in procs]  # poll every process, not just up to a live one
+            if all(c is not None for c in codes):
+                break
+            failed = [c for c in codes if c not in (None, 0)]
             if failed and not first_failure:
                 first_failure = failed[0]
                 break
