@@ -1,0 +1,167 @@
+"""Checkpoints survive SIGKILL mid-save, keep the last k, skip corrupt steps; NaN handling.
+
+The reference is one uninterrupted run; every damaged run must end with
+bitwise the same parameters (CPU is deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import quickstart
+from experiments import data as data_lib
+from experiments import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# RigL (mask updates every 5 steps) for 8 steps, a checkpoint every 2, keep 2.
+OVERRIDES = {
+    "total_steps": 8,
+    "eval_every_steps": 4,
+    "checkpoint_every_steps": 2,
+    "keep_checkpoints": 2,
+}
+
+
+def _config(**extra):
+    config = quickstart.get_config("runlocal")
+    for key, value in {**OVERRIDES, **extra}.items():
+        config[key] = value
+    return config
+
+
+def _steps(workdir):
+    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+def _assert_same_state(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    train.train_and_evaluate(_config(), workdir)
+    return workdir
+
+
+def test_keeps_the_last_k_checkpoints(reference):
+    assert _steps(reference) == [6, 8]
+    assert not os.path.exists(os.path.join(reference, "corrupt_checkpoints"))
+
+
+# Runs the config in a fresh process that SIGKILLs itself at the commit of the
+# step-8 checkpoint: its files are written to a temporary directory, but the
+# rename that publishes it never happens.
+_KILL_AT_COMMIT = r"""
+import os, signal, sys
+from orbax.checkpoint._src.path import async_path
+from configs import quickstart
+from experiments import train
+
+rename = async_path.rename
+
+async def rename_or_die(src, dst, *args, **kwargs):
+    if os.path.basename(str(dst)) == "8":
+        print("killing at commit of", dst, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await rename(src, dst, *args, **kwargs)
+
+async_path.rename = rename_or_die
+config = quickstart.get_config("runlocal")
+for key, value in OVERRIDES.items():
+    config[key] = value
+train.train_and_evaluate(config, sys.argv[1])
+"""
+
+
+def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(reference, tmp_path):
+    workdir = str(tmp_path / "killed")
+    script = f"OVERRIDES = {OVERRIDES!r}\n{_KILL_AT_COMMIT}"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, workdir],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert "killing at commit" in proc.stdout
+    entries = os.listdir(os.path.join(workdir, "checkpoints"))
+    # The half-made step 8 exists only as a temporary directory.
+    assert _steps(workdir) == [4, 6]
+    assert any(e.startswith("8") and not e.isdigit() for e in entries), entries
+
+    record = train.train_and_evaluate(_config(), workdir)
+    assert record["step"] == 8
+    assert _steps(workdir) == [6, 8]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6", "8"]
+    _assert_same_state(train.load_checkpoint(reference, 8), train.load_checkpoint(workdir, 8))
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [4, 8]
+
+
+def _truncate_arrays(step_dir):
+    # Every data file of the array store: a partial copy or a disk that lost writes.
+    for root, _, files in os.walk(step_dir):
+        if os.sep + "d" in root:
+            for name in files:
+                with open(os.path.join(root, name), "r+b") as f:
+                    f.truncate(3)
+
+
+def _drop_metadata(step_dir):
+    os.remove(os.path.join(step_dir, "default", "_METADATA"))
+
+
+@pytest.mark.parametrize(
+    "damage", [_truncate_arrays, pytest.param(_drop_metadata, marks=pytest.mark.slow)]
+)
+def test_a_corrupt_checkpoint_is_skipped_with_a_warning(reference, tmp_path, damage):
+    workdir = str(tmp_path / "corrupt")
+    shutil.copytree(reference, workdir)
+    damage(os.path.join(workdir, "checkpoints", "8"))
+    with pytest.warns(RuntimeWarning, match="checkpoint 8 .* cannot be restored"):
+        record = train.train_and_evaluate(_config(), workdir)
+    assert record["step"] == 8
+    # Resumed from 6, redid steps 7-8, and set the damaged copy aside (not deleted).
+    assert _steps(workdir) == [6, 8]
+    (moved,) = os.listdir(os.path.join(workdir, "corrupt_checkpoints"))
+    assert moved.startswith("8-")
+    _assert_same_state(train.load_checkpoint(reference, 8), train.load_checkpoint(workdir, 8))
+
+
+def _poison(monkeypatch, bad_steps):
+    real_batches = data_lib.batches
+
+    def poisoned(x, y, *, batch_size, seed, start_step=0):
+        for step, (bx, by) in enumerate(
+            real_batches(x, y, batch_size=batch_size, seed=seed, start_step=start_step),
+            start=start_step,
+        ):
+            yield (np.full_like(bx, np.nan) if step in bad_steps else bx), by
+
+    monkeypatch.setattr(train.data_lib, "batches", poisoned)
+
+
+def test_skip_mode_drops_non_finite_steps_and_finishes(tmp_path, monkeypatch):
+    _poison(monkeypatch, {2, 5})
+    workdir = str(tmp_path / "skip")
+    record = train.train_and_evaluate(_config(on_nonfinite="skip"), workdir)
+    assert record["step"] == 8 and record["skipped_steps"] == 2
+    assert np.isfinite(record["train_loss"]) and np.isfinite(record["test_loss"])
+    saved = train.load_checkpoint(workdir, 8)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(saved["params"]))
+    # Stop mode (the default) on the same data: tests/experiments/test_train.py.
