@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 import tensornets
+from experiments.sparse_ift import SparseIFTMLP
 
 __all__ = [
     "CNN1D",
@@ -540,6 +541,7 @@ _MODELS: dict[str, type[nn.Module]] = {
     "mlp": MLP,
     "resmlp": ResidualMLP,
     "resnet": ResNet,
+    "sparse_ift_mlp": SparseIFTMLP,
     "vit1d": ViT1D,
 }
 
