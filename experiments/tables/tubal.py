@@ -74,6 +74,7 @@ def _plot_curves(curves: dict, scales: list[float], path: str) -> None:
     ax_rank.set_ylabel("effective tubal rank (rtol 1e-3)")
     ax_rank.set_title("effective tubal rank of U*U^T (mean, min-max band)", fontsize=10)
     for ax in (ax_err, ax_rank):
+        ax.set_xlim(0, steps[-1])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
