@@ -173,7 +173,7 @@ def main():
     print(
         f"backend={jax.default_backend()} devices={jax.devices()} jax={jax.__version__} "
         f"cpus={os.cpu_count()} load average={os.getloadavg()[0]:.2f} (other jobs share the "
-        "cores: dense XLA uses every core, the sparse path one, so load raises the ratio)"
+        "cores and change the ratios; measure on an idle machine)"
     )
 
     times, stored, dense_bytes, density, err = case(

@@ -26,9 +26,9 @@ static layout groups output block columns by their number of stored blocks
 
 so each column is one contiguous GEMM of depth ``P*bk`` instead of ``P`` tiny ones, and
 padding stays small because columns of similar counts share a group. Gather indices are
-compile-time constants from the layout; nothing data-dependent runs at call time. Large
-batches run as a loop over row chunks whose slabs stay in cache, and matrices dense enough
-that the single-threaded grouped dots would lose to XLA's multi-threaded GEMM (see
+compile-time constants from the layout; nothing data-dependent runs at call time. The rows
+of X run as independent cache-sized pieces (the cores work on several at once), and matrices
+dense enough that the grouped dots would lose to XLA's multi-threaded GEMM (see
 `_prefer_dense`) are densified and multiplied densely instead.
 """
 
@@ -152,39 +152,63 @@ def _dsd_xla(x2: jax.Array, values: jax.Array, layout: BSRLayout, transpose: boo
     return y.reshape(rows, -1)
 
 
-# Row-chunking of the XLA path. The gathered slabs hold padded_slots * b_in floats per
-# row of x; past a few MB per call XLA's gather slows down sharply (measured on 2 CPU cores:
-# B=1024 at 10% density went from 1.6x to 3.0x faster than dense when run as a loop over
-# 64-row chunks whose slabs stay in cache). Small batches run in one piece.
-_SLAB_BUDGET_BYTES = 4 << 20
-_DIRECT_CHUNKS = 4
+# Row pieces of the XLA path. The gathered slabs hold padded_slots * b_in floats per row of
+# x; once they outgrow the cache XLA's gather slows down sharply, and one grouped call keeps
+# only about one core busy (its batched dots run one after another). So a batch of up to
+# `_UNROLL` cache-sized pieces runs as that many independent ops, which XLA's CPU runtime
+# runs side by side. Measured on 2 cores, X 256x2048 @ W 2048x2048 at 10% of 32x32 blocks:
+# one call 5.0 ms (1.3 cores busy), eight 32-row pieces 3.0-3.7 ms (1.7 cores), dense GEMM
+# 13 ms. Larger batches loop (`lax.map` / `lax.scan`) over chunks of two pieces: unrolling
+# inside the loop body measured slower there (B=1024: 28 ms vs 23 ms).
+_PIECE_BYTES = 2 << 20
+_UNROLL = 8
 
 
-def _row_chunk(rows: int, bytes_per_row: int) -> int | None:
-    """Rows per loop step, or None to run all rows at once."""
-    chunk = 8
-    while chunk * 2 * bytes_per_row <= _SLAB_BUDGET_BYTES:
-        chunk *= 2
-    return None if rows <= _DIRECT_CHUNKS * chunk else chunk
+def _row_piece(rows: int, bytes_per_row: int) -> int:
+    """Rows per piece: the largest power of two >= 8 whose slab fits `_PIECE_BYTES`."""
+    piece = 8
+    while piece < rows and piece * 2 * bytes_per_row <= _PIECE_BYTES:
+        piece *= 2
+    return piece
 
 
-def _by_row_chunks(fn, chunk: int, *arrays: jax.Array) -> jax.Array:
-    """``fn(*arrays)`` for row-wise ``fn``, as a ``lax.map`` over ``chunk``-row pieces."""
+def _by_row_pieces(fn, bytes_per_row: int, *arrays: jax.Array, reduce: bool = False):
+    """``fn(*arrays)`` for row-wise ``fn``, computed over cache-sized row pieces.
+
+    With ``reduce``, ``fn`` returns a sum over rows (e.g. ``X^T dY``) and the pieces' results
+    are added (zero rows of padding add nothing); otherwise they are concatenated. Up to
+    `_UNROLL` pieces run as independent ops; beyond that, a loop over two-piece chunks.
+    """
     rows = arrays[0].shape[0]
-    padded = -(-rows // chunk) * chunk
-    pieces = [
-        jnp.pad(a, ((0, padded - rows), (0, 0))).reshape(padded // chunk, chunk, a.shape[1])
+    piece = _row_piece(rows, bytes_per_row)
+    pieces = -(-rows // piece)
+    if pieces == 1:
+        return fn(*arrays)
+    if pieces > _UNROLL:
+        piece, pieces = 2 * piece, -(-rows // (2 * piece))
+    stacked = tuple(
+        jnp.pad(a, ((0, pieces * piece - rows), (0, 0))).reshape(pieces, piece, a.shape[1])
         for a in arrays
-    ]
-    out = lax.map(lambda args: fn(*args), tuple(pieces))
-    return out.reshape(padded, -1)[:rows]
+    )
+    if pieces <= _UNROLL:
+        outs = [fn(*(a[i] for a in stacked)) for i in range(pieces)]
+        if reduce:
+            return sum(outs[1:], outs[0])
+        return jnp.concatenate(outs, axis=0)[:rows]
+    if reduce:
+        init = jax.eval_shape(fn, *(a[0] for a in stacked))
+        total, _ = lax.scan(
+            lambda acc, a: (acc + fn(*a), None), jnp.zeros(init.shape, init.dtype), stacked
+        )
+        return total
+    return lax.map(lambda a: fn(*a), stacked).reshape(pieces * piece, -1)[:rows]
 
 
 def _prefer_dense(layout: BSRLayout) -> bool:
     """Whether the XLA path should densify W and call the GEMM instead.
 
-    The grouped path runs its dots on one core and pays a gather of ``b_in`` floats per
-    stored block and row; dense XLA uses every core. Work model (per row of x, in multiply-
+    The grouped path runs small GEMMs and pays a gather of ``b_in`` floats per stored block
+    and row; dense XLA runs one large GEMM on every core. Work model (per row of x, in multiply-
     adds): sparse ``slots * bk * bn * (1 + 16 / bn)``, dense ``K * N / 2``. Calibrated on 2
     cores at B=256: picks dense for 16x16 blocks at 50% density (sparse 0.3-0.7x) and
     sparse at <= 20% for blocks >= 32 (1.4-5x).
@@ -212,27 +236,19 @@ def _dsd_xla_chunked(x2, values, layout, transpose):
     b_in = bn if transpose else bk
     groups, _ = layout.xla_plan(transpose)
     slots = sum(g.in_blocks.size for g in groups)
-    chunk = _row_chunk(x2.shape[0], slots * b_in * x2.dtype.itemsize)
-    if chunk is None:
-        return _dsd_xla(x2, values, layout, transpose)
-    return _by_row_chunks(lambda xc: _dsd_xla(xc, values, layout, transpose), chunk, x2)
+    return _by_row_pieces(
+        lambda xc: _dsd_xla(xc, values, layout, transpose), slots * b_in * x2.dtype.itemsize, x2
+    )
 
 
 def _sdd_xla_chunked(x2, dy2, layout):
     if _prefer_dense(layout):
         return _block_values_from_dense(x2.T @ dy2, layout)
     bk, bn = layout.block_shape
-    chunk = _row_chunk(x2.shape[0], layout.nnz_blocks * (bk + bn) * x2.dtype.itemsize)
-    if chunk is None:
-        return _sdd_xla(x2, dy2, layout)
-    rows = x2.shape[0]
-    padded = -(-rows // chunk) * chunk
-    xs = jnp.pad(x2, ((0, padded - rows), (0, 0))).reshape(padded // chunk, chunk, -1)
-    ys = jnp.pad(dy2, ((0, padded - rows), (0, 0))).reshape(padded // chunk, chunk, -1)
-    # Zero rows of padding add nothing to X^T dY; the sum over chunks is the batch sum.
-    init = jnp.zeros((layout.nnz_blocks, bk, bn), jnp.result_type(x2.dtype, dy2.dtype))
-    total, _ = lax.scan(lambda acc, xy: (acc + _sdd_xla(*xy, layout), None), init, (xs, ys))
-    return total
+    bytes_per_row = layout.nnz_blocks * (bk + bn) * x2.dtype.itemsize
+    return _by_row_pieces(
+        lambda xc, yc: _sdd_xla(xc, yc, layout), bytes_per_row, x2, dy2, reduce=True
+    )
 
 
 def _sdd_xla(x2: jax.Array, dy2: jax.Array, layout: BSRLayout) -> jax.Array:

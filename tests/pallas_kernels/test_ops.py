@@ -217,15 +217,19 @@ def test_nm_gpu_kernel_in_interpreter(transpose):
     chex.assert_trees_all_close(got, x @ (dense.T if transpose else dense), **_TOL)
 
 
-def test_xla_path_row_chunks(monkeypatch):
-    """Large batches run as a loop over row chunks (padded); same values and gradients."""
-    monkeypatch.setattr(pk.ops, "_SLAB_BUDGET_BYTES", 1)  # 8-row chunks from 33 rows on
+@pytest.mark.parametrize("unroll", [8, 2])
+def test_xla_path_row_pieces(monkeypatch, unroll):
+    """Rows run as padded pieces (unrolled, or a loop over groups of pieces); same values
+    and gradients."""
+    monkeypatch.setattr(pk.ops, "_PIECE_BYTES", 1)  # 8-row pieces
+    monkeypatch.setattr(pk.ops, "_UNROLL", unroll)  # 45 rows: 6 pieces, or a 3-step loop
     monkeypatch.setattr(pk.ops, "_prefer_dense", lambda layout: False)
     w, rng = _bsr(3, 2, 8, 16, 0.6, seed=9, empty_col=True)
     x = jnp.asarray(rng.standard_normal((45, w.shape[0])).astype(np.float32))
-    assert pk.ops._row_chunk(45, 1) == 8
+    assert pk.ops._row_piece(45, 1) == 8
+    assert pk.ops._row_piece(5, 1) == 8
     op = lambda x, w: pk.block_sparse_matmul(x, w, impl="xla")
-    assert "while" in jax.jit(op).lower(x, w).as_text()
+    assert ("while" in jax.jit(op).lower(x, w).as_text()) == (unroll < 6)
     _assert_matches_reference(op, pk.block_sparse_matmul_reference, x, w)
 
 
