@@ -258,9 +258,7 @@ def _nm_mask_traced(scores: jax.Array, n: jax.Array, m: int, axis: int) -> jax.A
     axis = masks._normalize_axis(axis, scores.ndim)
     moved = jnp.moveaxis(scores, axis, -1)
     groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
-    order = jnp.argsort(-groups, axis=-1, stable=True)
-    ranks = jnp.argsort(order, axis=-1, stable=True)
-    keep = (ranks < n).reshape(moved.shape)
+    keep = (masks.group_ranks(groups) < n).reshape(moved.shape)
     return jnp.moveaxis(keep, -1, axis) & full
 
 
