@@ -3,9 +3,12 @@
 ``export(params, masks, format='bsr' | 'nm', ...)`` replaces every 2-D Dense kernel
 ``(K, N)`` that has a mask by a `pallas_kernels.BSR` (blocks of ``w * mask`` holding a kept
 entry) or `pallas_kernels.NM` (``w * mask`` compressed along K) pytree, in place in the
-params tree. Other masked leaves (convolution kernels ``(width, in, out)``, embeddings,
-anything not 2-D) are exported **as dense arrays with the mask applied**: the output of the
-exported model is unchanged, but they are not stored sparse. Unmasked leaves pass through.
+params tree. With ``convs=True`` (BSR only), masked convolution kernels ``(*window, in, out)``
+become the BSR of their im2col matrix `sparsejax.nn.conv_kernel_matrix`, which
+`sparsejax.nn.sparse_dense_calls` runs as patches times the sparse matrix. Other masked
+leaves (convolution kernels without ``convs``, embeddings, anything else) are exported **as
+dense arrays with the mask applied**: the output of the exported model is unchanged, but
+they are not stored sparse. Unmasked leaves pass through.
 
 The exported params drop into a model built with `sparsejax.nn.SparseDense` layers of the
 same names, or into the original model run under `sparsejax.nn.sparse_dense_calls()`. The
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import BSR, NM
+from sparsejax.nn import conv_kernel_matrix
 
 __all__ = [
     "export",
@@ -46,6 +50,11 @@ def _is_dense_kernel(path, leaf) -> bool:
     return name == "kernel" and np.ndim(leaf) == 2
 
 
+def _is_conv_kernel(path, leaf) -> bool:
+    last = path[-1] if path else None
+    return getattr(last, "key", None) == "kernel" and np.ndim(leaf) >= 3
+
+
 def export(
     params: PyTree,
     masks: PyTree,
@@ -55,6 +64,7 @@ def export(
     n: int = 2,
     m: int = 4,
     packed: bool = False,
+    convs: bool = False,
 ) -> PyTree:
     """Sparse inference params from dense params and their masks.
 
@@ -68,6 +78,9 @@ def export(
       n, m: N:M pattern for ``format='nm'``; each mask must keep at most ``n`` of every
         ``m`` consecutive inputs per output (``sparsejax.masks.nm_mask(..., axis=0)``).
       packed: bit-pack NM indices.
+      convs: also store masked conv kernels (name ``kernel``, rank >= 3) as the BSR of
+        their ``(in * prod(window), out)`` im2col matrix (``format='bsr'`` only); give their
+        block shapes through the ``block_shape`` mapping when the default does not divide.
 
     Returns:
       A params tree of the same structure in which masked Dense kernels are BSR / NM
@@ -80,6 +93,8 @@ def export(
     """
     if format not in _FORMATS:
         raise ValueError(f"format must be one of {_FORMATS}, got {format!r}")
+    if convs and format != "bsr":
+        raise ValueError(f"convs=True needs format='bsr', got format={format!r}")
     flat_params, treedef = jax.tree_util.tree_flatten_with_path(params)
     flat_masks = jax.tree.leaves(masks, is_leaf=lambda x: x is None)
     if len(flat_masks) != len(flat_params):
@@ -96,6 +111,21 @@ def export(
         mask = np.asarray(mask).astype(bool)
         if mask.shape != np.shape(leaf):
             raise ValueError(f"mask of {name} has shape {mask.shape}, parameter {np.shape(leaf)}")
+        if convs and _is_conv_kernel(path, leaf):
+            shape = block_shape.get(name) if isinstance(block_shape, Mapping) else block_shape
+            if shape is None:
+                raise ValueError(f"block_shape has no entry for {name!r}")
+            matrix = conv_kernel_matrix(np.asarray(leaf))
+            try:
+                out.append(
+                    BSR.from_dense(matrix, conv_kernel_matrix(mask), block_shape=tuple(shape))
+                )
+            except ValueError as err:
+                raise ValueError(
+                    f"cannot export {name} of shape {np.shape(leaf)} (im2col matrix "
+                    f"{matrix.shape}): {err}"
+                ) from None
+            continue
         if not _is_dense_kernel(path, leaf):
             out.append(
                 jnp.asarray(np.where(mask, np.asarray(leaf), 0).astype(np.asarray(leaf).dtype))

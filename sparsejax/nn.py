@@ -6,7 +6,10 @@
 read and multiplied. The parameter names (``kernel``, ``bias``) are those of ``nn.Dense``,
 so the params written by `sparsejax.export.export` fit either a model built with
 `SparseDense` or an unchanged model run under `sparse_dense_calls`, which routes every
-``nn.Dense`` whose kernel is a BSR / NM pytree to the sparse kernels.
+``nn.Dense`` whose kernel is a BSR / NM pytree to the sparse kernels, and every ``nn.Conv``
+whose kernel is a BSR to an im2col product: the input's patches (``window`` positions of
+every input channel, `jax.lax.conv_general_dilated_patches`) times the kernel stored as the
+``(in_channels * prod(window), out)`` matrix of `conv_kernel_matrix`.
 
 A BSR kernel's block layout is static pytree metadata, so a jitted apply retraces once per
 pattern; its only leaf is ``values``, so gradients and optimizers see just the nonzeros and
@@ -24,11 +27,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from pallas_kernels import BSR, NM, BSRLayout, block_sparse_matmul, nm_matmul
 
 __all__ = [
     "SparseDense",
+    "conv_kernel_matrix",
     "sparse_dense_calls",
     "sparse_matmul",
 ]
@@ -146,13 +151,97 @@ class SparseDense(nn.Module):
         return y
 
 
+def conv_kernel_matrix(kernel: Any) -> Any:
+    """A conv kernel ``(*window, in, out)`` as the ``(in * prod(window), out)`` im2col matrix.
+
+    Rows are ordered channel-major (``row = c * prod(window) + window position``), the order
+    of the patches of `jax.lax.conv_general_dilated_patches`, so
+    ``patches(x) @ conv_kernel_matrix(kernel) == conv(x, kernel)``. Works on arrays and on
+    boolean masks (numpy or jax).
+
+    Raises:
+      ValueError: if ``kernel`` has fewer than 3 dimensions.
+    """
+    if np.ndim(kernel) < 3:
+        raise ValueError(f"kernel must be (*window, in, out), got shape {np.shape(kernel)}")
+    xp = np if isinstance(kernel, np.ndarray) else jnp
+    return xp.moveaxis(kernel, -2, 0).reshape(-1, np.shape(kernel)[-1])
+
+
+_CONV_SPECS = {
+    1: ("NWC", "WIO", "NWC"),
+    2: ("NHWC", "HWIO", "NHWC"),
+    3: ("NDHWC", "DHWIO", "NDHWC"),
+}
+
+
+def _per_dim(value: Any, nd: int, name: str) -> tuple[int, ...]:
+    if value is None:
+        return (1,) * nd
+    if isinstance(value, int):
+        return (value,) * nd
+    value = tuple(value)
+    if len(value) != nd:
+        raise ValueError(f"nn.Conv {name}={value!r} must have {nd} entries")
+    return value
+
+
+def _conv_padding(padding: Any, nd: int) -> Any:
+    if padding in ("SAME", "VALID"):
+        return padding
+    if isinstance(padding, int):
+        return ((padding, padding),) * nd
+    if not isinstance(padding, str):
+        pads = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+        if len(pads) == nd and all(len(p) == 2 for p in pads):
+            return pads
+    raise ValueError(
+        f"sparse conv supports padding 'SAME', 'VALID', an int or (low, high) pairs, got "
+        f"padding={padding!r}"
+    )
+
+
+def _sparse_conv(module: nn.Conv, x: jax.Array, kernel: BSR, impl: str) -> jax.Array:
+    """``module(x)`` for an ``nn.Conv`` whose kernel is the BSR of its im2col matrix."""
+    nd = len(module.kernel_size)
+    if nd not in _CONV_SPECS:
+        raise ValueError(f"sparse conv supports 1 to 3 spatial dims, got kernel_size={nd}")
+    if module.feature_group_count != 1:
+        raise ValueError(
+            f"sparse conv needs feature_group_count=1, got {module.feature_group_count}"
+        )
+    if x.ndim != nd + 2:
+        raise ValueError(f"sparse conv needs a batched input of rank {nd + 2}, got {x.shape}")
+    window = int(np.prod(module.kernel_size))
+    if kernel.shape != (x.shape[-1] * window, module.features):
+        raise ValueError(
+            f"BSR kernel shape {kernel.shape} does not match (in_channels * window, features)"
+            f" = {(x.shape[-1] * window, module.features)}"
+        )
+    patches = lax.conv_general_dilated_patches(
+        x,
+        filter_shape=tuple(module.kernel_size),
+        window_strides=_per_dim(module.strides, nd, "strides"),
+        padding=_conv_padding(module.padding, nd),
+        lhs_dilation=_per_dim(module.input_dilation, nd, "input_dilation"),
+        rhs_dilation=_per_dim(module.kernel_dilation, nd, "kernel_dilation"),
+        dimension_numbers=_CONV_SPECS[nd],
+    )
+    y = block_sparse_matmul(patches, kernel, impl=impl)
+    if module.use_bias:
+        y = y + module.get_variable("params", "bias").astype(y.dtype)
+    return y
+
+
 @contextlib.contextmanager
 def sparse_dense_calls(impl: str = "auto") -> Iterator[None]:
-    """Within this context, an ``nn.Dense`` whose ``kernel`` param is a BSR / NM runs sparse.
+    """Within this context, ``nn.Dense`` / ``nn.Conv`` layers with sparse kernels run sparse.
 
     Lets an unchanged model (e.g. ``experiments.models.CNN1D``) apply params written by
-    `sparsejax.export.export`: the interceptor computes ``x @ kernel + bias`` with the
-    sparse kernels; every other module call runs as usual.
+    `sparsejax.export.export`: a Dense whose kernel is a BSR / NM computes
+    ``x @ kernel + bias`` with the sparse kernels; a Conv whose kernel is a BSR (of its
+    `conv_kernel_matrix`) computes ``patches(x) @ kernel + bias``; every other module call
+    runs as usual.
 
     Args:
       impl: kernel choice passed to the ops.
@@ -169,6 +258,11 @@ def sparse_dense_calls(impl: str = "auto") -> Iterator[None]:
                     if module.use_bias:
                         y = y + module.get_variable("params", "bias").astype(y.dtype)
                     return y
+        if type(module) is nn.Conv and context.method_name == "__call__":
+            if module.has_variable("params", "kernel"):
+                kernel = module.get_variable("params", "kernel")
+                if isinstance(kernel, BSR):
+                    return _sparse_conv(module, args[0], kernel, impl)
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):

@@ -129,3 +129,32 @@ def test_export_validation(trained):
         export.export(params, {"dense": mask_tree["dense"]})
     per_path = export.export(params, mask_tree, block_shape={"dense/kernel": (10, 10)})
     assert per_path["dense"]["kernel"].block_shape == (10, 10)
+
+
+def test_export_convs_runs_the_whole_cnn_sparse(trained):
+    """convs=True: every conv kernel becomes the BSR of its im2col matrix, run as patches
+    times the sparse matrix; outputs equal the masked dense model's."""
+    model, params, mask_tree, x = trained
+    masked = masks.apply_masks(params, mask_tree)
+    want = model.apply({"params": masked}, x)
+    # im2col matrices: conv1 (1 * 5, 4), conv2 and conv3 (4 * 3, 4); the head (20, 10).
+    blocks = {"conv1/kernel": (5, 2), "conv2/kernel": (3, 2), "conv3/kernel": (2, 4)}
+    blocks["dense/kernel"] = (4, 5)
+    exported = export.export(params, mask_tree, block_shape=blocks, convs=True)
+    for conv in ("conv1", "conv2", "conv3"):
+        kernel = exported[conv]["kernel"]
+        assert isinstance(kernel, BSR)
+        np.testing.assert_array_equal(
+            np.asarray(kernel.to_dense()),
+            np.asarray(snn.conv_kernel_matrix(masked[conv]["kernel"])),
+        )
+    with snn.sparse_dense_calls(impl="xla"):
+        got = jax.jit(model.apply)({"params": exported}, x)
+    chex.assert_trees_all_close(got, want, **_TOL)
+    np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(want, -1))
+    assert set(export.storage_summary(exported)) == set(blocks)
+    with pytest.raises(ValueError, match="convs=True needs format='bsr', got format='nm'"):
+        export.export(params, mask_tree, format="nm", convs=True)
+    with pytest.raises(ValueError, match=r"cannot export conv1/kernel .*im2col matrix \(5, 4\)"):
+        export.export(params, mask_tree, block_shape=dict(blocks, **{"conv1/kernel": (2, 2)}),
+                      convs=True)  # fmt: skip

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import BSR, NM
+from sparsejax import masks
 from sparsejax import nn as snn
 
 _SETTINGS = settings(max_examples=6, deadline=None, derandomize=True)
@@ -123,3 +124,56 @@ def test_sparse_dense_calls_routes_plain_dense():
     with snn.sparse_dense_calls(impl="xla"):
         got = jax.jit(net.apply)({"params": sparse}, x)
     chex.assert_trees_all_close(got, want, **_TOL)
+
+
+@pytest.mark.parametrize(
+    "kernel_size, strides, padding, dilation",
+    [
+        ((3,), 2, ((1, 1),), 1),
+        ((5,), 1, "SAME", 2),
+        ((3, 2), (2, 1), "VALID", 1),
+        ((3, 3), 1, 1, 1),
+    ],
+)
+def test_sparse_conv_equals_masked_conv(kernel_size, strides, padding, dilation):
+    """An nn.Conv whose kernel is the BSR of its masked im2col matrix gives the conv's output,
+    values and gradients to the input."""
+    rng = np.random.default_rng(len(kernel_size))
+    spatial = (13,) * len(kernel_size)
+    x = jnp.asarray(rng.standard_normal((3, *spatial, 4)).astype(np.float32))
+    conv = nn.Conv(6, kernel_size, strides=strides, padding=padding, kernel_dilation=dilation)
+    params = conv.init(jax.random.key(0), x)["params"]
+    matrix_mask = masks.block_mask(
+        jax.random.uniform(jax.random.key(1), (4 * int(np.prod(kernel_size)), 6)), 0.5, (2, 3)
+    )
+    # The mask in the kernel's own layout: invert conv_kernel_matrix's channel-major order.
+    kernel_mask = jnp.moveaxis(matrix_mask.reshape(4, *kernel_size, 6), 0, -2)
+    np.testing.assert_array_equal(snn.conv_kernel_matrix(kernel_mask), matrix_mask)
+    dense = {"kernel": params["kernel"] * kernel_mask, "bias": params["bias"]}
+    sparse = {
+        "kernel": BSR.from_dense(
+            snn.conv_kernel_matrix(params["kernel"]), matrix_mask, block_shape=(2, 3)
+        ),
+        "bias": params["bias"],
+    }
+    want = conv.apply({"params": dense}, x)
+    with snn.sparse_dense_calls(impl="xla"):
+        got = conv.apply({"params": sparse}, x)
+        got_grad = jax.grad(lambda x: conv.apply({"params": sparse}, x).sum())(x)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+    want_grad = jax.grad(lambda x: conv.apply({"params": dense}, x).sum())(x)
+    chex.assert_trees_all_close(got_grad, want_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_conv_rejects_what_it_cannot_run():
+    x = jnp.ones((2, 8, 4))
+    kernel = BSR.from_dense(np.ones((12, 6), np.float32), block_shape=(2, 3))
+    for conv, match in [
+        (nn.Conv(6, (3,), padding="CIRCULAR"), "padding='CIRCULAR'"),
+        (nn.Conv(6, (3,), feature_group_count=2), "feature_group_count=1, got 2"),
+        (nn.Conv(6, (2,)), r"BSR kernel shape \(12, 6\) does not match"),
+    ]:
+        with snn.sparse_dense_calls(), pytest.raises(ValueError, match=match):
+            conv.apply({"params": {"kernel": kernel, "bias": jnp.zeros(6)}}, x)
+    with pytest.raises(ValueError, match="kernel must be"):
+        snn.conv_kernel_matrix(np.ones((3, 4)))
