@@ -11,7 +11,7 @@ Importing or using it never changes tensorly's backend or JAX's x64 flag
 (tensorly is not imported at all).
 """
 
-from tensornets import adaptive, contract, formats, layers, rank, regularizers
+from tensornets import adaptive, contract, formats, layers, rank, regularizers, sltrain
 from tensornets.adaptive import GreedyGrowth, SpectralTruncation, rank_adaptive
 from tensornets.formats import (
     CP,
@@ -76,6 +76,7 @@ __all__ = [
     "rank",
     "rank_adaptive",
     "regularizers",
+    "sltrain",
     "t_identity",
     "t_product",
     "t_svd",
