@@ -15,7 +15,7 @@ the factors first is one of the orders it searches, and it takes that order when
 it is cheaper), so ``"auto"`` resolves to ``"factorized"`` whenever the search is
 exhaustive. ``"dense"`` stays as an override because FLOPs are not time (one large
 GEMM can beat several thin contractions on matrix hardware); on a 2-core CPU it
-never won: benchmarks/tensornets.py measured it 1.1x-18x slower than "factorized".
+never won: benchmarks/factorized_layers.py measured it 1.1x-18x slower than "factorized".
 
 Paths come from opt_einsum (Smith & Gray 2018, "opt_einsum - A Python package for
 optimizing contraction order for einsum-like expressions"): exhaustive search

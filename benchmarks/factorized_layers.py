@@ -1,6 +1,6 @@
 """Factorized layers vs dense, and our jitted decompositions vs tensorly, measured in one run.
 
-    python benchmarks/tensornets.py [--repeats=7] [--part=all|layers|decompositions]
+    python benchmarks/factorized_layers.py [--repeats=7] [--part=all|layers|decompositions]
 
 (a) layers: forward+backward (value_and_grad of a squared-output loss with respect to
     params and inputs, jitted) of a 1024 -> 1024 dense layer and of factorized layers
