@@ -165,6 +165,13 @@ def partition_spec(
     Returns:
       A `PartitionSpec` (``PartitionSpec()`` = replicated).
     """
+    for name, value in (
+        ("data_size", data_size),
+        ("model_size", model_size),
+        ("min_size", min_size),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2 or math.prod(shape) < min_size:
         return PartitionSpec()

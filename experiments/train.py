@@ -82,10 +82,29 @@ def make_optimizer(
     opt = config.optimizer
     if opt.name not in _OPTIMIZERS:
         raise ValueError(f"config.optimizer.name={opt.name!r} is unknown; known: {_OPTIMIZERS}")
-    if not opt.learning_rate > 0:
+    if not _is_number(opt.learning_rate) or not opt.learning_rate > 0:
         raise ValueError(
             f"config.optimizer.learning_rate must be positive, got {opt.learning_rate!r}"
         )
+    for key, low, high in (
+        ("warmup_steps", 0, None),
+        ("weight_decay", 0.0, None),
+        ("momentum", 0.0, 1.0),
+        ("grad_clip_norm", 0.0, None),
+    ):
+        value = opt.get(key, 0)
+        integral = key == "warmup_steps"
+        if (
+            not _is_number(value)
+            or (integral and not isinstance(value, int))
+            or not value >= low
+            or (high is not None and not value < high)
+        ):
+            bounds = f"in [{low}, {high})" if high is not None else f">= {low}"
+            raise ValueError(
+                f"config.optimizer.{key} must be {'an integer' if integral else 'a number'} "
+                f"{bounds}, got {value!r}"
+            )
     warmup = int(opt.get("warmup_steps", 0))
     if opt.get("schedule", "constant") == "cosine" and not warmup:
         lr = optax.cosine_decay_schedule(opt.learning_rate, decay_steps=max(total_steps, 1))
@@ -119,6 +138,10 @@ def make_optimizer(
     if clip:
         tx = optax.chain(optax.clip_by_global_norm(clip), tx)
     return tx
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -416,6 +439,12 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         value = config.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
+    log_every = config.get("log_every_steps", 100)
+    if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every <= 0:
+        raise ValueError(f"config.log_every_steps must be a positive integer, got {log_every!r}")
+    seed = config.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"config.seed must be an integer >= 0, got {seed!r}")
     keep = config.get("keep_checkpoints", 3)
     if not isinstance(keep, int) or isinstance(keep, bool) or keep <= 0:
         raise ValueError(f"config.keep_checkpoints must be a positive integer, got {keep!r}")
@@ -428,6 +457,11 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(min_size, int) or isinstance(min_size, bool) or min_size < 1:
         raise ValueError(f"config.mesh.fsdp_min_size must be a positive integer, got {min_size!r}")
     _packed(config)
+    # Build the cheap pieces now, so a bad optimizer, sparsity or model value fails
+    # before any data is loaded or anything is compiled or written.
+    make_optimizer(config, config.total_steps)
+    algorithms.from_config(config.sparsity, config.total_steps)
+    make_model(config, 10)
 
 
 @jax.jit
@@ -455,8 +489,24 @@ def _restore_latest(
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
+    expected = _signature(state)
     for step in sorted(manager.all_steps(), reverse=True):
         try:
+            saved = _saved_signature(os.path.join(ckpt_dir, str(step), "default"))
+        except Exception:  # noqa: BLE001 -- unreadable metadata: handled as corrupt below
+            saved = None
+        # Damaged array files can make the metadata read back as an empty tree.
+        saved = saved or None
+        if saved is not None and saved != expected:
+            # A readable checkpoint of another model or optimizer is not corrupt: refuse
+            # to touch it rather than set a valid run aside.
+            raise ValueError(
+                f"workdir={os.path.dirname(ckpt_dir)!r} holds checkpoint {step} of a different "
+                "model or optimizer than this config builds; use a new workdir"
+            )
+        try:
+            if saved is None:
+                raise ValueError("its metadata cannot be read")
             restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
             if int(distributed.to_host(restored.step)) != step:
                 raise ValueError(f"holds step {int(restored.step)}")
@@ -475,6 +525,17 @@ def _restore_latest(
             _sync("quarantine")
             manager.reload()
     return state, None
+
+
+def _signature(tree: PyTree) -> list[tuple[tuple[int, ...], str]]:
+    # Sorted (shape, dtype) of every leaf: independent of how the tree's nodes
+    # are stored (a checkpoint's metadata turns NamedTuples into dicts).
+    return sorted((tuple(x.shape), np.dtype(x.dtype).str) for x in jax.tree.leaves(tree))
+
+
+def _saved_signature(path: str) -> list[tuple[tuple[int, ...], str]]:
+    with ocp.StandardCheckpointer() as checkpointer:
+        return _signature(checkpointer.metadata(path).item_metadata)
 
 
 def load_checkpoint(workdir: str, step: int | None = None) -> dict[str, Any]:
@@ -545,10 +606,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mappi
     _check_config(config)
     mesh = make_mesh(config)
     is_chief = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    if is_chief:
-        config_json = config.to_json_best_effort(indent=2)
-        _write_atomically(os.path.join(workdir, "config.json"), config_json)
 
     dataset = _load_data(config)
     model = make_model(config, dataset.num_classes)
@@ -586,6 +643,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mappi
     )
     if latest is not None:
         logging.info("Resumed from %s at step %d", ckpt_dir, latest)
+    # Written only now that the config has built a model, data, optimizer and a state
+    # matching the checkpoints: a bad config leaves an existing workdir as it was.
+    if is_chief:
+        config_json = config.to_json_best_effort(indent=2)
+        _write_atomically(os.path.join(workdir, "config.json"), config_json)
     start_step = int(distributed.to_host(state.step))
 
     metrics_path = os.path.join(workdir, "metrics.jsonl")

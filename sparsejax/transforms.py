@@ -160,6 +160,34 @@ def reset_moments(inner_state: optax.OptState, params: PyTree, where: PyTree) ->
     return jax.tree.map(reset, inner_state, is_leaf=is_slot)
 
 
+def _check_params(params: PyTree, masks: PyTree | None) -> None:
+    """Fails on masks that do not fit ``params`` and on NaN/inf or integer weights.
+
+    Values are checked only when concrete (an eager ``init``); under jit only
+    shapes and dtypes can be.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, p in leaves:
+        name = "params" + jax.tree_util.keystr(path)
+        dtype = jnp.result_type(p)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise ValueError(f"{name} must be floating point, got dtype {dtype}")
+        if not isinstance(p, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(p))):
+            raise ValueError(f"{name} contains NaN or inf values (got {p!r:.80})")
+    if masks is None:
+        return
+    try:
+        mask_leaves = jax.tree.structure(params).flatten_up_to(masks)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"masks must have the structure of params: {error}") from None
+    for (path, p), m in zip(leaves, mask_leaves, strict=True):
+        if m is not None and jnp.shape(m) != jnp.shape(p):
+            raise ValueError(
+                f"masks{jax.tree_util.keystr(path)} has shape {jnp.shape(m)}, "
+                f"its param {jnp.shape(p)}"
+            )
+
+
 def masked(
     inner: optax.GradientTransformation,
     algorithm: Any,
@@ -198,8 +226,13 @@ def masked(
     if not isinstance(inner, optax.GradientTransformation):
         raise ValueError(f"inner must be an optax.GradientTransformation, got {type(inner)!r}")
     base_key = jax.random.key(0) if key is None else key
-    if not jnp.issubdtype(base_key.dtype, jax.dtypes.prng_key):
-        raise ValueError(f"key must be a typed key from jax.random.key, got dtype {base_key.dtype}")
+    if not isinstance(base_key, jax.Array) or not jnp.issubdtype(
+        base_key.dtype, jax.dtypes.prng_key
+    ):
+        raise ValueError(
+            "key must be a typed key from jax.random.key, got "
+            f"{getattr(base_key, 'dtype', type(base_key).__name__)!r}"
+        )
     init_key, step_base_key = jax.random.split(base_key)
     key_data = jax.random.key_data(step_base_key)
     has_schedule = algorithm.updates_masks
@@ -210,6 +243,7 @@ def masked(
     store = pack_masks if packed else (lambda m: m)
 
     def init_fn(params):
+        _check_params(params, masks)
         if masks is None:
             init_masks = algorithm.init_masks(params, init_key)
         else:

@@ -116,7 +116,7 @@ def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(reference, t
 def _truncate_arrays(step_dir):
     # Every data file of the array store: a partial copy or a disk that lost writes.
     for root, _, files in os.walk(step_dir):
-        if os.sep + "d" in root:
+        if os.path.basename(root) == "d":
             for name in files:
                 with open(os.path.join(root, name), "r+b") as f:
                     f.truncate(3)
@@ -165,3 +165,23 @@ def test_skip_mode_drops_non_finite_steps_and_finishes(tmp_path, monkeypatch):
     saved = train.load_checkpoint(workdir, 8)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(saved["params"]))
     # Stop mode (the default) on the same data: tests/experiments/test_train.py.
+
+
+def test_a_different_model_refuses_the_workdir_and_changes_nothing(reference, tmp_path):
+    workdir = str(tmp_path / "other")
+    shutil.copytree(reference, workdir)
+    before = {
+        os.path.join(root, name): open(os.path.join(root, name), "rb").read()
+        for root, _, files in os.walk(workdir)
+        for name in files
+    }
+    config = _config()
+    config.model.channels = 16
+    with pytest.raises(ValueError, match="workdir=.* holds checkpoint 8 of a different model"):
+        train.train_and_evaluate(config, workdir)
+    after = {
+        os.path.join(root, name): open(os.path.join(root, name), "rb").read()
+        for root, _, files in os.walk(workdir)
+        for name in files
+    }
+    assert after == before
