@@ -29,10 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import BSR, NM
+from sparsejax import transforms
 from sparsejax.nn import conv_kernel_matrix
 
 __all__ = [
     "export",
+    "export_trained",
     "storage_summary",
 ]
 
@@ -142,6 +144,47 @@ def export(
         except ValueError as err:
             raise ValueError(f"cannot export {name} of shape {np.shape(leaf)}: {err}") from None
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def export_trained(
+    params: PyTree, opt_state: Any, algorithm: Any, *, format: str = "nm", **kwargs: Any
+) -> PyTree:
+    """`export` of what a trained model computes with: the algorithm's forward weights.
+
+    Straight-through algorithms keep dense weights in ``params``; the model runs on
+    ``algorithm.forward_params_with_state(params, masks, algo_state)`` (``w * mask``,
+    or S-STE's rescaled soft-thresholded weights), and that is what is exported. For
+    N:M algorithms (anything with ``n`` and ``m`` attributes) ``format='nm'`` takes
+    the pattern from the algorithm, so a trained N:M model converts in one call:
+
+        exported = export_trained(state.params, state.opt_state, algorithm)
+
+    Args:
+      params: the trained params.
+      opt_state: the optimizer state holding a `sparsejax.transforms.MaskedState`.
+      algorithm: the `sparsejax.algorithms.Algorithm` that trained them.
+      format: ``'nm'`` or ``'bsr'``.
+      **kwargs: further arguments of `export` (``n``, ``m``, ``packed``, ``block_shape``).
+
+    Returns:
+      The exported params tree (see `export`).
+
+    Raises:
+      ValueError: as `export`, e.g. when a Dense kernel's mask is not N:M along its
+        input axis (a transposable or decaying mask still in its dense phase).
+    """
+    masks = transforms.get_masks(opt_state)
+    state = [
+        node
+        for node in jax.tree.leaves(
+            opt_state, is_leaf=lambda x: isinstance(x, transforms.MaskedState)
+        )
+        if isinstance(node, transforms.MaskedState)
+    ][0]
+    forward = algorithm.forward_params_with_state(params, masks, state.algo_state)
+    if format == "nm" and hasattr(algorithm, "n") and hasattr(algorithm, "m"):
+        kwargs = {"n": algorithm.n, "m": algorithm.m, **kwargs}
+    return export(forward, masks, format=format, **kwargs)
 
 
 def storage_summary(exported: PyTree) -> dict[str, dict[str, float]]:
