@@ -19,6 +19,7 @@ from sparsejax.algorithms.nm import NMSTE, SRSTE, SSTE, BiMask, NMDecay, NMOneSh
 from sparsejax.algorithms.pai import PruneAtInit
 from sparsejax.algorithms.pruning import Prune
 from sparsejax.algorithms.snfs import SNFS
+from sparsejax.algorithms.srigl import SRigL
 from sparsejax.algorithms.ste import STE
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "RigL",
     "SNFS",
     "SRSTE",
+    "SRigL",
     "SSTE",
     "STE",
     "SparseAlgorithm",
@@ -62,6 +64,7 @@ _REGISTRY: dict[str, tuple[type, dict[str, Any]]] = {
     "nm_decay": (NMDecay, {}),
     "nm_oneshot": (NMOneShot, {}),
     "bimask": (BiMask, {}),
+    "srigl": (SRigL, {}),
 }
 
 # Config keys understood by `from_config` beyond the dataclass fields.
