@@ -155,3 +155,18 @@ def test_outputs_and_the_parallel_block_is_the_sum_of_its_branches():
 def test_bad_arguments_are_value_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sparse_ift.SparseIFTMLP(**kwargs).init(jax.random.key(0), X)
+
+
+def test_config_builds_the_model_and_the_algorithm():
+    from configs import sparse_ift_mnist1d
+    from experiments import train
+
+    for arg in (None, "runlocal"):
+        config = sparse_ift_mnist1d.get_config(arg)
+        model = train.make_model(config, num_classes=10)
+        assert isinstance(model, sparse_ift.SparseIFTMLP) and model.family == "wide"
+        algo = algorithms.from_config(config.sparsity, config.total_steps)
+        shapes = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), X))["params"]
+        sparsities = algo.layer_sparsities(shapes)
+        assert sparsities["block_1"]["dense"]["kernel"] == 0.9
+        assert sparsities["stem"]["kernel"] is None and sparsities["head"]["kernel"] is None

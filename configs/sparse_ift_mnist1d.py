@@ -1,0 +1,39 @@
+"""Sparse Wide MLP on MNIST-1D at the dense MLP's FLOPs (Sparse-IFT, Thangarasa et al. 2023).
+
+The hidden-to-hidden layers of the 40-128-128-128-10 MLP are widened and trained sparse
+with RigL at 90% (uniform over the transformed kernels; stem, head and low-rank parts
+dense), so inference costs the dense MLP's FLOPs. Other families from the command line:
+``--config.model.family=parallel`` (``factorized``, ``doped``, ``sltrain``; ``sltrain``
+keeps its own fixed support, so pair it with ``--config.sparsity.algorithm=dense``) and
+``--config.model.sparsity=0.75 --config.sparsity.target=0.75``.
+"""
+
+import ml_collections
+
+from configs.base import apply_variant, get_base_config
+from experiments.sparse_ift import KEEP_DENSE
+
+
+def get_config(arg=None):
+    config = get_base_config()
+    config.model = ml_collections.ConfigDict(
+        {"name": "sparse_ift_mlp", "features": (128, 128, 128), "family": "wide", "sparsity": 0.9}
+    )
+    config.sparsity = ml_collections.ConfigDict(
+        {
+            "algorithm": "rigl",
+            "target": 0.9,
+            "distribution": "uniform",
+            "keep_dense": KEEP_DENSE,
+            "update_every_steps": 100,
+            "end_fraction": 0.75,
+            "drop_fraction": 0.3,
+        }
+    )
+    config.total_steps = 3000
+    config.eval_every_steps = 500
+    config = apply_variant(config, arg)
+    if arg == "runlocal":
+        del config.model["channels"]  # apply_variant narrows the CNN; this is an MLP
+        config.model.features = (16, 16)
+    return config
