@@ -37,5 +37,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config = apply_variant(config, arg)
     if arg == "runlocal":
-        config.model.features = (16, 16)
+        # apply_variant narrows the CNN; this config's model is the MLP.
+        config.model = ml_collections.ConfigDict({"name": "mlp", "features": (16, 16)})
     return config
