@@ -7,8 +7,10 @@ from sparsejax import (
     flops,
     masks,
     nn,
+    posttrain,
     schedules,
     scores,
+    soups,
     transforms,
 )
 
@@ -19,7 +21,9 @@ __all__ = [
     "flops",
     "masks",
     "nn",
+    "posttrain",
     "schedules",
     "scores",
+    "soups",
     "transforms",
 ]

@@ -357,3 +357,27 @@ def test_tensor_mnist1d_config_builds_a_tt_matrix_mlp_at_ten_percent():
 def test_bad_factorize_raises_at_construction(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_vit1d_shapes_layers_and_errors():
+    model = models.get_model("vit1d", patch_size=4, width=8, depth=2, num_heads=2, mlp_dim=16)
+    x = jax.random.normal(jax.random.key(0), (3, 40, 1))
+    variables = _init(model, x)
+    params = variables["params"]
+    assert params["position"].shape == (10, 8)
+    assert params["embed"]["kernel"].shape == (4, 8)
+    for i in range(2):
+        for name in ("query", "key", "value", "out"):
+            assert params[f"block_{i}"]["attention"][name]["kernel"].shape == (8, 8)
+        assert params[f"block_{i}"]["mlp_in"]["kernel"].shape == (8, 16)
+        assert params[f"block_{i}"]["mlp_out"]["kernel"].shape == (16, 8)
+    logits = model.apply(variables, x)
+    assert logits.shape == (3, 10) and logits.dtype == jnp.float32
+    np.testing.assert_allclose(jax.jit(model.apply)(variables, x), logits, rtol=1e-5, atol=1e-5)
+    # Tokens attend to each other: changing one position changes every token's output.
+    y = model.apply(variables, x.at[:, 0].add(1.0))
+    assert not np.allclose(y, logits)
+    with pytest.raises(ValueError, match="num_heads must divide width"):
+        models.ViT1D(width=10, num_heads=4)
+    with pytest.raises(ValueError, match="patch_size=3 must divide"):
+        models.ViT1D(patch_size=3).init(jax.random.key(0), x)
