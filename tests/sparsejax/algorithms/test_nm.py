@@ -71,9 +71,9 @@ def test_sr_ste_algorithm_uses_lambda_w_on_pruned_weights(problem):
     params, x, y = problem
     algo = algorithms.get("sr_ste", n=1, m=4, lambda_w=0.5)
     state = algo.init_state(params)
-    g_sr = jax.grad(lambda p: loss(algo.forward_params(p, state.masks), x, y))(params)
+    g_sr = jax.jit(jax.grad(lambda p: loss(algo.forward_params(p, state.masks), x, y)))(params)
     ste = algorithms.get("nm_ste", n=1, m=4)
-    g_ste = jax.grad(lambda p: loss(ste.forward_params(p, state.masks), x, y))(params)
+    g_ste = jax.jit(jax.grad(lambda p: loss(ste.forward_params(p, state.masks), x, y)))(params)
     for k in ("l1", "l2"):
         m, w = state.masks[k]["kernel"], params[k]["kernel"]
         np.testing.assert_allclose(
@@ -202,7 +202,8 @@ def test_bimask_context_changes_only_the_input_gradient_of_flax_dense_layers():
         with algo.model_context(p, state.masks, state):
             return jnp.sum(model.apply({"params": forward}, x) ** 2)
 
-    (l1, g1), (l0, g0) = (jax.value_and_grad(objective)(params, b) for b in (True, False))
+    value_and_grad = jax.jit(jax.value_and_grad(objective), static_argnums=1)
+    (l1, g1), (l0, g0) = (value_and_grad(params, b) for b in (True, False))
     np.testing.assert_allclose(l1, l0, rtol=1e-6)  # same forward pass
     # The last two layers' weight gradients are X^T dY either way; hidden_0's input is
     # reached through hidden_1's backward mask, so its gradient changes.
