@@ -315,3 +315,30 @@ def test_a_leaf_that_m_does_not_divide_is_named(problem):
     got = algorithms.get("nm_ste", n=1, m=8, keep_dense=("l1",)).init_masks(params, None)
     assert got["l1"]["kernel"] is None
     np.testing.assert_array_equal(_groups_of(got["l2"]["kernel"], 8).sum(-1), 1)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [("sr_ste", {}), ("nm_decay", {"decay_schedule": "structure", "end_step": 4})],
+)
+def test_masked_update_is_the_same_under_jit(problem, name, kwargs):
+    params, x, y = problem
+    algo = algorithms.get(name, n=1, m=4, **kwargs)
+    tx = transforms.masked(optax.sgd(0.1), algo)
+
+    def step(p, s):
+        def objective(q):
+            return loss(
+                algo.forward_params_with_state(q, transforms.get_masks(s), s.algo_state), x, y
+            )
+
+        return tx.update(jax.grad(objective)(p), s, p)
+
+    state = tx.init(params)
+    for _ in range(2):  # the second step sees a mask update from trained weights
+        eager = step(params, state)
+        jitted = jax.jit(step)(params, state)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), eager, jitted
+        )
+        params, state = optax.apply_updates(params, eager[0]), eager[1]
