@@ -25,7 +25,9 @@ def hessian_inverse_factor(x: jax.Array, dampening: float = 0.01) -> jax.Array:
 
     Returns:
       ``float32[in, in]`` upper triangular. Inputs that are zero on every token get a unit
-      diagonal first, as in the paper's code, so H is invertible.
+      diagonal first, as in the paper's code, so H is invertible; unlike that code, their
+      weights are not zeroed here (they do not change the calibration outputs, and pruning
+      at sparsity 0 must return the layer unchanged).
     """
     x = jnp.asarray(x, jnp.float32)
     h = x.T @ x
