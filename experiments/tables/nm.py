@@ -208,7 +208,8 @@ def _notes(quick: bool) -> str:
         f"{_DECAY_END:.0%} of training, then 0; structure decay: N goes M -> M/2 -> ... -> n "
         f"in equal stages until {_DECAY_END:.0%} of training. One-shot: dense for half the "
         "steps, one N:M magnitude pruning, fine-tuning with the fixed mask. The flip rate is "
-        "the mean over all steps of the fraction of masked weights whose mask changed."
+        "the mean over all steps of the fraction of masked weights whose mask changed "
+        "(for structure decay it includes the changes of its stages)."
     )
 
 
