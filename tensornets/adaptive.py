@@ -26,9 +26,15 @@ a gradient maps as dL/dA' = dL/dA T_A^{-T} = dL/dA R_A^T P (exact for the
 gradient at the rotation point, and needs no inverse); first moments follow this
 linear map, second moments (Adam's ``nu``) the map with squared entries (the
 usual diagonal approximation); the moments of ``w`` map through the diagonal of
-T_A^T diag(m_w) T_B (pseudo-inverses of R for dead components). What is not
-reproduced: DLRT's K/L/S integrator with basis augmentation (here the factors are
-trained directly by the optimizer, so the rank only decreases).
+T_A^T diag(m_w) T_B (R restricted to the live components). Tucker layers
+(every mode factorized, no group axis) get the same treatment with a truncated
+HOSVD of the core: QR of every factor, an SVD of every mode-k unfolding of the
+small core, factors and core rotated (the core's mode-k slices become orthogonal,
+their norms the mode-k singular values), each mode truncated with tau; there the
+core's moments map exactly, dL/dG' = dL/dG x_k T_k^T (when every component is
+live). What is not reproduced: DLRT's K/L/S integrator with basis augmentation
+(here the factors are trained directly by the optimizer, so the rank only
+decreases), and TT bonds (no TT rounding sweep yet).
 
 `GreedyGrowth` (Hashemizadeh, Liu, Miller & Rabusseau 2020/2024, "Adaptive
 Learning of Tensor Network Structures"): start every rank axis small and, every
@@ -206,14 +212,100 @@ def _map_moments(inner_state, params, linear, squared):
     return visit(inner_state)
 
 
+def _inverse_on_live(r: jax.Array, rho: jax.Array, rhs: jax.Array) -> jax.Array:
+    """R^{-1} rhs for the triangular R of a QR whose dead columns are zero.
+
+    The dead components' diagonal entries (zero) are set to one, so the solve is
+    defined; their moments are zero, so what it gives them does not matter.
+    """
+    eye = jnp.eye(rho.size, dtype=r.dtype)
+    return jax.scipy.linalg.solve_triangular(r + eye * (1 - rho), rhs, lower=False)
+
+
+def _rotate_low_rank(node: Mapping, live: Mapping):
+    """W = A diag(w) B^T in its singular basis, and the map of the moments."""
+    rho = live["rank"].astype(node["weights"].dtype)
+    qa, ra, qb, rb, p, s, v = _svd_basis(node, rho)
+    new = {**node, "factor_0": qa @ p, "factor_1": qb @ v, "weights": s.astype(rho.dtype)}
+    ma, mb = ra.T @ p, rb.T @ v  # gradient maps of the factors: dL/dA' = dL/dA R_A^T P
+    ta, tb = _inverse_on_live(ra, rho, p), _inverse_on_live(rb, rho, v)
+
+    def slot_map(slot, power):
+        return {
+            **slot,
+            "factor_0": slot["factor_0"] @ ma**power,
+            "factor_1": slot["factor_1"] @ mb**power,
+            # diag(T_A^T diag(m_w) T_B): the core's moment kept on its diagonal.
+            "weights": jnp.einsum("ri,r,ri->i", ta**power, slot["weights"], tb**power),
+        }
+
+    return new, slot_map
+
+
+def _is_tucker(node: Mapping) -> bool:
+    """A Tucker layer without a group axis whose every core mode is factorized."""
+    if rank_lib.layer_format(node) != "tucker" or jnp.ndim(node["factor_0"]) != 2:
+        return False
+    return len(node) - ("bias" in node) - 1 == jnp.ndim(node["core"])
+
+
+def _mode_dot(x: jax.Array, m: jax.Array, k: int) -> jax.Array:
+    """x x_k m: contracts mode k of x with the columns of m (m has shape (new, old))."""
+    return jnp.moveaxis(jnp.tensordot(m, x, axes=(1, k)), 0, k)
+
+
+def _unfolding_norms(core: jax.Array, k: int) -> jax.Array:
+    """Norms of the mode-k slices of the core (its mode-k singular values after HOSVD)."""
+    return jnp.sqrt(jnp.sum(core**2, axis=tuple(i for i in range(core.ndim) if i != k)))
+
+
+def _rotate_tucker(node: Mapping, live: Mapping):
+    """Tucker G x_1 U_1 ... x_N U_N in its HOSVD basis, and the map of the moments.
+
+    U_k = Q_k R_k (QR), G1 = G x_k R_k for every k, P_k = left singular vectors of
+    G1's mode-k unfolding, then U_k <- Q_k P_k and G <- G1 x_k P_k^T: the same
+    tensor, orthonormal factors, and a core whose mode-k slices are orthogonal with
+    norms equal to the mode-k singular values (the all-orthogonality of the HOSVD).
+    """
+    n = jnp.ndim(node["core"])
+    masked = rank_lib.mask_layer(node, live)
+    rhos = [live[f"rank_{k}"].astype(node["core"].dtype) for k in range(n)]
+    qs, rs = zip(*(jnp.linalg.qr(masked[f"factor_{k}"]) for k in range(n)))
+    g1 = masked["core"]
+    for k in range(n):
+        g1 = _mode_dot(g1, rs[k], k)
+    ps = []
+    for k in range(n):
+        unfolding = jnp.moveaxis(g1, k, 0).reshape(g1.shape[k], -1)
+        p, _, _ = jnp.linalg.svd(unfolding, full_matrices=False)
+        ps.append(p)
+    g2 = g1
+    for k in range(n):
+        g2 = _mode_dot(g2, ps[k].T, k)
+    new = {**node, "core": g2, **{f"factor_{k}": qs[k] @ ps[k] for k in range(n)}}
+    # G'' = G x_k T_k^{-1} with T_k = R_k^{-1} P_k, so dL/dG'' = dL/dG x_k T_k^T (exact),
+    # and dL/dU_k' = dL/dU_k R_k^T P_k, as for the low-rank layer.
+    ms = [rs[k].T @ ps[k] for k in range(n)]
+    ts = [_inverse_on_live(rs[k], rhos[k], ps[k]) for k in range(n)]
+
+    def slot_map(slot, power):
+        core = slot["core"]
+        for k in range(n):
+            core = _mode_dot(core, (ts[k] ** power).T, k)
+        factors = {f"factor_{k}": slot[f"factor_{k}"] @ ms[k] ** power for k in range(n)}
+        return {**slot, "core": core, **factors}
+
+    return new, slot_map
+
+
 @dataclasses.dataclass(frozen=True)
 class SpectralTruncation(Algorithm):
     """Rank-adaptive low-rank training by periodic SVD truncation (see the module docstring).
 
     Use with `rank_adaptive` (which rotates params and optimizer moments into the
     singular basis before the masks are updated); applies to ``"low_rank"`` layers
-    (2-factor CP, W = A diag(w) B^T) whose path contains one of ``layers`` (all when
-    empty).
+    (2-factor CP, W = A diag(w) B^T) and Tucker layers (all modes factorized, no
+    groups) whose path contains one of ``layers`` (all when empty).
 
     Attributes:
       tau: relative truncation tolerance in [0, 1).
@@ -245,10 +337,10 @@ class SpectralTruncation(Algorithm):
         object.__setattr__(self, "layers", tuple(self.layers))
 
     def _targets(self, params):
-        found = _layers(params, self.layers, _is_low_rank)
+        found = _layers(params, self.layers, lambda n: _is_low_rank(n) or _is_tucker(n))
         if not found:
             raise ValueError(
-                "SpectralTruncation found no low-rank (2-factor CP) layer"
+                "SpectralTruncation found no low-rank (2-factor CP) or Tucker layer"
                 + (f" matching layers={self.layers!r}" if self.layers else "")
             )
         return found
@@ -256,7 +348,7 @@ class SpectralTruncation(Algorithm):
     def init_masks(self, params, key):
         del key
         targets = self._targets(params)
-        full = {p: {"rank": jnp.ones(jnp.shape(n["weights"]), bool)} for p, n in targets.items()}
+        full = {p: rank_lib.init_rank_masks({"l": n})["l"] for p, n in targets.items()}
         return _masks_for(params, full, gate_only=False)
 
     def is_update_step(self, step):
@@ -266,11 +358,15 @@ class SpectralTruncation(Algorithm):
         del grads, step, key, algo_state
         targets = self._targets(params)
         live = _rank_masks_of(masks, params, targets)
-        # After `reparametrize` the components are singular triplets: s_i = |w_i|.
-        new = {
-            p: {"rank": truncation_mask(n["weights"], live[p]["rank"], self.tau, self.min_rank)}
-            for p, n in targets.items()
-        }
+        # After `reparametrize` the components are in the singular basis: s_i = |w_i| for a
+        # low-rank layer, the norms of the core's mode-k slices for Tucker.
+        new = {}
+        for p, n in targets.items():
+            if _is_low_rank(n):
+                s = {"rank": n["weights"]}
+            else:
+                s = {f"rank_{k}": _unfolding_norms(n["core"], k) for k in range(n["core"].ndim)}
+            new[p] = {a: truncation_mask(s[a], live[p][a], self.tau, self.min_rank) for a in s}
         return _masks_for(params, new, gate_only=False)
 
     def reparametrize(self, params, inner_state, masks):
@@ -286,34 +382,16 @@ class SpectralTruncation(Algorithm):
         """
         targets = self._targets(params)
         live = _rank_masks_of(masks, params, targets)
-        new_nodes, maps = {}, {}
+        new_nodes, slot_maps = {}, {}
         for path, node in targets.items():
-            rho = live[path]["rank"].astype(node["weights"].dtype)
-            qa, ra, qb, rb, p, s, v = _svd_basis(node, rho)
-            new_nodes[path] = {
-                **node,
-                "factor_0": qa @ p,
-                "factor_1": qb @ v,
-                "weights": s.astype(node["weights"].dtype),
-            }
-            ta = jnp.linalg.pinv(ra) @ p
-            tb = jnp.linalg.pinv(rb) @ v
-            maps[path] = (ra.T @ p, rb.T @ v, ta, tb)
+            rotate = _rotate_low_rank if _is_low_rank(node) else _rotate_tucker
+            new_nodes[path], slot_maps[path] = rotate(node, live[path])
 
         def mapper(power):
             def apply(slot):
-                out = {}
-                for path, (ma, mb, ta, tb) in maps.items():
-                    node = _get(slot, path)
-                    ma_, mb_, ta_, tb_ = (m**power for m in (ma, mb, ta, tb))
-                    out[path] = {
-                        **node,
-                        "factor_0": node["factor_0"] @ ma_,
-                        "factor_1": node["factor_1"] @ mb_,
-                        # diag(T_A^T diag(m_w) T_B): the core's moment kept on its diagonal.
-                        "weights": jnp.einsum("ri,r,ri->i", ta_, node["weights"], tb_),
-                    }
-                return _set_layers(slot, out)
+                return _set_layers(
+                    slot, {p: fn(_get(slot, p), power) for p, fn in slot_maps.items()}
+                )
 
             return apply
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsejax import transforms
-from tensornets import FactorizedDense, GreedyGrowth, SpectralTruncation, rank_adaptive
+from tensornets import FactorizedDense, GreedyGrowth, SpectralTruncation, Tucker, rank_adaptive
 from tensornets import adaptive as A
 from tensornets import rank as R
 
@@ -222,3 +222,45 @@ def test_bad_hyperparameters_raise():
         SpectralTruncation().init_masks(params, KEY)
     with pytest.raises(ValueError, match="no factorized"):
         GreedyGrowth().init_masks(params, KEY)
+
+
+def test_tucker_hosvd_rotation_keeps_the_tensor_and_maps_gradients_exactly():
+    layer = FactorizedDense(10, "tucker", (4, 3, 3), in_shape=(4, 3), out_shape=(10,))
+    params = {"t": layer.init(KEY, X)["params"]}
+    labels = Y % 10
+
+    def loss(p):
+        logits = layer.apply({"params": p["t"]}, X)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    def dense(p):
+        return Tucker.from_params({k: v for k, v in p["t"].items() if k != "bias"}).to_dense()
+
+    algo = SpectralTruncation(tau=0.3)
+    masks = algo.init_masks(params, KEY)
+    grads = jax.grad(loss)(params)
+    state = optax.ScaleByAdamState(
+        jnp.zeros((), jnp.int32), mu=grads, nu=jax.tree.map(jnp.square, grads)
+    )
+    new, (new_state,) = algo.reparametrize(params, (state,), masks)
+    np.testing.assert_allclose(dense(new), dense(params), atol=1e-5)
+    for k in range(3):
+        u = new["t"][f"factor_{k}"]
+        np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-5)
+        # All-orthogonality: the core's mode-k slices are orthogonal to each other.
+        core = jnp.moveaxis(new["t"]["core"], k, 0).reshape(u.shape[1], -1)
+        gram = np.asarray(core @ core.T)
+        np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0.0, atol=1e-5)
+    # With every component live the moment maps are exact for the core and the factors.
+    new_grads = jax.grad(loss)(new)
+    for leaf in ("core", "factor_0", "factor_1", "factor_2"):
+        np.testing.assert_allclose(
+            new_state.mu["t"][leaf], new_grads["t"][leaf], rtol=1e-3, atol=1e-5
+        )
+    # Truncation per mode by the slice norms (the mode-k singular values).
+    rm = R.rank_masks_from_param_masks(algo.update_masks(masks, new, None, 0, None), new)
+    for k in range(3):
+        s = np.asarray(A._unfolding_norms(new["t"]["core"], k))
+        kept = np.asarray(rm["t"][f"rank_{k}"])
+        assert 1 <= kept.sum() <= s.size
+        assert np.sqrt(np.sum(s[~kept] ** 2)) <= 0.3 * np.sqrt(np.sum(s**2)) + 1e-6
