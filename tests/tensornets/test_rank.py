@@ -5,6 +5,7 @@ atol 1e-5 on outputs of order 1) with strictly fewer parameters."""
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tensornets import FactorizedConv, FactorizedDense, FactorizedEmbedding
+from tensornets import Factorized, FactorizedConv, FactorizedDense, FactorizedEmbedding
 from tensornets import rank as R
 
 KEY = jax.random.key(0, impl="rbg")
@@ -148,3 +149,26 @@ def test_bad_rank_masks_raise():
     p = layer.init(KEY, x)["params"]
     with pytest.raises(ValueError, match="rank_masks"):
         layer.apply({"params": p, "rank_masks": {"rank_0": jnp.ones(3, bool)}}, x)
+
+
+def test_rank_masks_collection_reaches_layers_inside_a_model():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = Factorized(
+                nn.Dense(16),
+                format="tt_matrix",
+                rank=3,
+                in_shape=(3, 4),
+                out_shape=(4, 4),
+                name="a",
+            )(x)
+            return Factorized(nn.Dense(5), format="cp", rank=4, name="b")(nn.relu(x))
+
+    net, x = Net(), jax.random.normal(KEY, (2, 12))
+    params = net.init(KEY, x)["params"]
+    rm = {k: _drop_every_other(v) for k, v in R.init_rank_masks(params).items()}
+    assert set(rm) == {"a", "b"}
+    out = net.apply({"params": params, "rank_masks": rm}, x)
+    np.testing.assert_array_equal(out, net.apply({"params": R.apply_rank_masks(params, rm)}, x))
+    assert not np.allclose(out, net.apply({"params": params}, x))
