@@ -14,12 +14,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparsejax import distributions, masks, scores
 
 PyTree = Any
 
-__all__ = ["Algorithm", "Dense", "SparseAlgorithm"]
+__all__ = ["STRUCTURES", "Algorithm", "Dense", "SparseAlgorithm"]
+
+STRUCTURES = ("unstructured", "block", "channel")
 
 
 def _layer_topk(scores: jax.Array, sparsity: Any) -> jax.Array:
@@ -128,12 +131,27 @@ class SparseAlgorithm(Algorithm):
         densities follow the scores.
       power_scale: ERK exponent.
       keep_dense: substrings of leaf names ('conv1/kernel') left dense.
+      structure: what a mask keeps or drops as one unit. 'unstructured': single
+        weights. 'block': blocks of ``block_shape`` over a leaf's trailing axes
+        (leading axes in blocks of 1, e.g. (4, 4) on a conv kernel (k, in, out)
+        takes (1, 4, 4) blocks), the pattern `pallas_kernels.BSR` stores and runs
+        fast. 'channel': all weights into one output unit (a leaf's last axis:
+        a neuron of a Dense kernel, a filter of a conv kernel). Scores of a unit
+        are the sums of its weights' scores; a layer's target sparsity is met in
+        whole units (exact, since a layer's units have equal size), and a mask
+        is constant on every unit at every step.
+      block_shape: the block for ``structure='block'``.
     """
 
     sparsity: float = 0.9
     distribution: str = "erk"
     power_scale: float = 1.0
     keep_dense: Sequence[str] = ()
+    structure: str = "unstructured"
+    block_shape: Sequence[int] = (1, 1)
+
+    # Algorithms whose mask updates act on single weights only set this to False.
+    supports_structure = True
 
     def __post_init__(self):
         masks.validate_sparsity(self.sparsity, "sparsity")
@@ -142,6 +160,64 @@ class SparseAlgorithm(Algorithm):
         if isinstance(self.keep_dense, str):
             object.__setattr__(self, "keep_dense", (self.keep_dense,))
         object.__setattr__(self, "keep_dense", tuple(self.keep_dense))
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}, got {self.structure!r}")
+        block = tuple(self.block_shape)
+        if not block or any(
+            isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 for b in block
+        ):
+            raise ValueError(f"block_shape must be positive ints, got {self.block_shape!r}")
+        object.__setattr__(self, "block_shape", tuple(int(b) for b in block))
+        if self.structure != "unstructured":
+            if not self.supports_structure:
+                raise ValueError(
+                    f"{type(self).__name__} supports structure='unstructured' only, got "
+                    f"structure={self.structure!r}"
+                )
+            if self.distribution == "global":
+                raise ValueError(
+                    f"structure={self.structure!r} needs a per-layer distribution "
+                    "('uniform', 'er', 'erk'), got distribution='global'"
+                )
+
+    def unit_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of one mask unit of a leaf of ``shape`` (all ones if unstructured).
+
+        Raises:
+          ValueError: if ``block_shape`` has more axes than the leaf or does not
+            divide its trailing axes.
+        """
+        shape = tuple(shape)
+        if self.structure == "unstructured":
+            return (1,) * len(shape)
+        if self.structure == "channel":
+            return shape[:-1] + (1,)
+        block = self.block_shape
+        if len(block) > len(shape) or any(
+            d % b for d, b in zip(shape[len(shape) - len(block) :], block)
+        ):
+            raise ValueError(
+                f"block_shape={block} must divide the trailing axes of every sparsified "
+                f"leaf; a leaf has shape {shape} (leave it dense with keep_dense)"
+            )
+        return (1,) * (len(shape) - len(block)) + block
+
+    def pool(self, x: jax.Array, unit: Sequence[int]) -> jax.Array:
+        """Sums ``x`` over each unit: shape ``x.shape // unit`` (the unit grid)."""
+        if all(u == 1 for u in unit):
+            return x
+        split = []
+        for d, u in zip(x.shape, unit):
+            split += [d // u, u]
+        return x.reshape(split).sum(axis=tuple(range(1, 2 * x.ndim, 2)))
+
+    @staticmethod
+    def expand(units: jax.Array, unit: Sequence[int]) -> jax.Array:
+        """Repeats every unit-grid entry over its unit (the inverse layout of `pool`)."""
+        for axis, u in enumerate(unit):
+            if u != 1:
+                units = jnp.repeat(units, u, axis=axis)
+        return units
 
     def layer_sparsities(self, params: PyTree) -> PyTree:
         """Per-leaf target sparsities (Python floats, None where not sparsified).
@@ -175,12 +251,14 @@ class SparseAlgorithm(Algorithm):
         sparsities = self.layer_sparsities(params)
         if self.distribution == "global":
             return masks.global_topk_masks(score_tree, self.sparsity * fraction, sparsities)
-        return jax.tree.map(
-            lambda s, sc: None if s is None else _layer_topk(sc, s * fraction),
-            sparsities,
-            score_tree,
-            is_leaf=masks.is_none,
-        )
+
+        def leaf_mask(s, sc):
+            if s is None:
+                return None
+            unit = self.unit_shape(jnp.shape(sc))
+            return self.expand(_layer_topk(self.pool(sc, unit), s * fraction), unit)
+
+        return jax.tree.map(leaf_mask, sparsities, score_tree, is_leaf=masks.is_none)
 
     def random_masks(self, params: PyTree, key: jax.Array) -> PyTree:
         """Random masks with each leaf's exact target density."""
@@ -190,8 +268,13 @@ class SparseAlgorithm(Algorithm):
         leaves, treedef = jax.tree.flatten(sparsities, is_leaf=masks.is_none)
         keys = jax.random.split(key, max(len(leaves), 1))
         param_leaves = treedef.flatten_up_to(params)
-        out = [
-            None if s is None else _layer_topk(jax.random.uniform(k, jnp.shape(p)), s)
-            for s, k, p in zip(leaves, keys, param_leaves)
-        ]
+
+        def leaf_mask(s, k, p):
+            if s is None:
+                return None
+            unit = self.unit_shape(jnp.shape(p))
+            grid = tuple(d // u for d, u in zip(jnp.shape(p), unit))
+            return self.expand(_layer_topk(jax.random.uniform(k, grid), s), unit)
+
+        out = [leaf_mask(s, k, p) for s, k, p in zip(leaves, keys, param_leaves)]
         return jax.tree.unflatten(treedef, out)

@@ -38,7 +38,9 @@ class SET(SparseAlgorithm):
     or by largest |dL/dw| (RigL). f(t) = α/2 (1 + cos(π t / T_end)) with
     α = ``drop_fraction``. The layer keeps exactly k live weights. Grown weights
     start at zero with zeroed optimizer slots, and the ordinary optimizer step
-    is skipped on update steps.
+    is skipped on update steps. With a ``structure`` (blocks, channels), the
+    same rule runs on whole units: a unit's |w| and grow score are the sums
+    over its weights, and k counts live units.
 
     References: Mocanu et al. 2018, "Scalable training of artificial neural
     networks with adaptive sparse connectivity inspired by network science";
@@ -85,11 +87,15 @@ class SET(SparseAlgorithm):
         def update_leaf(m, w, g):
             if m is None:
                 return None
+            unit = self.unit_shape(jnp.shape(m))
+            # A mask is constant on its units, so any one entry of a unit is its state.
+            m = m[tuple(slice(None, None, u) for u in unit)]
+            w, g = self.pool(jnp.abs(w), unit), self.pool(g, unit)
             live = jnp.sum(m, dtype=jnp.int32)
             n_drop = jnp.round(fraction * live).astype(jnp.int32)
-            keep = masks.topk_mask_by_count(jnp.where(m, jnp.abs(w), -jnp.inf), live - n_drop)
+            keep = masks.topk_mask_by_count(jnp.where(m, w, -jnp.inf), live - n_drop)
             grown = masks.topk_mask_by_count(jnp.where(keep, -jnp.inf, g), n_drop)
-            return keep | grown
+            return self.expand(keep | grown, unit)
 
         return jax.tree.map(update_leaf, masks_tree, params, grow, is_leaf=masks.is_none)
 

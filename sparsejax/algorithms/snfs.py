@@ -50,6 +50,8 @@ class SNFS(SparseAlgorithm):
 
     updates_masks = True
     reset_grown_moments = True
+    # Redistribution moves single weights between layers.
+    supports_structure = False
 
     def __post_init__(self):
         super().__post_init__()

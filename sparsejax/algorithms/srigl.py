@@ -71,6 +71,9 @@ class SRigL(SET):
 
     gamma_sal: float = 0.3
 
+    # Constant fan-in is a structure of its own.
+    supports_structure = False
+
     def __post_init__(self):
         super().__post_init__()
         if not isinstance(self.gamma_sal, (int, float)) or not 0.0 <= self.gamma_sal <= 1.0:
