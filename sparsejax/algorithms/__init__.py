@@ -10,6 +10,7 @@ configs name them by string and never hold callables.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 # name -> (class, defaults that distinguish the registered variant).
-_REGISTRY: dict[str, tuple[type, dict[str, Any]]] = {
+_REGISTRY: dict[str, tuple[type | str, dict[str, Any]]] = {
     "dense": (Dense, {}),
     "magnitude": (Prune, {"score": "magnitude"}),
     "random": (Prune, {"score": "random"}),
@@ -65,6 +66,10 @@ _REGISTRY: dict[str, tuple[type, dict[str, Any]]] = {
     "nm_oneshot": (NMOneShot, {}),
     "bimask": (BiMask, {}),
     "srigl": (SRigL, {}),
+    # Greedy rank growth of factorized layers, imported when first used (sparsejax never
+    # imports tensornets at import time). tensornets.SpectralTruncation is not listed: it
+    # also rotates the params, so it runs through tensornets.rank_adaptive, not masked.
+    "greedy_growth": ("tensornets.adaptive:GreedyGrowth", {}),
 }
 
 # Config keys understood by `from_config` beyond the dataclass fields.
@@ -76,8 +81,16 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
+def _class(entry: type | str) -> type:
+    """The algorithm class of a registry entry ("module:Class" strings are imported lazily)."""
+    if isinstance(entry, str):
+        module, name = entry.split(":")
+        return getattr(importlib.import_module(module), name)
+    return entry
+
+
+def _fields(cls: type | str) -> set[str]:
+    return {f.name for f in dataclasses.fields(_class(cls))}
 
 
 def get(name: str, **kwargs: Any) -> Algorithm:
@@ -98,6 +111,7 @@ def get(name: str, **kwargs: Any) -> Algorithm:
     if name not in _REGISTRY:
         raise ValueError(f"algorithm={name!r} is unknown; known algorithms: {names()}")
     cls, defaults = _REGISTRY[name]
+    cls = _class(cls)
     unknown = sorted(set(kwargs) - _fields(cls))
     if unknown:
         raise ValueError(

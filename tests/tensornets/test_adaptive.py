@@ -3,6 +3,9 @@ greedy growth (choice, budget, function preservation), through the masked transf
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -264,3 +267,15 @@ def test_tucker_hosvd_rotation_keeps_the_tensor_and_maps_gradients_exactly():
         kept = np.asarray(rm["t"][f"rank_{k}"])
         assert 1 <= kept.sum() <= s.size
         assert np.sqrt(np.sum(s[~kept] ** 2)) <= 0.3 * np.sqrt(np.sum(s**2)) + 1e-6
+
+
+def test_greedy_growth_is_registered_and_sparsejax_still_imports_without_tensornets():
+    code = (
+        "import sys, sparsejax\n"
+        "assert 'tensornets' not in sys.modules\n"
+        "from sparsejax import algorithms\n"
+        "a = algorithms.from_config({'algorithm': 'greedy_growth', 'budget': 0.4,"
+        " 'end_fraction': 0.5}, 100)\n"
+        "assert type(a).__name__ == 'GreedyGrowth' and a.end_step == 50 and a.budget == 0.4\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
