@@ -359,14 +359,16 @@ class SpectralTruncation(Algorithm):
         targets = self._targets(params)
         live = _rank_masks_of(masks, params, targets)
         # After `reparametrize` the components are in the singular basis: s_i = |w_i| for a
-        # low-rank layer, the norms of the core's mode-k slices for Tucker.
+        # low-rank layer, the norms of the core's mode-k slices for Tucker, sorted in
+        # decreasing order, so the live ones are the first (however the old mask was laid out).
         new = {}
         for p, n in targets.items():
             if _is_low_rank(n):
                 s = {"rank": n["weights"]}
             else:
                 s = {f"rank_{k}": _unfolding_norms(n["core"], k) for k in range(n["core"].ndim)}
-            new[p] = {a: truncation_mask(s[a], live[p][a], self.tau, self.min_rank) for a in s}
+            first = {a: jnp.arange(m.size) < jnp.sum(m) for a, m in live[p].items()}
+            new[p] = {a: truncation_mask(s[a], first[a], self.tau, self.min_rank) for a in s}
         return _masks_for(params, new, gate_only=False)
 
     def reparametrize(self, params, inner_state, masks):

@@ -279,3 +279,19 @@ def test_greedy_growth_is_registered_and_sparsejax_still_imports_without_tensorn
         "assert type(a).__name__ == 'GreedyGrowth' and a.end_step == 50 and a.budget == 0.4\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_tau_zero_keeps_the_weight_whatever_the_layout_of_the_live_components():
+    layer = FactorizedDense(10, "cp", 6)
+    params = {"l": layer.init(KEY, X)["params"]}
+    rm = {"l": {"rank": jnp.array([1, 0, 1, 1, 0, 1], bool)}}
+    tx = rank_adaptive(
+        optax.sgd(0.0), SpectralTruncation(tau=0.0, every_steps=1), masks=R.param_masks(params, rm)
+    )
+    state = tx.init(params)._replace(count=jnp.ones((), jnp.int32))  # an update step
+    params = R.apply_rank_masks(params, rm)
+    updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(_low_rank_weight(new["l"]), _low_rank_weight(params["l"]), atol=1e-5)
+    live = R.rank_masks_from_param_masks(state.masks, new)["l"]["rank"]
+    np.testing.assert_array_equal(live, [True, True, True, True, False, False])
