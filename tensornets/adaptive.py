@@ -32,9 +32,11 @@ HOSVD of the core: QR of every factor, an SVD of every mode-k unfolding of the
 small core, factors and core rotated (the core's mode-k slices become orthogonal,
 their norms the mode-k singular values), each mode truncated with tau; there the
 core's moments map exactly, dL/dG' = dL/dG x_k T_k^T (when every component is
-live). What is not reproduced: DLRT's K/L/S integrator with basis augmentation
-(here the factors are trained directly by the optimizer, so the rank only
-decreases), and TT bonds (no TT rounding sweep yet).
+live). TT / TT-matrix layers go through TT rounding's two sweeps (QR right to
+left, SVD left to right) as gauge changes of their bonds, every gauge also applied
+to the moments, and each bond is truncated by its singular values. What is not
+reproduced: DLRT's K/L/S integrator with basis augmentation (here the factors are
+trained directly by the optimizer, so the rank only decreases).
 
 `GreedyGrowth` (Hashemizadeh, Liu, Miller & Rabusseau 2020/2024, "Adaptive
 Learning of Tensor Network Structures"): start every rank axis small and, every
@@ -298,14 +300,88 @@ def _rotate_tucker(node: Mapping, live: Mapping):
     return new, slot_map
 
 
+def _tt_cores(node: Mapping) -> list[jax.Array]:
+    d = len(node) - ("bias" in node)
+    return [node[f"core_{k}"] for k in range(d)]
+
+
+def _is_tt(node: Mapping) -> bool:
+    """A TT / TT-matrix layer (no group axis) whose bonds fit the sweeps' fixed shapes."""
+    fmt = rank_lib.layer_format(node)
+    if fmt not in ("tt", "tt_matrix") or (fmt == "tt_matrix" and jnp.ndim(node["core_0"]) != 4):
+        return False
+    cores = [c.reshape(c.shape[0], -1, c.shape[-1]) for c in _tt_cores(node)]
+    if len(cores) < 2:
+        return False
+    ok_qr = all(c.shape[0] <= c.shape[1] * c.shape[2] for c in cores[1:])
+    ok_svd = all(c.shape[0] * c.shape[1] >= c.shape[2] for c in cores[:-1])
+    return ok_qr and ok_svd
+
+
+def _tt_bond_norms(node: Mapping) -> dict[str, jax.Array]:
+    """Row norms of every bond's right part (its singular values after `_rotate_tt`)."""
+    cores = [c.reshape(c.shape[0], -1, c.shape[-1]) for c in _tt_cores(node)]
+    gram = jnp.ones((1, 1), cores[-1].dtype)
+    out = {}
+    for k in range(len(cores) - 1, 0, -1):
+        gram = jnp.einsum("anc,bnd,cd->ab", cores[k], cores[k], gram)
+        out[f"bond_{k - 1}"] = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+    return out
+
+
+def _rotate_tt(node: Mapping, live: Mapping):
+    """TT rounding's two sweeps as gauge changes; the moments follow every gauge.
+
+    Right to left, core k = R^T Q^T (QR of its transposed unfolding): core k <- Q^T and
+    R^T moves into core k-1. Left to right, core k = U S V^T (SVD of its unfolding):
+    core k <- U and S V^T moves into core k+1. The tensor is unchanged; afterwards the
+    rows of every bond's right part are orthogonal with norms equal to that bond's
+    singular values (Oseledets 2011, "Tensor-Train Decomposition", rounding). A gauge
+    G on bond k (core k <- core k G, core k+1 <- G^{-1} core k+1) maps the gradients as
+    g_k <- g_k G^{-T} and g_{k+1} <- G^T g_{k+1}, exactly when G is invertible.
+    """
+    masked = rank_lib.mask_layer(node, live)
+    shapes = [c.shape for c in _tt_cores(masked)]
+    cores = [c.reshape(c.shape[0], -1, c.shape[-1]) for c in _tt_cores(masked)]
+    d = len(cores)
+    rhos = [live[f"bond_{k}"].astype(cores[0].dtype) for k in range(d - 1)]
+    ops = []  # (bond k, matrix right-multiplying core k's moments, left-multiplying core k+1's)
+    for k in range(d - 1, 0, -1):
+        r0, n, r1 = cores[k].shape
+        q, r = jnp.linalg.qr(cores[k].reshape(r0, n * r1).T)
+        cores[k] = q.T.reshape(r0, n, r1)
+        cores[k - 1] = jnp.einsum("anb,cb->anc", cores[k - 1], r)
+        eye = jnp.eye(r0, dtype=r.dtype)
+        ops.append((k - 1, _inverse_on_live(r, rhos[k - 1], eye), r))
+    for k in range(d - 1):
+        r0, n, r1 = cores[k].shape
+        u, sv, vt = jnp.linalg.svd(cores[k].reshape(r0 * n, r1), full_matrices=False)
+        cores[k] = u.reshape(r0, n, r1)
+        cores[k + 1] = jnp.einsum("ab,bnc->anc", sv[:, None] * vt, cores[k + 1])
+        tiny = sv <= jnp.finfo(sv.dtype).eps * jnp.maximum(sv[0], 1e-30) * r1
+        inv = jnp.where(tiny, 0.0, 1.0 / jnp.where(tiny, 1.0, sv))
+        ops.append((k, vt.T * sv, inv[:, None] * vt))
+    new = {**node, **{f"core_{k}": cores[k].reshape(shapes[k]) for k in range(d)}}
+
+    def slot_map(slot, power):
+        gs = [c.reshape(c.shape[0], -1, c.shape[-1]) for c in _tt_cores(slot)]
+        for k, right, left in ops:
+            gs[k] = jnp.einsum("anb,bc->anc", gs[k], right**power)
+            gs[k + 1] = jnp.einsum("ab,bnc->anc", left**power, gs[k + 1])
+        return {**slot, **{f"core_{k}": gs[k].reshape(shapes[k]) for k in range(d)}}
+
+    return new, slot_map
+
+
 @dataclasses.dataclass(frozen=True)
 class SpectralTruncation(Algorithm):
     """Rank-adaptive low-rank training by periodic SVD truncation (see the module docstring).
 
     Use with `rank_adaptive` (which rotates params and optimizer moments into the
     singular basis before the masks are updated); applies to ``"low_rank"`` layers
-    (2-factor CP, W = A diag(w) B^T) and Tucker layers (all modes factorized, no
-    groups) whose path contains one of ``layers`` (all when empty).
+    (2-factor CP, W = A diag(w) B^T), Tucker layers (all modes factorized) and TT /
+    TT-matrix layers (no group axis) whose path contains one of ``layers`` (all
+    when empty).
 
     Attributes:
       tau: relative truncation tolerance in [0, 1).
@@ -337,10 +413,12 @@ class SpectralTruncation(Algorithm):
         object.__setattr__(self, "layers", tuple(self.layers))
 
     def _targets(self, params):
-        found = _layers(params, self.layers, lambda n: _is_low_rank(n) or _is_tucker(n))
+        found = _layers(
+            params, self.layers, lambda n: _is_low_rank(n) or _is_tucker(n) or _is_tt(n)
+        )
         if not found:
             raise ValueError(
-                "SpectralTruncation found no low-rank (2-factor CP) or Tucker layer"
+                "SpectralTruncation found no low-rank (2-factor CP), Tucker or TT layer"
                 + (f" matching layers={self.layers!r}" if self.layers else "")
             )
         return found
@@ -365,6 +443,8 @@ class SpectralTruncation(Algorithm):
         for p, n in targets.items():
             if _is_low_rank(n):
                 s = {"rank": n["weights"]}
+            elif _is_tt(n):
+                s = _tt_bond_norms(n)
             else:
                 s = {f"rank_{k}": _unfolding_norms(n["core"], k) for k in range(n["core"].ndim)}
             first = {a: jnp.arange(m.size) < jnp.sum(m) for a, m in live[p].items()}
@@ -386,7 +466,10 @@ class SpectralTruncation(Algorithm):
         live = _rank_masks_of(masks, params, targets)
         new_nodes, slot_maps = {}, {}
         for path, node in targets.items():
-            rotate = _rotate_low_rank if _is_low_rank(node) else _rotate_tucker
+            if _is_low_rank(node):
+                rotate = _rotate_low_rank
+            else:
+                rotate = _rotate_tt if _is_tt(node) else _rotate_tucker
             new_nodes[path], slot_maps[path] = rotate(node, live[path])
 
         def mapper(power):

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsejax import transforms
-from tensornets import FactorizedDense, GreedyGrowth, SpectralTruncation, Tucker, rank_adaptive
+from tensornets import TT, FactorizedDense, GreedyGrowth, SpectralTruncation, Tucker, rank_adaptive
 from tensornets import adaptive as A
 from tensornets import rank as R
 
@@ -295,3 +295,41 @@ def test_tau_zero_keeps_the_weight_whatever_the_layout_of_the_live_components():
     np.testing.assert_allclose(_low_rank_weight(new["l"]), _low_rank_weight(params["l"]), atol=1e-5)
     live = R.rank_masks_from_param_masks(state.masks, new)["l"]["rank"]
     np.testing.assert_array_equal(live, [True, True, True, True, False, False])
+
+
+def test_tt_rounding_sweeps_give_bond_singular_values_and_exact_moment_maps():
+    x = jax.random.normal(KEY, (32, 24))
+    layer = FactorizedDense(10, "tt", (2, 5, 4), in_shape=(2, 3, 4), out_shape=(10,))
+    params = {"t": layer.init(KEY, x)["params"]}
+
+    def loss(p):
+        logits = layer.apply({"params": p["t"]}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, Y % 10).mean()
+
+    def dense(p):
+        return TT.from_params({k: v for k, v in p["t"].items() if k != "bias"}).to_dense()
+
+    algo = SpectralTruncation(tau=0.2)
+    masks = algo.init_masks(params, KEY)
+    grads = jax.grad(loss)(params)
+    state = optax.ScaleByAdamState(
+        jnp.zeros((), jnp.int32), mu=grads, nu=jax.tree.map(jnp.square, grads)
+    )
+    new, (new_state,) = algo.reparametrize(params, (state,), masks)
+    full = np.asarray(dense(params))
+    np.testing.assert_allclose(dense(new), full, atol=1e-5)
+    norms = A._tt_bond_norms(new["t"])
+    for b in range(3):
+        unfolding = full.reshape(int(np.prod(full.shape[: b + 1])), -1)
+        s = np.linalg.svd(unfolding, compute_uv=False)[: norms[f"bond_{b}"].size]
+        np.testing.assert_allclose(norms[f"bond_{b}"], s, rtol=1e-4, atol=1e-5)
+    new_grads = jax.grad(loss)(new)
+    for k in range(4):
+        leaf = f"core_{k}"
+        np.testing.assert_allclose(
+            new_state.mu["t"][leaf], new_grads["t"][leaf], rtol=1e-3, atol=1e-5
+        )
+    rm = R.rank_masks_from_param_masks(algo.update_masks(masks, new, None, 0, None), new)
+    for b in range(3):
+        s, kept = np.asarray(norms[f"bond_{b}"]), np.asarray(rm["t"][f"bond_{b}"])
+        assert np.sqrt(np.sum(s[~kept] ** 2)) <= 0.2 * np.sqrt(np.sum(s**2)) + 1e-6
