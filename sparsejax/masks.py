@@ -400,13 +400,26 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
 
     Returns:
       A pytree like ``params`` with ``where(mask, p, 0)`` on every masked leaf.
+
+    Raises:
+      ValueError: if the structures differ or a mask's shape is not its leaf's
+        (broadcasting would silently zero the wrong entries).
     """
-    return jax.tree.map(
-        lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
-        masks,
-        params,
-        is_leaf=is_none,
-    )
+
+    def apply(path, m, p):
+        if m is None:
+            return p
+        if jnp.shape(m) != jnp.shape(p):
+            raise ValueError(
+                f"masks{jax.tree_util.keystr(path)} has shape {jnp.shape(m)}, its parameter "
+                f"{jnp.shape(p)}"
+            )
+        return jnp.where(m, p, jnp.zeros_like(p))
+
+    want, got = jax.tree.structure(params), jax.tree.structure(masks, is_leaf=is_none)
+    if want != got:
+        raise ValueError(f"masks must have the structure of params: {got} vs {want}")
+    return jax.tree_util.tree_map_with_path(apply, masks, params, is_leaf=is_none)
 
 
 def summary(tree: PyTree, masks: PyTree | None = None) -> dict[str, Any]:

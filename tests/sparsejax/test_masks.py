@@ -370,3 +370,13 @@ def test_sparsity_of_without_masked_leaves_is_zero():
     params = {"w": jnp.zeros((3, 3)), "b": jnp.zeros(3)}
     out = masks.sparsity_of(params, {"w": None, "b": None})
     assert out.dtype == jnp.float32 and out == 0.0
+
+
+def test_apply_masks_refuses_a_mask_of_another_shape_or_structure():
+    params = {"a": {"kernel": jnp.ones((3, 4))}, "b": jnp.ones(2)}
+    with pytest.raises(
+        ValueError, match=r"masks\['a'\]\['kernel'\] has shape \(4,\), its parameter \(3, 4\)"
+    ):
+        masks.apply_masks(params, {"a": {"kernel": jnp.ones((4,), bool)}, "b": None})
+    with pytest.raises(ValueError, match="masks must have the structure of params"):
+        masks.apply_masks(params, {"a": None})
