@@ -60,6 +60,18 @@ def _is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def _check_weights(w: np.ndarray, mask: np.ndarray) -> None:
+    """A stored weight must be a float and finite where kept (a NaN would spread to Y)."""
+    if not np.issubdtype(w.dtype, np.floating) and w.dtype.name != "bfloat16":
+        raise ValueError(f"w must be a floating-point array, got dtype {w.dtype}")
+    bad = mask.astype(bool) & ~np.isfinite(w.astype(np.float32))
+    if bad.any():
+        i, j = (int(v) for v in np.argwhere(bad)[0])
+        raise ValueError(
+            f"w has {int(bad.sum())} non-finite kept entries (first at w[{i}, {j}] = {w[i, j]})"
+        )
+
+
 def _check_block_shape(block_shape: Any, shape: tuple[int, int]) -> tuple[int, int]:
     if (
         not isinstance(block_shape, Sequence)
@@ -344,8 +356,9 @@ class BSR:
           The BSR matrix, values in ``w``'s dtype.
 
         Raises:
-          ValueError: if ``w`` is not 2D, ``mask`` has another shape, ``block_shape`` is
-            not two positive ints dividing ``(K, N)``, or the inputs are traced.
+          ValueError: if ``w`` is not 2D or not floating point, a kept entry is not finite,
+            ``mask`` has another shape, ``block_shape`` is not two positive ints dividing
+            ``(K, N)``, or the inputs are traced.
         """
         if _is_tracer(w) or _is_tracer(mask):
             raise ValueError(
@@ -358,6 +371,7 @@ class BSR:
         mask = w != 0 if mask is None else np.asarray(mask)
         if mask.shape != w.shape:
             raise ValueError(f"mask shape {mask.shape} must equal w shape {w.shape}")
+        _check_weights(w, mask)
         bk, bn = _check_block_shape(block_shape, w.shape)
         kb, nb = w.shape[0] // bk, w.shape[1] // bn
         w = np.where(mask.astype(bool), w, np.zeros((), w.dtype))
@@ -520,8 +534,9 @@ class NM:
           The NM matrix, values in ``w``'s dtype.
 
         Raises:
-          ValueError: if shapes do not match or divide, ``n``/``m`` are invalid, or a group
-            keeps more than ``n`` entries.
+          ValueError: if shapes do not match or divide, ``n``/``m`` are invalid, a group
+            keeps more than ``n`` entries, ``w`` is not floating point, or a kept entry is
+            not finite.
         """
         n, m = _check_nm(n, m)
         if _is_tracer(w) or _is_tracer(mask):
@@ -532,6 +547,7 @@ class NM:
         mask = w != 0 if mask is None else np.asarray(mask).astype(bool)
         if mask.shape != w.shape:
             raise ValueError(f"mask shape {mask.shape} must equal w shape {w.shape}")
+        _check_weights(w, mask)
         k, cols = w.shape
         if k % m:
             raise ValueError(f"m={m} must divide K={k} (the contracting axis of w {w.shape})")

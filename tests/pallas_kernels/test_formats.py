@@ -227,3 +227,20 @@ def test_nm_pytree_leaves():
     assert len(leaves) == 2 and leaves[0] is comp.values
     out = jax.jit(lambda c: c.to_dense())(comp)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(comp.to_dense()))
+
+
+@pytest.mark.parametrize("fmt", ["bsr", "nm"])
+def test_from_dense_refuses_integer_or_non_finite_kept_weights(fmt):
+    mask = np.tile(np.array([1, 1, 0, 0], bool)[:, None], (2, 8))  # 2:4 along K, 4x4 blocks
+    build = {
+        "bsr": lambda w: BSR.from_dense(w, mask, block_shape=(4, 4)),
+        "nm": lambda w: NM.from_dense(w, mask, n=2, m=4),
+    }[fmt]
+    with pytest.raises(ValueError, match="w must be a floating-point array, got dtype int32"):
+        build(np.ones((8, 8), np.int32))
+    w = np.ones((8, 8), np.float32)
+    w[1, 3] = np.inf
+    with pytest.raises(ValueError, match=r"1 non-finite kept entries \(first at w\[1, 3\] = inf\)"):
+        build(w)
+    w[1, 3], w[2, 0] = 1.0, np.nan  # outside the mask: dropped, so allowed
+    np.testing.assert_array_equal(np.asarray(build(w).to_dense()), np.where(mask, 1.0, 0.0))
