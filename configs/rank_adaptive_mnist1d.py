@@ -12,7 +12,8 @@ W = A diag(w) B^T kept at full rank (40 and 128); the output layer stays dense.
                          the full-rank factors).
 
 ``get_config("quick")`` is the tiny version the tests run. Used by
-``python -m experiments.reproduce --table=rank_adaptive``.
+``python -m experiments.reproduce --table=rank_adaptive``; ``python -m experiments.main``
+with this file trains the spectral-truncation row (``config.sparsity``).
 """
 
 import ml_collections
@@ -48,6 +49,18 @@ def get_config(arg=None):
             "begin_step": 20 if quick else 200,
             "end_step": 150 if quick else 2000,
             "growth_every_steps": 5 if quick else 20,
+        }
+    )
+    # The same spectral truncation for `python -m experiments.main` (the table builds its
+    # own algorithm for each row from config.rank_adaptive).
+    ra = config.rank_adaptive
+    config.sparsity = ml_collections.ConfigDict(
+        {
+            "algorithm": "spectral_truncation",
+            "tau": ra.tau,
+            "every_steps": ra.every_steps,
+            "begin_step": ra.begin_step,
+            "end_step": ra.end_step,
         }
     )
     return config

@@ -96,6 +96,14 @@ def train_seeds(
     dataset = train._load_data(config) if dataset is None else dataset
     model = train.make_model(config, dataset.num_classes)
     algorithm = algorithms.from_config(config.sparsity, config.total_steps)
+    if hasattr(algorithm, "reparametrize"):
+        # Seen on XLA:CPU: the vmapped basis change (SVD/QR of every seed's factors with the
+        # optimizer moments) stalls with every thread waiting on a lock.
+        raise ValueError(
+            f"config.sparsity.algorithm={config.sparsity.algorithm!r} rotates params on its "
+            "update steps and is not run vmapped over seeds; train each seed with "
+            "experiments.main (or see experiments/tables/rank_adaptive.py)"
+        )
     tx = train.make_tx(config, algorithm)
     train_step, eval_step, _ = train.step_functions(model, tx, algorithm)
 

@@ -191,7 +191,7 @@ def init_state(
             apply_fn=lambda q, x: model.apply({"params": q}, x),
             input_shape=x_example.shape[1:],
         )
-    tx = transforms.masked(
+    tx = _masked(
         make_optimizer(config, config.total_steps),
         algorithm,
         key=mask_key,
@@ -218,9 +218,22 @@ def make_tx(
     so one transform serves every seed. ``config.pack_masks`` keeps the masks
     bit-packed in the state.
     """
-    return transforms.masked(
-        make_optimizer(config, config.total_steps), algorithm, packed=_packed(config)
-    )
+    return _masked(make_optimizer(config, config.total_steps), algorithm, packed=_packed(config))
+
+
+def _masked(opt, algorithm, *, key=None, masks=None, packed=False):
+    """``transforms.masked``, or ``tensornets.rank_adaptive`` for an algorithm that also
+    rotates the params into a new basis on its update steps (spectral truncation)."""
+    if not hasattr(algorithm, "reparametrize"):
+        return transforms.masked(opt, algorithm, key=key, masks=masks, packed=packed)
+    if packed:
+        raise ValueError(
+            f"config.pack_masks=True does not combine with {type(algorithm).__name__}, which "
+            "rotates params and moments on its update steps"
+        )
+    from tensornets import adaptive  # sparsejax-only runs never import tensornets
+
+    return adaptive.rank_adaptive(opt, algorithm, key=key, masks=masks)
 
 
 def _packed(config: ml_collections.ConfigDict) -> bool:

@@ -66,10 +66,12 @@ _REGISTRY: dict[str, tuple[type | str, dict[str, Any]]] = {
     "nm_oneshot": (NMOneShot, {}),
     "bimask": (BiMask, {}),
     "srigl": (SRigL, {}),
-    # Greedy rank growth of factorized layers, imported when first used (sparsejax never
-    # imports tensornets at import time). tensornets.SpectralTruncation is not listed: it
-    # also rotates the params, so it runs through tensornets.rank_adaptive, not masked.
+    # Rank adaptivity of factorized layers, imported when first used (sparsejax never
+    # imports tensornets at import time). Spectral truncation also rotates the params on
+    # its update steps, so it runs through tensornets.rank_adaptive (experiments.train
+    # picks that transform for it), not masked alone.
     "greedy_growth": ("tensornets.adaptive:GreedyGrowth", {}),
+    "spectral_truncation": ("tensornets.adaptive:SpectralTruncation", {}),
 }
 
 # Config keys understood by `from_config` beyond the dataclass fields.
