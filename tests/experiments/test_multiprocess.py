@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import quickstart
 from experiments import distributed, launch, train
+from tests.experiments import test_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,14 +32,7 @@ OVERRIDES = {
 
 
 def _config():
-    config = quickstart.get_config("runlocal")
-    for key, value in OVERRIDES.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return config
+    return test_train._config(**OVERRIDES)
 
 
 def _records(workdir):

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from sparsejax import algorithms, transforms
+from tests.sparsejax.algorithms import test_properties
 from tests.sparsejax.algorithms.conftest import apply, init, loss
 
 STEPS = 30
@@ -63,14 +64,7 @@ def test_masks_are_unit_constant_with_exact_unit_counts_every_step(name, structu
     if not algo.straight_through:
         params = transforms.sparsify(params, state)
 
-    def step(carry, _):
-        p, s = carry
-        m = transforms.get_masks(s)
-        g = jax.grad(lambda q: loss(algo.forward_params(q, m), x, y))(p)
-        u, s = tx.update(g, s, p)
-        p = optax.apply_updates(p, u)
-        return (p, s), (algo.forward_params(p, transforms.get_masks(s)), s.masks)
-
+    step = test_properties._step(algo, tx, x, y)
     _, (used, history) = jax.jit(lambda c: jax.lax.scan(step, c, None, length=STEPS))(
         (params, state)
     )
