@@ -80,7 +80,7 @@ from flax.linen.linear import canonicalize_padding, default_embed_init, default_
 from tensornets import contract as contract_lib
 from tensornets import rank as rank_lib
 from tensornets import regularizers
-from tensornets.formats import _ranks
+from tensornets.formats import validation
 from tensornets.formats.cp import CP
 from tensornets.formats.tt import TT, TTMatrix
 from tensornets.formats.tubal import Tubal
@@ -111,8 +111,8 @@ def balanced_factors(n: int, d: int = 3) -> tuple[int, ...]:
 
     ``balanced_factors(1024, 3) == (8, 8, 16)``; a prime n gives (1, ..., 1, n).
     """
-    n = _ranks.check_int_rank(n, "n")
-    d = _ranks.check_int_rank(d, "d")
+    n = validation.check_int_rank(n, "n")
+    d = validation.check_int_rank(d, "d")
     primes, m, p = [], n, 2
     while p * p <= m:
         while m % p == 0:
@@ -197,19 +197,19 @@ def _tubal_layout(n_in, n_out, rank, in_shape, out_shape) -> _Layout:
             f"format 'tubal' needs both in_shape=(n2, n3) and out_shape=(n1, n3) or neither, "
             f"got in_shape={in_shape!r}, out_shape={out_shape!r}"
         )
-    in_shape = _ranks.check_factorization(in_shape, n_in, "in_shape")
-    out_shape = _ranks.check_factorization(out_shape, n_out, "out_shape")
+    in_shape = validation.check_factorization(in_shape, n_in, "in_shape")
+    out_shape = validation.check_factorization(out_shape, n_out, "out_shape")
     if len(in_shape) != 2 or len(out_shape) != 2 or in_shape[1] != out_shape[1]:
         raise ValueError(
             f"format 'tubal' needs in_shape=(n2, n3) and out_shape=(n1, n3) with the same tube "
             f"length n3, got in_shape={in_shape}, out_shape={out_shape}"
         )
     (n2, n3), (n1, _) = in_shape, out_shape
-    if _ranks.is_fraction(rank):
+    if validation.is_fraction(rank):
         # A fraction of the dense kernel (n_in * n_out = n1 n2 n3^2 entries), as for the
         # other formats, not of the tensor W (n1 n2 n3): capped at full tubal rank.
-        budget = _ranks.check_fraction(rank) * n_in * n_out
-        k = _ranks.uniform_rank_for_budget(
+        budget = validation.check_fraction(rank) * n_in * n_out
+        k = validation.uniform_rank_for_budget(
             budget, lambda r: Tubal.num_params_for((n1, n2, n3), r), min(n1, n2)
         )
     else:
@@ -226,20 +226,22 @@ def _matrix_layout(fmt, n_in, n_out, rank, in_shape, out_shape, what=("in_shape"
         if in_shape is None and out_shape is None:
             d = 3
         else:
-            d = len(_ranks.check_shape(in_shape if in_shape is not None else out_shape))
+            d = len(validation.check_shape(in_shape if in_shape is not None else out_shape))
         in_shape = balanced_factors(n_in, d) if in_shape is None else in_shape
         out_shape = balanced_factors(n_out, d) if out_shape is None else out_shape
-        in_shape = _ranks.check_factorization(in_shape, n_in, what[0])
-        out_shape = _ranks.check_factorization(out_shape, n_out, what[1])
+        in_shape = validation.check_factorization(in_shape, n_in, what[0])
+        out_shape = validation.check_factorization(out_shape, n_out, what[1])
         if len(in_shape) != len(out_shape):
             raise ValueError(
                 f"{what[0]}={in_shape} and {what[1]}={out_shape} must have the same length "
                 "for a TT-matrix (one core per pair)"
             )
         return _tt_matrix_layout(in_shape, out_shape, rank)
-    in_shape = (n_in,) if in_shape is None else _ranks.check_factorization(in_shape, n_in, what[0])
+    in_shape = (
+        (n_in,) if in_shape is None else validation.check_factorization(in_shape, n_in, what[0])
+    )
     out_shape = (
-        (n_out,) if out_shape is None else _ranks.check_factorization(out_shape, n_out, what[1])
+        (n_out,) if out_shape is None else validation.check_factorization(out_shape, n_out, what[1])
     )
     return _tensor_layout(fmt, in_shape + out_shape, rank, len(in_shape))
 
@@ -441,7 +443,7 @@ class FactorizedDense(nn.Module):
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        features = _ranks.check_int_rank(self.features, "features")
+        features = validation.check_int_rank(self.features, "features")
         in_features = inputs.shape[-1]
         layout = _dense_layout(
             self.format, in_features, features, self.rank, self.in_shape, self.out_shape
@@ -485,8 +487,8 @@ def factorized_dense_cost(layer: FactorizedDense, in_features: int) -> dict[str,
     Returns:
       ``{"params": factor entries plus bias, "flops": FLOPs of one example}``.
     """
-    features = _ranks.check_int_rank(layer.features, "features")
-    in_features = _ranks.check_int_rank(in_features, "in_features")
+    features = validation.check_int_rank(layer.features, "features")
+    in_features = validation.check_int_rank(in_features, "in_features")
     layout = _dense_layout(
         layer.format, in_features, features, layer.rank, layer.in_shape, layer.out_shape
     )
@@ -513,8 +515,8 @@ def _conv_layout(fmt, kernel_size, c_group, f_group, rank, in_shape, out_shape) 
     # tt / tt_matrix: TT-matrix over (spatial, c_1..c_d) x (1, f_1..f_d)
     in_shape = (c_group,) if in_shape is None else in_shape
     out_shape = (f_group,) if out_shape is None else out_shape
-    in_shape = _ranks.check_factorization(in_shape, c_group, "in_shape")
-    out_shape = _ranks.check_factorization(out_shape, f_group, "out_shape")
+    in_shape = validation.check_factorization(in_shape, c_group, "in_shape")
+    out_shape = validation.check_factorization(out_shape, f_group, "out_shape")
     if len(in_shape) != len(out_shape):
         raise ValueError(f"in_shape={in_shape} and out_shape={out_shape} must have the same length")
     return _tt_matrix_layout((math.prod(kernel_size), *in_shape), (1, *out_shape), rank)
@@ -567,13 +569,13 @@ def _conv_apply(
 ) -> jax.Array:
     fmt = _canon_format(fmt, _CONV_FORMATS)
     kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
-    kernel_size = _ranks.check_shape(kernel_size, "kernel_size")
+    kernel_size = validation.check_shape(kernel_size, "kernel_size")
     s = len(kernel_size)
     strides = _broadcast(strides, s, "strides")
     input_dilation = _broadcast(input_dilation, s, "input_dilation")
     kernel_dilation = _broadcast(kernel_dilation, s, "kernel_dilation")
-    features = _ranks.check_int_rank(features, "features")
-    g = _ranks.check_int_rank(feature_group_count, "feature_group_count")
+    features = validation.check_int_rank(features, "features")
+    g = validation.check_int_rank(feature_group_count, "feature_group_count")
     c = inputs.shape[-1]
     if c % g or features % g:
         raise ValueError(
@@ -774,8 +776,8 @@ class FactorizedEmbedding(nn.Module):
     init_variance: float | None = None
 
     def setup(self):
-        v = _ranks.check_int_rank(self.num_embeddings, "num_embeddings")
-        d = _ranks.check_int_rank(self.features, "features")
+        v = validation.check_int_rank(self.num_embeddings, "num_embeddings")
+        d = validation.check_int_rank(self.features, "features")
         self._layout = _embed_layout(v, d, self.rank, self.in_shape, self.out_shape)
         variance = _variance(
             self,
@@ -1065,7 +1067,7 @@ def _factorize_node(node: Mapping, entry: dict) -> dict:
         if fmt == "tubal":  # decompose() projects the (in, out) kernel itself
             return {**decompose(layout, kernel), **extra}
         return {**decompose(layout, kernel.reshape(layout.shape)), **extra}
-    g = _ranks.check_int_rank(entry.get("feature_group_count", 1), "feature_group_count")
+    g = validation.check_int_rank(entry.get("feature_group_count", 1), "feature_group_count")
     *ks, cg, f = kernel.shape
     if f % g:
         raise ValueError(f"feature_group_count={g} must divide the kernel's features ({f})")
@@ -1122,7 +1124,7 @@ def _densify_node(node: Mapping, entry: dict) -> dict:
         return {"embedding": TTMatrix.from_params(factors).to_dense()}
     if kind == "dense":
         in_shape = entry.get("in_shape")
-        n_in = 1 if in_shape is None else len(_ranks.check_shape(in_shape, "in_shape"))
+        n_in = 1 if in_shape is None else len(validation.check_shape(in_shape, "in_shape"))
         if fmt == "cp":
             w = CP.from_params(factors).to_dense()
         elif fmt == "tucker":

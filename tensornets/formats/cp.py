@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tensornets import contract as contract_lib
-from tensornets.formats import _ranks
+from tensornets.formats import validation
 
 __all__ = ["CP"]
 
@@ -105,16 +105,16 @@ class CP:
         Raises:
           ValueError: for a rank <= 0 or above `max_rank`, naming the value.
         """
-        shape = _ranks.check_shape(shape)
+        shape = validation.check_shape(shape)
         bound = cls.max_rank(shape)
-        if _ranks.is_fraction(rank):
-            budget = _ranks.check_fraction(rank) * math.prod(shape)
-            return _ranks.uniform_rank_for_budget(
+        if validation.is_fraction(rank):
+            budget = validation.check_fraction(rank) * math.prod(shape)
+            return validation.uniform_rank_for_budget(
                 budget, lambda r: cls.num_params_for(shape, r), bound
             )
         if not isinstance(rank, int | np.integer):
-            (rank,) = _ranks.check_rank_tuple(rank, 1, "rank")
-        rank = _ranks.check_int_rank(rank, "rank")
+            (rank,) = validation.check_rank_tuple(rank, 1, "rank")
+        rank = validation.check_int_rank(rank, "rank")
         if rank > bound:
             raise ValueError(
                 f"rank={rank} is larger than allowed for a CP of shape {shape}: at most "

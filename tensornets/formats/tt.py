@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from tensornets import contract as contract_lib
-from tensornets.formats import _ranks
+from tensornets.formats import validation
 
 __all__ = ["TT", "TTMatrix"]
 
@@ -74,25 +74,25 @@ def resolve_bonds(mode_sizes: tuple[int, ...], rank: Any, name: str = "rank") ->
     d = len(mode_sizes)
     limits = bond_limits(mode_sizes)
     if d == 1:
-        if _ranks.is_fraction(rank):
-            _ranks.check_fraction(rank, name)
+        if validation.is_fraction(rank):
+            validation.check_fraction(rank, name)
             return ()
         if isinstance(rank, int) and not isinstance(rank, bool):
-            _ranks.check_int_rank(rank, name)
+            validation.check_int_rank(rank, name)
             return ()
         if tuple(rank) in ((), (1, 1)):
             return ()
         raise ValueError(f"{name} of a one-core TT has no internal bonds, got {rank!r}")
-    if _ranks.is_fraction(rank):
-        budget = _ranks.check_fraction(rank, name) * math.prod(mode_sizes)
-        r = _ranks.uniform_rank_for_budget(
+    if validation.is_fraction(rank):
+        budget = validation.check_fraction(rank, name) * math.prod(mode_sizes)
+        r = validation.uniform_rank_for_budget(
             budget,
             lambda r: tt_num_params(mode_sizes, tuple(min(r, lim) for lim in limits)),
             max(limits),
         )
         return tuple(min(r, lim) for lim in limits)
     if isinstance(rank, int) and not isinstance(rank, bool):
-        r = _ranks.check_int_rank(rank, name)
+        r = validation.check_int_rank(rank, name)
         if r > max(limits):
             raise ValueError(
                 f"{name}={r} is larger than allowed: the bonds of a TT with mode sizes "
@@ -103,7 +103,7 @@ def resolve_bonds(mode_sizes: tuple[int, ...], rank: Any, name: str = "rank") ->
         if rank[0] != 1 or rank[-1] != 1:
             raise ValueError(f"{name} with d+1 entries must start and end with 1, got {rank!r}")
         rank = tuple(rank)[1:-1]
-    bonds = _ranks.check_rank_tuple(rank, d - 1, name)
+    bonds = validation.check_rank_tuple(rank, d - 1, name)
     full = (1, *bonds, 1)
     for k in range(1, d):
         r = full[k]
@@ -179,7 +179,7 @@ class TT:
     @staticmethod
     def resolve_ranks(shape: Any, rank: Any) -> tuple[int, ...]:
         """Internal bond ranks for a TT of ``shape``; see `resolve_bonds`."""
-        return resolve_bonds(_ranks.check_shape(shape), rank)
+        return resolve_bonds(validation.check_shape(shape), rank)
 
     def _reconstruct_subscripts(self):
         d = self.ndim
@@ -297,8 +297,8 @@ class TTMatrix:
     @staticmethod
     def resolve_ranks(in_shape: Any, out_shape: Any, rank: Any) -> tuple[int, ...]:
         """Internal bond ranks; mode k has size m_k n_k (see `resolve_bonds`)."""
-        in_shape = _ranks.check_shape(in_shape, "in_shape")
-        out_shape = _ranks.check_shape(out_shape, "out_shape")
+        in_shape = validation.check_shape(in_shape, "in_shape")
+        out_shape = validation.check_shape(out_shape, "out_shape")
         if len(in_shape) != len(out_shape):
             raise ValueError(
                 f"in_shape={in_shape} and out_shape={out_shape} must have the same number of "
@@ -334,8 +334,8 @@ class TTMatrix:
         w = jnp.asarray(w)
         if w.ndim != 2:
             raise ValueError(f"w must be a matrix, got shape {w.shape}")
-        in_shape = _ranks.check_factorization(in_shape, w.shape[0], "in_shape")
-        out_shape = _ranks.check_factorization(out_shape, w.shape[1], "out_shape")
+        in_shape = validation.check_factorization(in_shape, w.shape[0], "in_shape")
+        out_shape = validation.check_factorization(out_shape, w.shape[1], "out_shape")
         bonds = cls.resolve_ranks(in_shape, out_shape, rank)
         d = len(in_shape)
         if d > _MAX_CORES:

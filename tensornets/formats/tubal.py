@@ -33,7 +33,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from tensornets.formats import _ranks
+from tensornets.formats import validation
 
 __all__ = [
     "Tubal",
@@ -210,18 +210,18 @@ class Tubal:
         Raises:
           ValueError: for a rank <= 0 or above min(n1, n2), or a shape that is not 3-d.
         """
-        shape = _ranks.check_shape(shape)
+        shape = validation.check_shape(shape)
         if len(shape) != 3:
             raise ValueError(f"a tubal tensor is 3-d (n1, n2, n3), got shape {shape}")
         bound = min(shape[0], shape[1])
-        if _ranks.is_fraction(rank):
-            budget = _ranks.check_fraction(rank) * math.prod(shape)
-            return _ranks.uniform_rank_for_budget(
+        if validation.is_fraction(rank):
+            budget = validation.check_fraction(rank) * math.prod(shape)
+            return validation.uniform_rank_for_budget(
                 budget, lambda r: cls.num_params_for(shape, r), bound
             )
         if not isinstance(rank, int):
-            (rank,) = _ranks.check_rank_tuple(rank, 1, "rank")
-        rank = _ranks.check_int_rank(rank, "rank")
+            (rank,) = validation.check_rank_tuple(rank, 1, "rank")
+        rank = validation.check_int_rank(rank, "rank")
         if rank > bound:
             raise ValueError(
                 f"rank={rank} is larger than allowed for shape {shape}: "

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from tensornets import contract as contract_lib
-from tensornets.formats import _ranks
+from tensornets.formats import validation
 
 __all__ = ["Tucker"]
 
@@ -125,7 +125,7 @@ class Tucker:
           ValueError: for ranks <= 0, a tuple entry above its limit, or an int
             larger than every mode allows.
         """
-        shape = _ranks.check_shape(shape)
+        shape = validation.check_shape(shape)
         modes = _check_modes(modes, len(shape))
         limits = [shape[m] for m in modes]
 
@@ -144,21 +144,21 @@ class Tucker:
                         core[m] = bound
             return tuple(ranks)
 
-        if _ranks.is_fraction(rank):
-            budget = _ranks.check_fraction(rank) * math.prod(shape)
-            r = _ranks.uniform_rank_for_budget(
+        if validation.is_fraction(rank):
+            budget = validation.check_fraction(rank) * math.prod(shape)
+            r = validation.uniform_rank_for_budget(
                 budget, lambda r: cls.num_params_for(shape, capped(r), modes), max(limits)
             )
             return capped(r)
         if isinstance(rank, int) and not isinstance(rank, bool):
-            r = _ranks.check_int_rank(rank, "rank")
+            r = validation.check_int_rank(rank, "rank")
             if r > max(limits):
                 raise ValueError(
                     f"rank={r} is larger than allowed for a Tucker of shape {shape} over "
                     f"modes {modes}: every mode allows at most its dimension {tuple(limits)}"
                 )
             return capped(r)
-        ranks = _ranks.check_rank_tuple(rank, len(modes), "rank")
+        ranks = validation.check_rank_tuple(rank, len(modes), "rank")
         core = _core_dims(shape, ranks, modes)
         for k, m in enumerate(modes):
             if ranks[k] > shape[m]:

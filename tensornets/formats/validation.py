@@ -1,4 +1,4 @@
-"""Validation of shapes and ranks shared by the formats (private).
+"""Validation of shapes and ranks, shared by the formats and the factorized layers.
 
 Ranks are static Python integers: they fix array shapes, so every function here
 runs once, at construction or trace time, and fails with a ValueError that names
@@ -47,6 +47,7 @@ def is_fraction(rank: Any) -> bool:
 
 
 def check_int_rank(value: Any, name: str) -> int:
+    """Returns ``value`` as a positive int (a rank, a size); a ValueError names ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     if value <= 0:
@@ -55,6 +56,7 @@ def check_int_rank(value: Any, name: str) -> int:
 
 
 def check_fraction(rank: float, name: str = "rank") -> float:
+    """Returns a float rank (a fraction of the dense parameter count) after checking it is > 0."""
     if not math.isfinite(rank) or rank <= 0:
         raise ValueError(
             f"{name} as a float is a fraction of the dense parameter count and must be > 0, "
