@@ -15,7 +15,8 @@ import ml_collections
 import numpy as np
 
 from configs.base import get_base_config
-from experiments import reproduce, stats, sweep
+from experiments import stats, sweep
+from experiments.tables.base import Cell, Table, register
 from sparsejax import algorithms
 
 # column value (the N:M sparsity) -> (n, m)
@@ -70,18 +71,18 @@ def _rows(n: int, m: int) -> dict[str, dict]:
 _QUICK_ROWS = ("dense", "STE", "SR-STE", "mask decay (MDGF-exp)")
 
 
-def _cells(quick: bool) -> list[reproduce.Cell]:
+def _cells(quick: bool) -> list[Cell]:
     base = _base(quick)
     cells = []
     for col in [0.875] if quick else list(_PATTERNS):
         for row, sparsity in _rows(*_PATTERNS[col]).items():
             if quick and row not in _QUICK_ROWS:
                 continue
-            cells.append(reproduce.Cell(row, col, _cfg(base, **sparsity)))
+            cells.append(Cell(row, col, _cfg(base, **sparsity)))
     return cells
 
 
-def _extras(cell: reproduce.Cell, result: sweep.SweepResult) -> dict:
+def _extras(cell: Cell, result: sweep.SweepResult) -> dict:
     algo = algorithms.from_config(cell.config.sparsity, cell.config.total_steps)
     algo_state = result.final_state.opt_state.algo_state
     metrics = jax.vmap(algo.metrics)(algo_state) if algo_state != () else {}
@@ -213,8 +214,8 @@ def _notes(quick: bool) -> str:
     )
 
 
-TABLE = reproduce.register(
-    reproduce.Table(
+TABLE = register(
+    Table(
         "nm",
         "N:M structured sparse training: STE, SR-STE, S-STE, Bi-Mask, decaying masks, one-shot",
         "N:M pattern",

@@ -14,7 +14,8 @@ import ml_collections
 import numpy as np
 
 from configs.base import get_base_config
-from experiments import reproduce, stats, sweep, train
+from experiments import stats, sweep, train
+from experiments.tables import base
 from sparsejax import posttrain
 
 _CALIBRATION = 128
@@ -74,7 +75,7 @@ def _row(model: str, method: str, refined: bool) -> str:
     return f"{model}: {method}" + (" + DSnoT" if refined else "")
 
 
-def _run(quick, seeds, dataset, workdir, progress) -> reproduce.TableRun:
+def _run(quick, seeds, dataset, workdir, progress) -> base.TableRun:
     del workdir
     cols = _columns(quick)
     rows: list[str] = []
@@ -121,7 +122,7 @@ def _run(quick, seeds, dataset, workdir, progress) -> reproduce.TableRun:
                         if i == 0:
                             errors[(row, col)] = float(np.mean(list(out.errors.values())))
                     results[(row, col)] = accs
-    return reproduce.TableRun(rows, cols, results, {_ERRORS: errors})
+    return base.TableRun(rows, cols, results, {_ERRORS: errors})
 
 
 def _claims(results: dict, cols: list) -> list[stats.Claim]:
@@ -210,8 +211,8 @@ def _notes(quick: bool) -> str:
     )
 
 
-reproduce.register(
-    reproduce.Table(
+base.register(
+    base.Table(
         "posttrain",
         "Post-training pruning without retraining: magnitude vs Wanda vs SparseGPT (+DSnoT)",
         "sparsity pattern (per pruned layer)",

@@ -27,7 +27,8 @@ import optax
 import tensornets
 from configs import rank_adaptive_mnist1d
 from experiments import data as data_lib
-from experiments import reproduce, stats, train
+from experiments import stats, train
+from experiments.tables import base
 from sparsejax import algorithms, transforms
 
 _FULL = "fixed full rank"
@@ -84,7 +85,7 @@ def _train(config, model, algorithm, seeds, dataset, progress, desc) -> dict[str
     Seeds run one after another through one jitted step (not vmapped: XLA:CPU was
     seen to stall on the vmapped basis change, see the module docstring).
     """
-    tx = tensornets.rank_adaptive(
+    tx = transforms.masked(
         train.make_optimizer(config, config.total_steps), algorithm, key=jax.random.key(0)
     )
     x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
@@ -143,7 +144,7 @@ def _train(config, model, algorithm, seeds, dataset, progress, desc) -> dict[str
     }
 
 
-def _run(quick, seeds, dataset, workdir, progress) -> reproduce.TableRun:
+def _run(quick, seeds, dataset, workdir, progress) -> base.TableRun:
     del workdir
     config = rank_adaptive_mnist1d.get_config("quick" if quick else None)
     width = config.model.features[0]
@@ -168,7 +169,7 @@ def _run(quick, seeds, dataset, workdir, progress) -> reproduce.TableRun:
         for k, title in rank_titles.items():
             extra[title][(row, col)] = float(np.mean([rk[k] for rk in r["ranks"]]))
         results[(row, col, "gap")] = r["gap"]
-    return reproduce.TableRun(list(out), [col], results, extra)
+    return base.TableRun(list(out), [col], results, extra)
 
 
 def _claims(results: dict, cols: list) -> list[stats.Claim]:
@@ -254,8 +255,8 @@ def _notes(quick: bool) -> str:
     )
 
 
-reproduce.register(
-    reproduce.Table(
+base.register(
+    base.Table(
         "rank_adaptive",
         "Rank-adaptive training: fixed rank vs spectral truncation vs greedy growth",
         "hidden width",

@@ -24,7 +24,8 @@ import numpy as np
 
 from configs.base import get_base_config
 from experiments import data as data_lib
-from experiments import reproduce, stats, sweep, train
+from experiments import stats, sweep, train
+from experiments.tables import base
 from sparsejax import algorithms, masks, soups
 
 PyTree = Any
@@ -136,7 +137,7 @@ def _train_stack(config, dataset, params, mask_tree, seeds, swa_fraction=0.0, sn
     return state.params, (state.params if swa is None else swa)
 
 
-def _run(quick, seeds, dataset, workdir, progress) -> reproduce.TableRun:
+def _run(quick, seeds, dataset, workdir, progress) -> base.TableRun:
     del workdir, progress
     setup = _setup(quick)
     k, num = setup["ingredients"], len(seeds)
@@ -202,7 +203,7 @@ def _run(quick, seeds, dataset, workdir, progress) -> reproduce.TableRun:
         for name, values in rows.items():
             results[(name, sparsity)] = [float(v) for v in values]
     order = [_IMP, _BEST, _SOUP, _SWAMP]
-    return reproduce.TableRun(order, cols, results, {_SPARSITY: realized})
+    return base.TableRun(order, cols, results, {_SPARSITY: realized})
 
 
 def _claims(results: dict, cols: list) -> list[stats.Claim]:
@@ -253,8 +254,8 @@ def _notes(quick: bool) -> str:
     )
 
 
-reproduce.register(
-    reproduce.Table(
+base.register(
+    base.Table(
         "soups",
         "Sparse model soups and SWAMP vs IMP and the best single retrained model",
         "sparsity (prune-retrain round)",

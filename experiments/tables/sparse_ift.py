@@ -12,7 +12,8 @@ import jax
 import ml_collections
 
 from configs.base import get_base_config
-from experiments import reproduce, sparse_ift, stats, sweep, train
+from experiments import sparse_ift, stats, sweep, train
+from experiments.tables import base
 from sparsejax import transforms
 
 # (row label, family)
@@ -65,17 +66,17 @@ def _config(quick: bool, family: str, sparsity: float) -> ml_collections.ConfigD
 _QUICK_ROWS = ("dense", "Sparse Wide", "SLTrain (doped, fixed random support)")
 
 
-def _cells(quick: bool) -> list[reproduce.Cell]:
+def _cells(quick: bool) -> list[base.Cell]:
     cells = []
     for s in [0.75] if quick else [0.5, 0.75, 0.9]:
         for label, family in _ROWS:
             if quick and label not in _QUICK_ROWS:
                 continue
-            cells.append(reproduce.Cell(label, s, _config(quick, family, s)))
+            cells.append(base.Cell(label, s, _config(quick, family, s)))
     return cells
 
 
-def _extras(cell: reproduce.Cell, result: sweep.SweepResult) -> dict:
+def _extras(cell: base.Cell, result: sweep.SweepResult) -> dict:
     """FLOPs and parameters of seed 0's final model relative to the dense model."""
     x = sparse_ift.example_input()
     model = train.make_model(cell.config, num_classes=10)
@@ -172,8 +173,8 @@ def _notes(quick: bool) -> str:
     )
 
 
-TABLE = reproduce.register(
-    reproduce.Table(
+TABLE = base.register(
+    base.Table(
         "sparse_ift",
         "Sparse Iso-FLOP Transformations: dense vs Sparse Wide / Parallel / Factorized / Doped "
         "at the dense model's FLOPs (Thangarasa et al. 2023)",

@@ -17,7 +17,8 @@ import os
 
 import numpy as np
 
-from experiments import reproduce, stats, tubal
+from experiments import stats, tubal
+from experiments.tables import base
 
 _TRUE_RANK = 2
 _RANK_TITLE = "effective tubal rank of U * U^T (Fourier-face singular values > 1e-3 x the largest)"
@@ -82,7 +83,7 @@ def _plot_curves(curves: dict, scales: list[float], path: str) -> None:
     plt.close(fig)
 
 
-def _run(quick, seeds, dataset, workdir, progress) -> reproduce.TableRun:
+def _run(quick, seeds, dataset, workdir, progress) -> base.TableRun:
     del dataset, progress  # synthetic problem, one compiled program
     setup = _setup(quick)
     curves = tubal.recovery_curves(
@@ -109,7 +110,7 @@ def _run(quick, seeds, dataset, workdir, progress) -> reproduce.TableRun:
     # The claims read the ranks from ``results`` under a third key.
     for key, value in ranks.items():
         results[(*key, "rank")] = value
-    return reproduce.TableRun(rows, cols, results, {_RANK_TITLE: ranks})
+    return base.TableRun(rows, cols, results, {_RANK_TITLE: ranks})
 
 
 def _lower(sentence: str, name_a: str, a, name_b: str, b, unit: str) -> stats.Claim:
@@ -184,8 +185,8 @@ def _notes(quick: bool) -> str:
     )
 
 
-TABLE = reproduce.register(
-    reproduce.Table(
+TABLE = base.register(
+    base.Table(
         "tubal",
         "Implicit regularization: gradient descent from a smaller initialization finds a lower "
         "tubal rank and a lower recovery error",

@@ -1,0 +1,172 @@
+"""The paper-table framework: `Table`, `Cell`, `TableRun`, the `TABLES` registry and claim helpers.
+
+A table is one module ``experiments/tables/NAME.py`` that builds a `Table` named NAME and
+passes it to `register` at import. `load_tables` imports every module of the package, so a
+new table is a new file and nothing else; `experiments.reproduce` runs a registered table
+and `experiments.report` writes its Markdown and figure. This module imports neither of
+them, so a table module depends only on this one (and on the library), never on the CLI.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import ml_collections
+
+from configs.base import get_base_config
+from experiments import stats, sweep
+
+__all__ = [
+    "TABLES",
+    "Cell",
+    "Table",
+    "TableRun",
+    "compare",
+    "load_tables",
+    "mnist1d_base",
+    "percent",
+    "register",
+    "with_sparsity",
+]
+
+
+class Cell(NamedTuple):
+    """One (method, x) entry of a table and the config that produces it."""
+
+    row: str
+    col: float
+    config: ml_collections.ConfigDict
+
+
+class Table(NamedTuple):
+    """A table: how to build its cells and how to check its claims.
+
+    Attributes:
+      name: the --table name (and the module ``experiments/tables/NAME.py``).
+      title: one line saying what the table reproduces.
+      col_label: what the columns are (e.g. 'sparsity').
+      col_format: formats a column value for headers and plots.
+      cells: (quick) -> cells; a row of cells that share a config reuse one run.
+      claims: (results, cols) -> [stats.Claim], results[(row, col)] = per-seed accuracies.
+      notes: setup text for the Markdown file.
+      run: optional (config, seeds, dataset, cache) -> sweep.SweepResult, replacing
+        `sweep.train_seeds` (cache: config JSON -> result, shared by the table's cells).
+      extras: optional (cell, result) -> {title: value}; each title becomes an extra
+        Markdown table (a number prints as is, a per-seed list as mean ± CI in %) and
+        results[(row, col, title)] = value.
+      run_all: optional (quick, seeds, dataset, workdir, progress) -> `TableRun`, for a
+        table that is not a grid of independent cells (e.g. iterative pruning, where each
+        column depends on the previous one); ``cells`` is then unused.
+      metric: what the values are, for the Markdown caption and the plot's axis.
+      scale: values are multiplied by this when shown (100: fractions shown in percent).
+    """
+
+    name: str
+    title: str
+    col_label: str
+    col_format: Callable[[float], str]
+    cells: Callable[[bool], list[Cell]]
+    claims: Callable[[dict, list], list[stats.Claim]]
+    notes: Callable[[bool], str]
+    run: Callable[..., sweep.SweepResult] | None = None
+    extras: Callable[[Cell, sweep.SweepResult], dict] | None = None
+    run_all: Callable[..., TableRun] | None = None
+    metric: str = "Test accuracy (%)"
+    scale: float = 100.0
+
+
+class TableRun(NamedTuple):
+    """What `Table.run_all` returns: the row and column order and the per-seed values.
+
+    ``results[(row, col)]`` is a list with one value per seed; ``extra_rows[title]``
+    maps (row, col) to a number or a per-seed list, shown as extra Markdown tables.
+    """
+
+    rows: list[str]
+    cols: list[float]
+    results: dict
+    extra_rows: dict
+
+
+# name -> Table; filled by the table modules at import (see `load_tables`).
+TABLES: dict[str, Table] = {}
+
+
+def register(table: Table) -> Table:
+    """Adds ``table`` to `TABLES` and returns it (a table module calls this at import).
+
+    Raises:
+      ValueError: ``table`` is not a `Table`, or another table already has its name.
+    """
+    if not isinstance(table, Table):
+        raise ValueError(f"table must be a tables.base.Table, got {type(table).__name__}")
+    if table.name in TABLES and TABLES[table.name] is not table:
+        raise ValueError(f"table name={table.name!r} is already registered")
+    TABLES[table.name] = table
+    return table
+
+
+def load_tables() -> dict[str, Table]:
+    """Imports every module of `experiments.tables` (each registers its table); returns `TABLES`."""
+    from experiments import tables as package  # the package this module belongs to
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+    return TABLES
+
+
+def percent(x: float) -> str:
+    """A fraction as a percent string with no trailing zeros: 0.9 -> '90%', 0.999 -> '99.9%'."""
+    return f"{100 * x:g}%"
+
+
+def mnist1d_base(quick: bool) -> ml_collections.ConfigDict:
+    """The MNIST-1D CNN config the sparse-training tables start from (``quick``: 400 steps, 16
+    channels; otherwise 3000 steps at the base config's width), progress bar off."""
+    config = get_base_config()
+    config.progress_bar = False
+    if quick:
+        config.total_steps = 400
+        config.model.channels = 16
+        config.eval_every_steps = 400
+    else:
+        config.total_steps = 3000
+        config.eval_every_steps = 3000
+    return config
+
+
+def with_sparsity(base: ml_collections.ConfigDict, **sparsity: Any) -> ml_collections.ConfigDict:
+    """A copy of ``base`` whose ``sparsity`` section is exactly ``sparsity`` (``base`` is kept)."""
+    config = ml_collections.ConfigDict(base.to_dict())
+    config.sparsity = ml_collections.ConfigDict(sparsity)
+    return config
+
+
+def compare(
+    results: dict,
+    col: Any,
+    sentence: str,
+    a: tuple[str, str],
+    b: tuple[str, str],
+    *,
+    strict: bool = False,
+) -> stats.Claim:
+    """Checks that row ``a`` is at least as good as row ``b`` in column ``col``.
+
+    Args:
+      results: ``results[(row, col)]`` = per-seed values, as `Table.claims` receives them.
+      col: the column both sides are read from.
+      sentence: the claim as printed.
+      a: (name in the evidence, row label) of the side claimed to be as good or better.
+      b: (name in the evidence, row label) of the other side.
+      strict: check "a is better than b" (`stats.better`, significant at 95%) instead of
+        "a is at least as good as b" (`stats.at_least`, not significantly worse).
+
+    Returns:
+      The checked `stats.Claim`.
+    """
+    check = stats.better if strict else stats.at_least
+    return check(sentence, a[0], results[(a[1], col)], b[0], results[(b[1], col)])
