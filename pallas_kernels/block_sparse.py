@@ -13,8 +13,8 @@ TPU kernels take the block indices by scalar prefetch (`pltpu.PrefetchScalarGrid
 indices sit in SMEM before the grid starts, and the BlockSpec index maps read them to pick
 which X block and which W block the pipeline DMAs next, so only stored blocks are fetched.
 The DSD grid is ``(row tiles of X, steps)`` where the steps enumerate stored blocks grouped
-by output block column (`BSRLayout.kernel_schedule`); consecutive steps of one column keep
-the output block resident in VMEM and accumulate into an f32 scratch.
+by output block column (`pallas_kernels.plans.kernel_schedule`); consecutive steps of one
+column keep the output block resident in VMEM and accumulate into an f32 scratch.
 
 GPU kernels cannot prefetch scalars (both GPU lowerings refuse it), so they take the
 pointers and indices as ordinary int32 inputs: one program per (row tile, output block)
@@ -44,6 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import plans
 from pallas_kernels.formats import BSRLayout, check_tpu_block_shape
 
 __all__ = [
@@ -122,7 +123,7 @@ def dsd_tpu(
     bk, bn = layout.block_shape
     b_in, b_out = (bn, bk) if transpose else (bk, bn)
     n_out = layout.shape[0] if transpose else layout.shape[1]
-    sched = layout.kernel_schedule(transpose)
+    sched = plans.kernel_schedule(layout, transpose)
     rows = x.shape[0]
     tm, rows_p = _row_tile(rows)
     xp = _pad_rows(x, rows_p)
@@ -290,7 +291,7 @@ def dsd_gpu(
     b_in, b_out = (bn, bk) if transpose else (bk, bn)
     k_in = layout.shape[1] if transpose else layout.shape[0]
     n_out = layout.shape[0] if transpose else layout.shape[1]
-    sched = layout.kernel_schedule(transpose)
+    sched = plans.kernel_schedule(layout, transpose)
     rows = x.shape[0]
     tm, rows_p = _row_tile(rows, max_tile=64)
     tm = max(tm, 16)

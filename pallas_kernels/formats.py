@@ -6,9 +6,11 @@ Two formats, both registered pytrees whose only differentiable leaves are the st
   ``(bk, bn)`` blocks and only the nonzero blocks are stored, in block-column-major (CSC)
   order. The index metadata (block rows and columns, per-block-column pointers, and the
   transpose metadata: per-block-row pointers and the permutation from row-major to
-  column-major block order) is static: it lives in a hashable `BSRLayout` in the pytree's
-  treedef, so kernels read it as compile-time constants and the backward pass (which walks
-  ``W`` by block rows) needs no data movement of the values.
+  column-major block order) is static: it lives in a hashable, read-only `BSRLayout` in the
+  pytree's treedef, so kernels read it as compile-time constants and the backward pass
+  (which walks ``W`` by block rows) needs no data movement of the values. What the ops
+  compute from a layout (the XLA path's groups, the kernels' step lists) is in
+  `pallas_kernels.plans`.
 * `NM`: N:M sparsity along the contracting axis ``K``: in every group of ``m`` consecutive
   rows of a column at most ``n`` entries are nonzero. Values are stored compressed as
   ``(K * n / m, N)`` plus the position of each value inside its group, as int8 or bit-packed
@@ -48,12 +50,6 @@ __all__ = [
     "pack_indices",
     "unpack_indices",
 ]
-
-# Relative cost, in multiplied blocks, of launching one more batched dot in the XLA plan.
-# Measured on 2 CPU cores: one more dot costs about as much as a few padded 32x32 blocks
-# at a batch of 256 rows, so a few groups of columns with similar counts beat one padded group.
-_GROUP_OVERHEAD_BLOCKS = 4
-_MAX_GROUPS = 16
 
 
 def _is_tracer(x: Any) -> bool:
@@ -126,74 +122,28 @@ def _digest(*arrays: np.ndarray) -> bytes:
     return h.digest()
 
 
-@dataclasses.dataclass(frozen=True)
-class XlaGroup:
-    """One batched dot of the XLA path: ``len(out_blocks)`` output blocks with ``P`` slots.
-
-    Attributes:
-      out_blocks: int32[g], which output block (column of W, or row for the transpose).
-      in_blocks: int32[g, P], input block index for each slot; out-of-range pads.
-      slots: int32[g, P], index into ``BSR.values``; out-of-range (``nnz``) pads.
-    """
-
-    out_blocks: np.ndarray
-    in_blocks: np.ndarray
-    slots: np.ndarray
+_LAYOUT_ARRAYS = ("row_indices", "col_indices", "col_ptr", "row_ptr", "transpose_perm")
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelSchedule:
-    """Flattened step list of the Pallas kernels: one step per stored block (plus one per
-    empty output block, so it still gets written). Steps of one output block are adjacent.
-
-    Attributes (all int32[steps]): ``out_block``, ``in_block``, ``slot`` (index into
-    values), ``first`` / ``last`` (1 on the first / last step of an output block), ``valid``
-    (0 on the placeholder step of an empty output block). Also ``ptr`` int32[num_out + 1]
-    (steps of output block ``j`` are ``ptr[j]:ptr[j+1]`` among the valid ones, used by the
-    GPU kernel's in-kernel loop) with matching ``valid_in_block`` / ``valid_slot``.
-    """
-
-    out_block: np.ndarray
-    in_block: np.ndarray
-    slot: np.ndarray
-    first: np.ndarray
-    last: np.ndarray
-    valid: np.ndarray
-    ptr: np.ndarray
-    valid_in_block: np.ndarray
-    valid_slot: np.ndarray
-
-
-def _plan_groups(counts: np.ndarray) -> list[tuple[int, int]]:
-    """Splits output blocks sorted by decreasing count into at most `_MAX_GROUPS` runs.
-
-    Minimizes padded slots + overhead per group by dynamic programming over the sorted
-    counts: cost(run a..b) = (b - a) * counts[a] + overhead. Exact for this cost model.
-    """
-    n = len(counts)
-    inf = float("inf")
-    max_groups = min(_MAX_GROUPS, n)
-    best = np.full((max_groups + 1, n + 1), inf)
-    arg = np.zeros((max_groups + 1, n + 1), dtype=np.int64)
-    best[0, 0] = 0.0
-    for g in range(1, max_groups + 1):
-        for i in range(1, n + 1):
-            starts = np.arange(i)
-            cost = best[g - 1, :i] + (i - starts) * counts[starts] + _GROUP_OVERHEAD_BLOCKS
-            a = int(np.argmin(cost))
-            best[g, i], arg[g, i] = cost[a], a
-    g = int(np.argmin(best[1:, n])) + 1
-    bounds, i = [], n
-    while g > 0:
-        a = int(arg[g, i])
-        bounds.append((a, i))
-        i, g = a, g - 1
-    return bounds[::-1]
+def _read_only_index_array(name: str, value: Any, length: int, bound: int) -> np.ndarray:
+    """An int32 copy of ``value`` that nobody can write to; validates length and range."""
+    a = np.asarray(value)
+    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise ValueError(f"{name} must be a 1D integer array, got {a.dtype}{list(a.shape)}")
+    if a.shape[0] != length:
+        raise ValueError(f"{name} must have {length} entries, got {a.shape[0]}")
+    if a.size and (a.min() < 0 or a.max() > bound):
+        raise ValueError(f"{name} entries must lie in [0, {bound}], got [{a.min()}, {a.max()}]")
+    # A copy over immutable bytes: read-only, and `setflags(write=True)` cannot undo that
+    # (it could on an array owning its memory). The caller's array stays the caller's.
+    out = np.frombuffer(np.ascontiguousarray(a, dtype=np.int32).tobytes(), dtype=np.int32)
+    out.setflags(write=False)
+    return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class BSRLayout:
-    """Static (hashable) index metadata of a `BSR` matrix; every array is numpy int32.
+    """Static (hashable) index metadata of a `BSR` matrix; every array is read-only int32.
 
     Block ``t`` of ``BSR.values`` (CSC order: sorted by block column, then block row) sits
     at block row ``row_indices[t]`` and block column ``col_indices[t]``; the blocks of
@@ -201,7 +151,16 @@ class BSRLayout:
     ``transpose_perm`` list the same blocks in CSR order (by row, then column):
     ``values[transpose_perm[row_ptr[i]:row_ptr[i+1]]]`` are the blocks of row ``i``.
 
-    Hash and equality are by content, so two layouts of the same pattern share jit caches.
+    A layout is a static jit argument (it sits in `BSR`'s treedef), so it is immutable: the
+    constructor stores read-only int32 copies of the arrays, and hash and equality are by
+    content (shapes and every array), fixed at construction. Two layouts of the same pattern
+    are equal, share jit caches and get the same execution plans (`pallas_kernels.plans`).
+    Build layouts with `BSR.from_dense`; direct construction checks lengths and ranges only.
+
+    Raises:
+      ValueError: if ``shape`` is not two positive ints, ``block_shape`` does not divide it,
+        or an array is not 1D integer of the right length (nnz for indices and permutation,
+        block columns + 1 for ``col_ptr``, block rows + 1 for ``row_ptr``) and range.
     """
 
     shape: tuple[int, int]
@@ -212,12 +171,40 @@ class BSRLayout:
     row_ptr: np.ndarray
     transpose_perm: np.ndarray
 
-    @functools.cached_property
-    def _key(self) -> tuple:
-        return (
-            self.shape,
-            self.block_shape,
-            _digest(self.row_indices, self.col_indices),
+    def __post_init__(self) -> None:
+        shape = self.shape
+        if (
+            not isinstance(shape, Sequence)
+            or len(shape) != 2
+            or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) for d in shape)
+            or any(d < 1 for d in shape)
+        ):
+            raise ValueError(f"shape must be two positive ints, got {shape!r}")
+        shape = (int(shape[0]), int(shape[1]))
+        bk, bn = _check_block_shape(self.block_shape, shape)
+        kb, nb = shape[0] // bk, shape[1] // bn
+        nnz = len(np.asarray(self.row_indices))
+        # (length, largest allowed entry) of each array.
+        specs = {
+            "row_indices": (nnz, kb - 1),
+            "col_indices": (nnz, nb - 1),
+            "col_ptr": (nb + 1, nnz),
+            "row_ptr": (kb + 1, nnz),
+            "transpose_perm": (nnz, nnz - 1),
+        }
+        # Frozen dataclass: the constructor is the one place that may set fields.
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "block_shape", (bk, bn))
+        for name in _LAYOUT_ARRAYS:
+            array = _read_only_index_array(name, getattr(self, name), *specs[name])
+            object.__setattr__(self, name, array)
+        key = (shape, (bk, bn), _digest(*(getattr(self, n) for n in _LAYOUT_ARRAYS)))
+        object.__setattr__(self, "_key", key)
+
+    def __reduce__(self):
+        # Copies and pickles go through the constructor, so they are read-only too.
+        return type(self), (self.shape, self.block_shape) + tuple(
+            getattr(self, n) for n in _LAYOUT_ARRAYS
         )
 
     def __hash__(self) -> int:
@@ -235,91 +222,6 @@ class BSRLayout:
     def nnz_blocks(self) -> int:
         """Number of stored blocks."""
         return int(self.row_indices.shape[0])
-
-    def _oriented(self, transpose: bool):
-        """(ptr over output blocks, input block of each step, slot of each step)."""
-        if transpose:
-            return self.row_ptr, self.col_indices[self.transpose_perm], self.transpose_perm
-        return self.col_ptr, self.row_indices, np.arange(self.nnz_blocks, dtype=np.int32)
-
-    def _memo(self, key, build):
-        # Per-instance cache (a frozen dataclass still has a __dict__): plans are pure
-        # functions of the layout, and jit retraces call them once per trace.
-        cache = self.__dict__.setdefault("_plans", {})
-        if key not in cache:
-            cache[key] = build()
-        return cache[key]
-
-    def xla_plan(self, transpose: bool) -> tuple[tuple[XlaGroup, ...], np.ndarray | None]:
-        """Groups of output blocks for the CPU path, and the inverse permutation.
-
-        Output blocks (block columns of W, or block rows for ``W^T``) are sorted by their
-        number of stored blocks and cut into runs of similar counts; each run becomes one
-        batched dot padded to its largest count. Returns ``(groups, inverse)`` where
-        ``inverse[j]`` is the position of output block ``j`` in the concatenated group
-        outputs (None when that order is already the identity). Empty output blocks go in
-        a group with ``P = 0``.
-        """
-        return self._memo(("xla", bool(transpose)), lambda: self._xla_plan(transpose))
-
-    def _xla_plan(self, transpose: bool):
-        ptr, in_blocks, slots = self._oriented(transpose)
-        counts = np.diff(ptr)
-        order = np.argsort(-counts, kind="stable").astype(np.int32)
-        sorted_counts = counts[order]
-        num_in = self.grid[0] if not transpose else self.grid[1]
-        groups = []
-        for a, b in _plan_groups(sorted_counts):
-            outs = order[a:b]
-            width = int(sorted_counts[a])
-            ins = np.full((b - a, width), num_in, dtype=np.int32)
-            sl = np.full((b - a, width), self.nnz_blocks, dtype=np.int32)
-            for r, j in enumerate(outs):
-                lo, hi = ptr[j], ptr[j + 1]
-                ins[r, : hi - lo] = in_blocks[lo:hi]
-                sl[r, : hi - lo] = slots[lo:hi]
-            groups.append(XlaGroup(outs, ins, sl))
-        inverse = np.argsort(order).astype(np.int32)
-        if np.array_equal(order, np.arange(len(order))):
-            inverse = None
-        return tuple(groups), inverse
-
-    def kernel_schedule(self, transpose: bool) -> KernelSchedule:
-        """Flattened step list for the Pallas kernels (see `KernelSchedule`)."""
-        return self._memo(("kernel", bool(transpose)), lambda: self._kernel_schedule(transpose))
-
-    def _kernel_schedule(self, transpose: bool) -> KernelSchedule:
-        ptr, in_blocks, slots = self._oriented(transpose)
-        out_b, in_b, slot, first, last, valid = [], [], [], [], [], []
-        for j in range(len(ptr) - 1):
-            lo, hi = int(ptr[j]), int(ptr[j + 1])
-            if lo == hi:
-                out_b.append(j)
-                in_b.append(0)
-                slot.append(0)
-                first.append(1)
-                last.append(1)
-                valid.append(0)
-                continue
-            for t in range(lo, hi):
-                out_b.append(j)
-                in_b.append(int(in_blocks[t]))
-                slot.append(int(slots[t]))
-                first.append(int(t == lo))
-                last.append(int(t == hi - 1))
-                valid.append(1)
-        as32 = lambda v: np.asarray(v, dtype=np.int32)
-        return KernelSchedule(
-            out_block=as32(out_b),
-            in_block=as32(in_b),
-            slot=as32(slot),
-            first=as32(first),
-            last=as32(last),
-            valid=as32(valid),
-            ptr=as32(ptr),
-            valid_in_block=as32(in_blocks),
-            valid_slot=as32(slots),
-        )
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["values"], meta_fields=["layout"])

@@ -19,7 +19,7 @@ The `*_reference` functions densify and call ``jnp.dot``; tests hold every path 
 The XLA path for BSR (why it is shaped this way): on CPU, XLA runs a batched dot as a
 loop of single-threaded GEMMs, and thousands of 32x32 products are far from peak. So the
 static layout groups output block columns by their number of stored blocks
-(`BSRLayout.xla_plan`); for a group of ``g`` columns with at most ``P`` blocks each,
+(`pallas_kernels.plans.xla_plan`); for a group of ``g`` columns with at most ``P`` blocks each,
 
     G[c, :, p*bk:(p+1)*bk] = X[:, rows(c, p)]     (B, P*bk) slab per column, one gather
     Y[:, col(c)]           = G[c] @ stack_p V[c, p]  one batched dot, K = P*bk
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels import block_sparse, nm
+from pallas_kernels import block_sparse, nm, plans
 from pallas_kernels.formats import BSR, NM, BSRLayout, check_tpu_block_shape
 
 __all__ = [
@@ -122,7 +122,7 @@ def _dsd_xla(x2: jax.Array, values: jax.Array, layout: BSRLayout, transpose: boo
     bk, bn = layout.block_shape
     b_in, b_out = (bn, bk) if transpose else (bk, bn)
     rows = x2.shape[0]
-    groups, inverse = layout.xla_plan(transpose)
+    groups, inverse = plans.xla_plan(layout, transpose)
     outs = []
     for grp in groups:
         g, p = grp.in_blocks.shape
@@ -214,7 +214,7 @@ def _prefer_dense(layout: BSRLayout) -> bool:
     sparse at <= 20% for blocks >= 32 (1.4-5x).
     """
     bk, bn = layout.block_shape
-    groups, _ = layout.xla_plan(False)
+    groups, _ = plans.xla_plan(layout, False)
     slots = sum(g.in_blocks.size for g in groups)
     k, n = layout.shape
     return slots * bk * bn * (1 + 16 / bn) > k * n / 2
@@ -234,7 +234,7 @@ def _dsd_xla_chunked(x2, values, layout, transpose):
         return x2 @ (w.T if transpose else w)
     bk, bn = layout.block_shape
     b_in = bn if transpose else bk
-    groups, _ = layout.xla_plan(transpose)
+    groups, _ = plans.xla_plan(layout, transpose)
     slots = sum(g.in_blocks.size for g in groups)
     return _by_row_pieces(
         lambda xc: _dsd_xla(xc, values, layout, transpose), slots * b_in * x2.dtype.itemsize, x2

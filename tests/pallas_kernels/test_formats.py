@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -118,6 +121,81 @@ def test_bsr_is_a_pytree_with_values_as_only_leaf():
 
     total(bsr)
     total(again)
+
+
+_LAYOUT_ARRAYS = ("row_indices", "col_indices", "col_ptr", "row_ptr", "transpose_perm")
+
+
+def test_bsr_layout_arrays_are_read_only():
+    """A layout is a static jit argument: writing into it would change a cached trace."""
+    w, mask = _bsr_case(3, 2, 4, 4, 0.6, seed=4)
+    lay = BSR.from_dense(w, mask, block_shape=(4, 4)).layout
+    for name in _LAYOUT_ARRAYS:
+        array = getattr(lay, name)
+        assert array.dtype == np.int32
+        with pytest.raises(ValueError, match="read-only"):
+            array[...] = 0
+        with pytest.raises(ValueError, match="WRITEABLE"):
+            array.setflags(write=True)  # not even by turning the flag back on
+    with pytest.raises(AttributeError):
+        lay.row_indices = np.zeros_like(lay.row_indices)
+    # Copies and pickles go through the constructor: still read-only, still equal.
+    for other in (copy.copy(lay), copy.deepcopy(lay), pickle.loads(pickle.dumps(lay))):
+        assert other == lay and hash(other) == hash(lay)
+        assert not any(getattr(other, n).flags.writeable for n in _LAYOUT_ARRAYS)
+
+
+def test_bsr_layout_owns_its_arrays():
+    """The constructor copies: the caller's arrays stay writable and changing them later
+    changes neither the layout nor its hash."""
+    w, mask = _bsr_case(2, 3, 4, 4, 0.7, seed=5)
+    lay = BSR.from_dense(w, mask, block_shape=(4, 4)).layout
+    arrays = {n: np.array(getattr(lay, n)) for n in _LAYOUT_ARRAYS}
+    mine = formats.BSRLayout(shape=lay.shape, block_shape=lay.block_shape, **arrays)
+    assert mine == lay and hash(mine) == hash(lay)
+    arrays["row_indices"][...] = 0
+    assert mine == lay and hash(mine) == hash(lay)
+    assert mine.row_indices is not arrays["row_indices"]
+
+
+@_SETTINGS
+@given(density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_bsr_layouts_of_one_mask_are_equal_and_hash_equal(density, seed):
+    w, mask = _bsr_case(3, 4, 2, 4, density, seed, elementwise=True)
+    a = BSR.from_dense(w, mask, block_shape=(2, 4)).layout
+    b = BSR.from_dense(-5 * w, mask, block_shape=(2, 4)).layout
+    assert a is not b and a == b and hash(a) == hash(b)
+    # Another pattern (block (0, 0) flipped), or the same mask cut another way, is another
+    # layout.
+    other = mask.copy()
+    other[:2, :4] = not mask[:2, :4].any()
+    assert a != BSR.from_dense(w, other, block_shape=(2, 4)).layout
+    assert a != BSR.from_dense(w, mask, block_shape=(1, 4)).layout
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(shape=(8, 0)), r"shape must be two positive ints, got \(8, 0\)"),
+        (dict(block_shape=(3, 4)), r"block_shape=\(3, 4\) must divide the weight shape"),
+        (dict(col_ptr=[0, 1]), r"col_ptr must have 3 entries, got 2"),
+        (dict(row_indices=[0, 2]), r"row_indices entries must lie in \[0, 1\], got \[0, 2\]"),
+        (dict(row_indices=[0.0, 1.0]), r"row_indices must be a 1D integer array, got float64"),
+    ],
+)
+def test_bsr_layout_validation(change, match):
+    fields = dict(
+        shape=(8, 8),
+        block_shape=(4, 4),
+        row_indices=[0, 1],
+        col_indices=[0, 1],
+        col_ptr=[0, 1, 2],
+        row_ptr=[0, 1, 2],
+        transpose_perm=[0, 1],
+    )
+    formats.BSRLayout(**fields)
+    with pytest.raises(ValueError, match=match):
+        formats.BSRLayout(**{**fields, **change})
 
 
 @pytest.mark.parametrize(
