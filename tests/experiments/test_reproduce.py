@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,9 @@ import numpy as np
 import pytest
 
 from experiments import lottery, reproduce
+from experiments.tables import base
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.parametrize("table", sorted(reproduce.TABLES))
@@ -38,10 +43,60 @@ def test_quick_table_runs_end_to_end(tmp_path, table):
 
 
 def test_register_refuses_a_second_table_with_a_taken_name():
-    clash = reproduce.TABLES["dst"]._replace(title="another")
+    clash = base.TABLES["dst"]._replace(title="another")
     with pytest.raises(ValueError, match="name='dst' is already registered"):
-        reproduce.register(clash)
-    assert reproduce.register(reproduce.TABLES["dst"]) is reproduce.TABLES["dst"]
+        base.register(clash)
+    assert base.register(base.TABLES["dst"]) is base.TABLES["dst"]
+    with pytest.raises(ValueError, match="table must be a tables.base.Table"):
+        base.register(("dst",))
+
+
+def test_every_table_has_its_module_and_the_cli_sees_every_registered_table():
+    assert reproduce.TABLES is base.TABLES
+    assert len(base.TABLES) == 11
+    for name, table in base.TABLES.items():
+        assert table.name == name
+        assert os.path.isfile(os.path.join(_ROOT, "experiments", "tables", f"{name}.py")), name
+
+
+def test_table_modules_load_without_the_cli():
+    # The table framework must not depend on the command line: importing base and every
+    # table module leaves experiments.reproduce unimported (no import cycle to dodge).
+    code = (
+        "import sys\n"
+        "from experiments.tables import base\n"
+        "assert 'experiments.reproduce' not in sys.modules\n"
+        "tables = base.load_tables()\n"
+        "assert 'experiments.reproduce' not in sys.modules, 'a table module imports the CLI'\n"
+        "print(' '.join(sorted(tables)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=_ROOT, capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == sorted(reproduce.TABLES)
+
+
+def test_compare_reads_both_rows_of_one_column_and_picks_the_ordering():
+    results = {("A row", 1): [0.9, 0.91, 0.92], ("B row", 1): [0.5, 0.52, 0.51]}
+    results[("B row", 2)] = results[("A row", 2)] = [0.0, 0.0, 0.0]
+    claim = base.compare(results, 1, "A beats B", ("A", "A row"), ("B", "B row"), strict=True)
+    assert claim.holds and claim.sentence == "A beats B"
+    assert claim.evidence.startswith("A 91.0 ± ") and " vs B 51.0 ± " in claim.evidence
+    assert not base.compare(results, 1, "B >= A", ("B", "B row"), ("A", "A row")).holds
+    # Equal values: "at least as good" holds, "better" does not.
+    assert base.compare(results, 2, "tie", ("A", "A row"), ("B", "B row")).holds
+    assert not base.compare(results, 2, "tie", ("A", "A row"), ("B", "B row"), strict=True).holds
+
+
+def test_percent_and_with_sparsity():
+    assert [base.percent(x) for x in (0.9, 0.999, 0.5)] == ["90%", "99.9%", "50%"]
+    config = base.mnist1d_base(True)
+    before = config.to_json()
+    sparse = base.with_sparsity(config, algorithm="rigl", target=0.9)
+    assert config.to_json() == before
+    assert sparse.sparsity.to_dict() == {"algorithm": "rigl", "target": 0.9}
+    assert sparse.model.to_dict() == config.model.to_dict()
 
 
 def test_unknown_table_and_bad_seeds_are_value_errors(tmp_path):
