@@ -1,7 +1,9 @@
 """Defaults shared by every config: MNIST-1D, the 1D CNN, Adam, dense training.
 
-Each experiment file calls `get_base_config()` and changes what it needs, and
-`apply_variant(config, arg)` handles ``file.py:runlocal`` (a tiny smoke run).
+Each experiment file calls `get_base_config()` and changes what it needs. Every file owns
+its ``file.py:runlocal`` variant (a smoke run of seconds): `is_runlocal(arg)` reads the
+variant, `shrink_for_runlocal(config)` shrinks the keys every config shares (steps, batch,
+logging, evaluation and checkpoint cadence), and the file shrinks its own model.
 """
 
 from __future__ import annotations
@@ -57,20 +59,47 @@ def get_base_config() -> ml_collections.ConfigDict:
     return config
 
 
-def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-    """Applies a ``file.py:VARIANT`` suffix; ``runlocal`` shrinks the run to seconds."""
+VARIANTS = ("runlocal",)
+
+
+def is_runlocal(arg: str | None) -> bool:
+    """Whether ``file.py:VARIANT`` asks for the ``runlocal`` smoke variant.
+
+    Args:
+      arg: the text after ``:`` in ``--config=file.py:VARIANT`` (None or "" without one).
+
+    Returns:
+      True for ``'runlocal'``, False for None or "".
+
+    Raises:
+      ValueError: for any other variant, naming it and the known ones.
+    """
     if arg in (None, ""):
-        return config
-    if arg != "runlocal":
-        raise ValueError(f"config variant {arg!r} is unknown; known variants: ['runlocal']")
+        return False
+    if arg not in VARIANTS:
+        raise ValueError(f"config variant {arg!r} is unknown; known variants: {list(VARIANTS)}")
+    return True
+
+
+def shrink_for_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks the keys every config shares to a run of seconds; the model is left alone.
+
+    20 steps of batch 32, logs every 5, evaluation and checkpoints every 10, no progress
+    bar, and ``sparsity.update_every_steps`` (when the config has one) 5, so masks still
+    change a few times. Each config shrinks its own model.
+
+    Args:
+      config: a config built on `get_base_config()`; changed in place.
+
+    Returns:
+      ``config``.
+    """
     config.total_steps = 20
     config.batch_size = 32
     config.log_every_steps = 5
     config.eval_every_steps = 10
     config.checkpoint_every_steps = 10
-    config.model.channels = 8
     config.progress_bar = False
-    for key in ("update_every_steps",):
-        if key in config.sparsity:
-            config.sparsity[key] = 5
+    if "update_every_steps" in config.sparsity:
+        config.sparsity.update_every_steps = 5
     return config

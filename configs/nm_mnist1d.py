@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.base import apply_variant, get_base_config
+from configs.base import get_base_config, is_runlocal, shrink_for_runlocal
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """SR-STE at 2:4; ``arg='runlocal'`` shrinks the run to seconds."""
+    """SR-STE at 2:4; ``arg='runlocal'`` shrinks the run to seconds (a 16-16 MLP)."""
+    runlocal = is_runlocal(arg)
     config = get_base_config()
-    config.model = ml_collections.ConfigDict({"name": "mlp", "features": (256, 256)})
+    features = (16, 16) if runlocal else (256, 256)
+    config.model = ml_collections.ConfigDict({"name": "mlp", "features": features})
     config.total_steps = 3000
     config.eval_every_steps = 500
     config.sparsity = ml_collections.ConfigDict(
@@ -35,8 +37,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "end_fraction": 0.5,
         }
     )
-    config = apply_variant(config, arg)
-    if arg == "runlocal":
-        # apply_variant narrows the CNN; this config's model is the MLP.
-        config.model = ml_collections.ConfigDict({"name": "mlp", "features": (16, 16)})
+    if runlocal:
+        shrink_for_runlocal(config)
     return config

@@ -10,22 +10,22 @@ rank within 10% of 65,536 entries (Novikov, Podoprikhin, Osokin & Vetrov 2015,
 
 import ml_collections
 
-from configs.base import apply_variant, get_base_config
+from configs.base import get_base_config, is_runlocal, shrink_for_runlocal
 
 
 def get_config(arg=None):
+    """The TT-matrix MLP; ``arg='runlocal'`` shrinks the run to seconds (a 64-64 MLP)."""
+    runlocal = is_runlocal(arg)
     config = get_base_config()
     config.model = ml_collections.ConfigDict(
         {
             "name": "mlp",
-            "features": (256, 256),
+            "features": (64, 64) if runlocal else (256, 256),
             "factorize": {"hidden_1": {"format": "tt_matrix", "rank": 0.1}},
         }
     )
     config.total_steps = 3000
     config.eval_every_steps = 500
-    config = apply_variant(config, arg)
-    if arg == "runlocal":
-        del config.model["channels"]  # apply_variant narrows the CNN; this is an MLP
-        config.model.features = (64, 64)
+    if runlocal:
+        shrink_for_runlocal(config)
     return config

@@ -6,19 +6,24 @@ with cosine decay. Prune it after training with `sparsejax.posttrain.prune_model
 
 import ml_collections
 
-from configs.base import apply_variant, get_base_config
+from configs.base import get_base_config, is_runlocal, shrink_for_runlocal
 
 
 def get_config(arg=None):
+    """The transformer; ``arg='runlocal'`` shrinks the run to seconds (width 8, MLP 16)."""
+    runlocal = is_runlocal(arg)
     config = get_base_config()
     config.model = ml_collections.ConfigDict(
-        {"name": "vit1d", "patch_size": 4, "width": 32, "depth": 2, "num_heads": 4, "mlp_dim": 64}
+        {
+            "name": "vit1d",
+            "patch_size": 4,
+            "width": 8 if runlocal else 32,
+            "depth": 2,
+            "num_heads": 4,
+            "mlp_dim": 16 if runlocal else 64,
+        }
     )
     config.total_steps = 2000
-    config = apply_variant(config, arg)
-    if arg == "runlocal":
-        # The shared runlocal variant narrows a CNN's channels; narrow the transformer instead.
-        del config.model["channels"]
-        config.model.width = 8
-        config.model.mlp_dim = 16
+    if runlocal:
+        shrink_for_runlocal(config)
     return config
