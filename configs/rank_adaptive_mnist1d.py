@@ -11,23 +11,23 @@ W = A diag(w) B^T kept at full rank (40 and 128); the output layer stays dense.
                          steps until ``end_step``, within ``budget`` (a fraction of
                          the full-rank factors).
 
-``get_config("quick")`` is the tiny version the tests run. Used by
+``get_config("runlocal")`` is the tiny version the tests run (its own: a 32-32 MLP for 200
+steps, enough for the truncation to act, not the shared 20-step shrink). Used by
 ``python -m experiments.reproduce --table=rank_adaptive``; ``python -m experiments.main``
 with this file trains the spectral-truncation row (``config.sparsity``).
 """
 
 import ml_collections
 
-from configs.base import get_base_config
+from configs.base import get_base_config, is_runlocal
 
 
 def get_config(arg=None):
+    """The low-rank MLP and its methods; ``arg='runlocal'`` is the tiny version."""
+    runlocal = is_runlocal(arg)
     config = get_base_config()
     config.progress_bar = False
-    quick = arg == "quick"
-    if arg not in (None, "", "quick"):
-        raise ValueError(f"config variant {arg!r} is unknown; known variants: ['quick']")
-    width = 32 if quick else 128
+    width = 32 if runlocal else 128
     config.model = ml_collections.ConfigDict(
         {
             "name": "mlp",
@@ -38,17 +38,17 @@ def get_config(arg=None):
             },
         }
     )
-    config.total_steps = 200 if quick else 3000
+    config.total_steps = 200 if runlocal else 3000
     config.eval_every_steps = config.total_steps
     config.rank_adaptive = ml_collections.ConfigDict(
         {
             "algorithm": "spectral_truncation",
             "tau": 0.1,
             "budget": 0.45,
-            "every_steps": 20 if quick else 100,
-            "begin_step": 20 if quick else 200,
-            "end_step": 150 if quick else 2000,
-            "growth_every_steps": 5 if quick else 20,
+            "every_steps": 20 if runlocal else 100,
+            "begin_step": 20 if runlocal else 200,
+            "end_step": 150 if runlocal else 2000,
+            "growth_every_steps": 5 if runlocal else 20,
         }
     )
     # The same spectral truncation for `python -m experiments.main` (the table builds its

@@ -146,7 +146,7 @@ def _train(config, model, algorithm, seeds, dataset, progress, desc) -> dict[str
 
 def _run(quick, seeds, dataset, workdir, progress) -> base.TableRun:
     del workdir
-    config = rank_adaptive_mnist1d.get_config("quick" if quick else None)
+    config = rank_adaptive_mnist1d.get_config("runlocal" if quick else None)
     width = config.model.features[0]
     taus = _TAUS_QUICK if quick else _TAUS_FULL
     runs = {
@@ -231,7 +231,7 @@ def _claims(results: dict, cols: list) -> list[stats.Claim]:
 
 
 def _notes(quick: bool) -> str:
-    config = rank_adaptive_mnist1d.get_config("quick" if quick else None)
+    config = rank_adaptive_mnist1d.get_config("runlocal" if quick else None)
     ra = config.rank_adaptive
     width = config.model.features[0]
     small = _small_ranks(width)
