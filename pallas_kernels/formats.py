@@ -183,7 +183,7 @@ class BSRLayout:
         shape = (int(shape[0]), int(shape[1]))
         bk, bn = _check_block_shape(self.block_shape, shape)
         kb, nb = shape[0] // bk, shape[1] // bn
-        nnz = len(np.asarray(self.row_indices))
+        nnz = int(np.size(self.row_indices))  # a wrong rank is refused below
         # (length, largest allowed entry) of each array.
         specs = {
             "row_indices": (nnz, kb - 1),

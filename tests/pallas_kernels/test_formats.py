@@ -181,6 +181,8 @@ def test_bsr_layouts_of_one_mask_are_equal_and_hash_equal(density, seed):
         (dict(col_ptr=[0, 1]), r"col_ptr must have 3 entries, got 2"),
         (dict(row_indices=[0, 2]), r"row_indices entries must lie in \[0, 1\], got \[0, 2\]"),
         (dict(row_indices=[0.0, 1.0]), r"row_indices must be a 1D integer array, got float64"),
+        (dict(row_indices=[[0, 1]]), r"row_indices must be a 1D integer array, got int64\[1, 2\]"),
+        (dict(transpose_perm=0), r"transpose_perm must be a 1D integer array"),
     ],
 )
 def test_bsr_layout_validation(change, match):
