@@ -52,40 +52,22 @@ def _cells(quick: bool) -> list[base.Cell]:
     config = base.mnist1d_base(quick)
     every = _every(quick)
     dst = {"update_every_steps": every, "end_fraction": 0.75}
+    cfg = functools.partial(base.with_sparsity, config)
     cells = []
     for s in [0.9] if quick else [0.8, 0.9, 0.95]:
         cells += [
-            base.Cell("dense", s, base.with_sparsity(config, algorithm="dense")),
+            base.Cell("dense", s, cfg(algorithm="dense")),
             base.Cell(
-                "static (uniform)",
-                s,
-                base.with_sparsity(config, algorithm="static", target=s, distribution="uniform"),
+                "static (uniform)", s, cfg(algorithm="static", target=s, distribution="uniform")
             ),
-            base.Cell(
-                "static (ERK)",
-                s,
-                base.with_sparsity(config, algorithm="static", target=s, distribution="erk"),
-            ),
-            base.Cell(
-                "SET (ERK)",
-                s,
-                base.with_sparsity(config, algorithm="set", target=s, distribution="erk", **dst),
-            ),
-            base.Cell(
-                "RigL (ERK)",
-                s,
-                base.with_sparsity(config, algorithm="rigl", target=s, distribution="erk", **dst),
-            ),
-            base.Cell(
-                "SNFS (ERK)",
-                s,
-                base.with_sparsity(config, algorithm="snfs", target=s, distribution="erk", **dst),
-            ),
+            base.Cell("static (ERK)", s, cfg(algorithm="static", target=s, distribution="erk")),
+            base.Cell("SET (ERK)", s, cfg(algorithm="set", target=s, distribution="erk", **dst)),
+            base.Cell("RigL (ERK)", s, cfg(algorithm="rigl", target=s, distribution="erk", **dst)),
+            base.Cell("SNFS (ERK)", s, cfg(algorithm="snfs", target=s, distribution="erk", **dst)),
             base.Cell(
                 "GMP (uniform)",
                 s,
-                base.with_sparsity(
-                    config,
+                cfg(
                     algorithm="magnitude",
                     target=s,
                     distribution="uniform",
@@ -96,7 +78,7 @@ def _cells(quick: bool) -> list[base.Cell]:
                 ),
             ),
         ]
-        small = base.with_sparsity(config, algorithm="dense")
+        small = cfg(algorithm="dense")
         narrowed = models_lib.narrow_to_params(
             "cnn1d",
             _sparse_param_count(config, s),

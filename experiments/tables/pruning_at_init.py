@@ -11,6 +11,8 @@ Networks at Initialization: Why Are We Missing the Mark?").
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from experiments import stats
@@ -24,33 +26,22 @@ def _rounds(quick: bool) -> int:
 
 
 def _cells(quick: bool) -> list[base.Cell]:
-    config = base.mnist1d_base(quick)
+    cfg = functools.partial(base.with_sparsity, base.mnist1d_base(quick))
     cells = []
     for s in [0.99] if quick else [0.9, 0.99, 0.999]:
         rounds = _rounds(quick)
         cells += [
-            base.Cell(
-                "SNIP",
-                s,
-                base.with_sparsity(config, algorithm="snip", target=s, distribution="global"),
-            ),
-            base.Cell(
-                "GraSP",
-                s,
-                base.with_sparsity(config, algorithm="grasp", target=s, distribution="global"),
-            ),
+            base.Cell("SNIP", s, cfg(algorithm="snip", target=s, distribution="global")),
+            base.Cell("GraSP", s, cfg(algorithm="grasp", target=s, distribution="global")),
             base.Cell(
                 "SynFlow",
                 s,
-                base.with_sparsity(
-                    config, algorithm="synflow", target=s, rounds=rounds, distribution="global"
-                ),
+                cfg(algorithm="synflow", target=s, rounds=rounds, distribution="global"),
             ),
             base.Cell(
                 "magnitude at init",
                 s,
-                base.with_sparsity(
-                    config,
+                cfg(
                     algorithm="magnitude",
                     schedule="one_shot",
                     begin_step=0,
@@ -58,16 +49,11 @@ def _cells(quick: bool) -> list[base.Cell]:
                     distribution="global",
                 ),
             ),
-            base.Cell(
-                "random",
-                s,
-                base.with_sparsity(config, algorithm="static", target=s, distribution="uniform"),
-            ),
+            base.Cell("random", s, cfg(algorithm="static", target=s, distribution="uniform")),
             base.Cell(
                 "magnitude after training",
                 s,
-                base.with_sparsity(
-                    config,
+                cfg(
                     algorithm="magnitude",
                     target=s,
                     distribution="global",

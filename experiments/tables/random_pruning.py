@@ -9,6 +9,8 @@ Unreasonable Effectiveness of Random Pruning").
 
 from __future__ import annotations
 
+import functools
+
 import ml_collections
 import numpy as np
 
@@ -27,22 +29,16 @@ def _base(quick: bool, width: int) -> ml_collections.ConfigDict:
 def _cells(quick: bool) -> list[base.Cell]:
     cells = []
     for w in [1, 2] if quick else [1, 2, 4]:
-        config = _base(quick, w)
+        cfg = functools.partial(base.with_sparsity, _base(quick, w))
         cells += [
-            base.Cell("dense", w, base.with_sparsity(config, algorithm="dense")),
+            base.Cell("dense", w, cfg(algorithm="dense")),
             base.Cell(
-                "random ERK",
-                w,
-                base.with_sparsity(
-                    config, algorithm="static", target=_SPARSITY, distribution="erk"
-                ),
+                "random ERK", w, cfg(algorithm="static", target=_SPARSITY, distribution="erk")
             ),
             base.Cell(
                 "random uniform",
                 w,
-                base.with_sparsity(
-                    config, algorithm="static", target=_SPARSITY, distribution="uniform"
-                ),
+                cfg(algorithm="static", target=_SPARSITY, distribution="uniform"),
             ),
         ]
     return cells
