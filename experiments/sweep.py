@@ -96,7 +96,7 @@ def train_seeds(
     dataset = train._load_data(config) if dataset is None else dataset
     model = train.make_model(config, dataset.num_classes)
     algorithm = algorithms.from_config(config.sparsity, config.total_steps)
-    if hasattr(algorithm, "reparametrize"):
+    if algorithm.reparametrizes:
         # Seen on XLA:CPU: the vmapped basis change (SVD/QR of every seed's factors with the
         # optimizer moments) stalls with every thread waiting on a lock.
         raise ValueError(

@@ -162,8 +162,8 @@ def init_state(
     """The initial `TrainState` of one run: a pure function of ``key`` (vmap it over seeds).
 
     Algorithms that prune with the model before training (GraSP, SynFlow) get
-    their masks here, from the calibration batch (GraSP; the paper divides the
-    logits by a temperature of 200) or from no data at all (SynFlow).
+    their masks here (``algorithm.masks_from_model``), from the calibration batch
+    (GraSP) or from no data at all (SynFlow).
 
     Args:
       config: the run config (``optimizer``, ``total_steps``).
@@ -181,17 +181,16 @@ def init_state(
     init_key, mask_key, run_key = jax.random.split(key, 3)
     if params is None:
         params = model.init(init_key, x_example[:1])["params"]
-    if masks_tree is None and isinstance(algorithm, algorithms.PruneAtInit):
-        x0, y0 = calibration
-        temperature = 200.0 if algorithm.score == "grasp" else 1.0
+    if masks_tree is None:
         masks_tree = algorithm.masks_from_model(
             params,
             key=mask_key,
-            loss_fn=lambda p: _cross_entropy(model.apply({"params": p}, x0) / temperature, y0),
             apply_fn=lambda q, x: model.apply({"params": q}, x),
+            batch=calibration,
+            loss_fn=_cross_entropy,
             input_shape=x_example.shape[1:],
         )
-    tx = _masked(
+    tx = transforms.masked(
         make_optimizer(config, config.total_steps),
         algorithm,
         key=mask_key,
@@ -218,22 +217,9 @@ def make_tx(
     so one transform serves every seed. ``config.pack_masks`` keeps the masks
     bit-packed in the state.
     """
-    return _masked(make_optimizer(config, config.total_steps), algorithm, packed=_packed(config))
-
-
-def _masked(opt, algorithm, *, key=None, masks=None, packed=False):
-    """``transforms.masked``, or ``tensornets.rank_adaptive`` for an algorithm that also
-    rotates the params into a new basis on its update steps (spectral truncation)."""
-    if not hasattr(algorithm, "reparametrize"):
-        return transforms.masked(opt, algorithm, key=key, masks=masks, packed=packed)
-    if packed:
-        raise ValueError(
-            f"config.pack_masks=True does not combine with {type(algorithm).__name__}, which "
-            "rotates params and moments on its update steps"
-        )
-    from tensornets import adaptive  # sparsejax-only runs never import tensornets
-
-    return adaptive.rank_adaptive(opt, algorithm, key=key, masks=masks)
+    return transforms.masked(
+        make_optimizer(config, config.total_steps), algorithm, packed=_packed(config)
+    )
 
 
 def _packed(config: ml_collections.ConfigDict) -> bool:

@@ -154,7 +154,7 @@ def export_trained(
     Straight-through algorithms keep dense weights in ``params``; the model runs on
     ``algorithm.forward_params_with_state(params, masks, algo_state)`` (``w * mask``,
     or S-STE's rescaled soft-thresholded weights), and that is what is exported. For
-    N:M algorithms (anything with ``n`` and ``m`` attributes) ``format='nm'`` takes
+    N:M algorithms (``algorithm.nm_pattern()`` is not None) ``format='nm'`` takes
     the pattern from the algorithm, so a trained N:M model converts in one call:
 
         exported = export_trained(state.params, state.opt_state, algorithm)
@@ -182,8 +182,9 @@ def export_trained(
         if isinstance(node, transforms.MaskedState)
     ][0]
     forward = algorithm.forward_params_with_state(params, masks, state.algo_state)
-    if format == "nm" and hasattr(algorithm, "n") and hasattr(algorithm, "m"):
-        kwargs = {"n": algorithm.n, "m": algorithm.m, **kwargs}
+    pattern = algorithm.nm_pattern()
+    if format == "nm" and pattern is not None:
+        kwargs = {"n": pattern[0], "m": pattern[1], **kwargs}
     return export(forward, masks, format=format, **kwargs)
 
 

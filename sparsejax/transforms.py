@@ -222,6 +222,19 @@ def masked(
     gradient ``g * mask``. Straight-through algorithms (``algorithm.straight_through``)
     keep dense weights instead: the gradient and the update are not masked,
     and the model must run on ``algorithm.forward_params(params, masks)``.
+
+    Algorithms that change the basis of the params (``algorithm.reparametrizes``,
+    e.g. `tensornets.adaptive.SpectralTruncation`) first get
+    ``algorithm.reparametrize(params, inner_state, masks)`` on their update steps:
+    the same weights in a new basis, the optimizer moments mapped alike. The masks
+    are then updated on the new params, and the emitted update takes the params to
+    the new basis (and dead entries to exactly zero), so ``optax.apply_updates`` is
+    still all a train step needs.
+
+    Raises:
+      ValueError: for an ``inner`` that is not an optax transformation, a key that
+        is not a typed ``jax.random.key``, a non-bool ``packed``, or
+        ``packed=True`` with an algorithm that reparametrizes.
     """
     if not isinstance(inner, optax.GradientTransformation):
         raise ValueError(f"inner must be an optax.GradientTransformation, got {type(inner)!r}")
@@ -240,6 +253,11 @@ def masked(
     straight_through = algorithm.straight_through
     if not isinstance(packed, bool):
         raise ValueError(f"packed must be a bool, got {packed!r}")
+    if packed and algorithm.reparametrizes:
+        raise ValueError(
+            f"packed=True does not combine with {type(algorithm).__name__}, which rotates "
+            "params and moments on its update steps (algorithm.reparametrizes)"
+        )
     store = pack_masks if packed else (lambda m: m)
 
     def init_fn(params):
@@ -261,11 +279,7 @@ def masked(
             algo_state=algorithm.init_state(params),
         )
 
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError(
-                "masked(...).update needs params (the pruned weights are zeroed from them)"
-            )
+    def masked_update(updates, state, params):
         step = state.count
         old_masks = unpack_masks(state.masks)
         algo_state = algorithm.update_state(state.algo_state, params, updates, step)
@@ -317,6 +331,33 @@ def masked(
             rng=state.rng,
             inner_state=inner_state,
             algo_state=algo_state,
+        )
+        return out, new_state
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(
+                "masked(...).update needs params (the pruned weights are zeroed from them)"
+            )
+        if not algorithm.reparametrizes:
+            return masked_update(updates, state, params)
+        # The basis change comes first, so the masks are chosen in the new basis.
+        new_params, inner_state = jax.lax.cond(
+            algorithm.is_update_step(state.count),
+            lambda: algorithm.reparametrize(params, state.inner_state, state.masks),
+            lambda: (params, state.inner_state),
+        )
+        out, new_state = masked_update(updates, state._replace(inner_state=inner_state), new_params)
+
+        def from_old_params(m, u, p, q):
+            # u moves q (the new basis) and zeroes its dead entries; (q - p) + u moves p.
+            moved = (q - p) + u
+            if m is None:
+                return moved
+            return jnp.where(m, moved, -p).astype(u.dtype)
+
+        out = jax.tree.map(
+            from_old_params, new_state.masks, out, params, new_params, is_leaf=is_none
         )
         return out, new_state
 

@@ -12,7 +12,7 @@ Importing or using it never changes tensorly's backend or JAX's x64 flag
 """
 
 from tensornets import adaptive, contract, formats, layers, rank, regularizers, sltrain
-from tensornets.adaptive import GreedyGrowth, SpectralTruncation, rank_adaptive
+from tensornets.adaptive import GreedyGrowth, SpectralTruncation
 from tensornets.formats import (
     CP,
     TT,
@@ -74,7 +74,6 @@ __all__ = [
     "num_live_params",
     "param_masks",
     "rank",
-    "rank_adaptive",
     "regularizers",
     "sltrain",
     "t_identity",

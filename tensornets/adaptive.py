@@ -61,23 +61,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from sparsejax import transforms
 from sparsejax.algorithms.base import Algorithm
-from sparsejax.masks import is_none
 from tensornets import rank as rank_lib
 
 PyTree = Any
 
-__all__ = ["GreedyGrowth", "SpectralTruncation", "rank_adaptive"]
+__all__ = ["GreedyGrowth", "SpectralTruncation"]
 
 
 # ------------------------------------------------------------------ helpers
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
 def _layers(params: PyTree, include: Sequence[str], predicate) -> dict[tuple, Mapping]:
     """{key path: layer params} of the factorized layers passing ``predicate``."""
     out = {}
@@ -377,8 +370,9 @@ def _rotate_tt(node: Mapping, live: Mapping):
 class SpectralTruncation(Algorithm):
     """Rank-adaptive low-rank training by periodic SVD truncation (see the module docstring).
 
-    Use with `rank_adaptive` (which rotates params and optimizer moments into the
-    singular basis before the masks are updated); applies to ``"low_rank"`` layers
+    Use with `sparsejax.transforms.masked`, which calls `reparametrize` (rotating the
+    params and optimizer moments into the singular basis) on the update steps before
+    the masks are updated; applies to ``"low_rank"`` layers
     (2-factor CP, W = A diag(w) B^T), Tucker layers (all modes factorized) and TT /
     TT-matrix layers (no group axis) whose path contains one of ``layers`` (all
     when empty).
@@ -401,6 +395,7 @@ class SpectralTruncation(Algorithm):
 
     updates_masks = True
     skip_update_on_mask_step = True  # the step's gradient is in the old basis
+    reparametrizes = True
 
     def __post_init__(self):
         if not isinstance(self.tau, int | float) or not 0.0 <= self.tau < 1.0:
@@ -589,56 +584,3 @@ class GreedyGrowth(Algorithm):
             m = new[path][name]
             new[path][name] = m.at[choices[c]].set(m[choices[c]] | grow)
         return _masks_for(params, new, gate_only=True)
-
-
-# ------------------------------------------------------------ the transform
-def rank_adaptive(
-    inner: optax.GradientTransformation,
-    algorithm: Algorithm,
-    *,
-    key: jax.Array | None = None,
-    masks: PyTree | None = None,
-) -> optax.GradientTransformation:
-    """``sparsejax.transforms.masked(inner, algorithm)`` plus the algorithm's basis changes.
-
-    On the algorithm's update steps, an algorithm with a ``reparametrize(params,
-    inner_state, masks)`` method (`SpectralTruncation`) first moves the params and the
-    optimizer moments to a new basis of the same weights; the masked transform then
-    updates the masks on the new params. The emitted update takes the params to the
-    new basis (and dead entries to exactly zero), so ``optax.apply_updates`` is all a
-    train step needs. The state is the `sparsejax.transforms.MaskedState` of `masked`.
-    Algorithms without ``reparametrize`` get `masked` itself.
-
-    Args:
-      inner: any optax transformation.
-      algorithm: `SpectralTruncation`, `GreedyGrowth` or any `sparsejax` algorithm.
-      key: ``jax.random.key`` for the algorithm (default ``key(0)``).
-      masks: initial masks instead of ``algorithm.init_masks``.
-
-    Returns:
-      An `optax.GradientTransformation` (``update`` needs ``params``).
-    """
-    tx = transforms.masked(inner, algorithm, key=key, masks=masks)
-    if not hasattr(algorithm, "reparametrize"):
-        return tx
-
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("rank_adaptive(...).update needs params")
-        new_params, inner_state = jax.lax.cond(
-            algorithm.is_update_step(state.count),
-            lambda: algorithm.reparametrize(params, state.inner_state, state.masks),
-            lambda: (params, state.inner_state),
-        )
-        out, new_state = tx.update(updates, state._replace(inner_state=inner_state), new_params)
-
-        def combine(m, u, p, q):
-            moved = (q - p) + u
-            if m is None:
-                return moved
-            return jnp.where(m, moved, -p).astype(u.dtype)
-
-        out = jax.tree.map(combine, new_state.masks, out, params, new_params, is_leaf=is_none)
-        return out, new_state
-
-    return optax.GradientTransformation(tx.init, update_fn)

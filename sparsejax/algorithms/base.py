@@ -1,15 +1,16 @@
 """The algorithm interface shared by every sparse-training method.
 
 An algorithm is an immutable dataclass of static hyperparameters with pure
-methods; `sparsejax.transforms.masked` calls them inside jit. It never holds
-arrays or mutable state: masks, counters and keys live in the optimizer state.
+methods; `sparsejax.transforms.masked` and the trainer call them (the hooks are
+listed, with their defaults, on `Algorithm`). It never holds arrays or mutable
+state: masks, counters and keys live in the optimizer state.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -36,26 +37,56 @@ def _layer_topk(scores: jax.Array, sparsity: Any) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
-    """Base class: a dense algorithm that never masks anything.
+    """The interface between a sparse-training method and whoever trains with it.
 
-    Subclasses override:
+    An algorithm is an immutable dataclass of static hyperparameters. This base
+    class is a dense algorithm that never masks anything, and it declares every
+    hook a trainer or `sparsejax.transforms.masked` may call, each with a no-op
+    default: a subclass overrides only what it changes, and callers call the hooks
+    unconditionally (never ``hasattr`` / ``isinstance`` on an algorithm).
+
+    Class flags (static, read at trace time):
+      updates_masks: the masks change during training; ``masked`` then calls
+        ``is_update_step`` every step and ``update_masks`` on the steps it picks.
+      skip_update_on_mask_step: on a mask-update step the inner optimizer does not
+        run (RigL, SET; spectral truncation, whose gradient is in the old basis).
+      reset_grown_moments: zero the optimizer slots of newly grown entries.
+      straight_through: dense weights are kept and trained; the model runs on
+        ``forward_params_with_state`` and gradients are not masked.
+      reparametrizes: ``reparametrize`` changes the params' basis on update steps.
+
+    Hooks called by `sparsejax.transforms.masked` (inside the jitted update):
       init_masks(params, key) -> masks at step 0.
-      is_update_step(step) -> traced bool, when ``updates_masks`` is True.
+      init_state(params) / update_state(state, params, grads, step) -> the
+        algorithm's own state (`MaskedState.algo_state`), advanced every step.
+      is_update_step(step) -> traced bool: does ``update_masks`` run at ``step``.
       update_masks(masks, params, grads, step, key, algo_state) -> new masks.
-      init_state / update_state, for algorithms with state of their own.
-      forward_params(params, masks), for straight-through algorithms, and
-        forward_params_with_state when the forward pass reads the state too.
-      metrics(algo_state) -> scalars to log.
-    and set the class flags ``updates_masks``, ``skip_update_on_mask_step``,
-    ``reset_grown_moments`` and ``straight_through``.
+      reparametrize(params, inner_state, masks) -> (params, inner_state): the same
+        weights in a new basis and the optimizer moments mapped alike, run on update
+        steps before ``update_masks`` when ``reparametrizes`` is set.
+
+    Hooks called by a trainer (around the model):
+      masks_from_model(params, key=, apply_fn=, batch=, loss_fn=) -> masks computed
+        with the model before training (GraSP, SynFlow, SNIP), or None: use
+        ``init_masks``. The trainer passes them as ``masked(..., masks=...)``.
+      forward_params_with_state(params, masks, algo_state) -> the weights the model
+        computes with (``forward_params(params, masks)`` for callers without the
+        state; both the params themselves unless ``straight_through``).
+      model_context(params, masks, algo_state) -> a context manager held while the
+        model runs (e.g. a Flax method interceptor changing a layer's backward pass).
+      metrics(algo_state) -> scalars worth logging.
+      nm_pattern() -> ``(n, m)`` of an N:M method, for exporting its masks as
+        `pallas_kernels.NM` (`sparsejax.export.export_trained`), else None.
     """
 
     updates_masks = False
     skip_update_on_mask_step = False
     reset_grown_moments = False
     straight_through = False
+    reparametrizes = False
 
     def init_masks(self, params: PyTree, key: jax.Array) -> PyTree:
+        """Masks at step 0 (None on every leaf: nothing is sparsified)."""
         del key
         return jax.tree.map(lambda p: None, params)
 
@@ -68,6 +99,32 @@ class Algorithm:
         """Advances the algorithm's state by one step (every step, before mask updates)."""
         del params, grads, step
         return state
+
+    def masks_from_model(
+        self,
+        params: PyTree,
+        *,
+        key: jax.Array,
+        apply_fn: Callable[[PyTree, jax.Array], jax.Array],
+        batch: tuple[jax.Array, jax.Array] | None = None,
+        loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+        input_shape: Sequence[int] | None = None,
+    ) -> PyTree | None:
+        """Masks computed with the model before training, or None to use `init_masks`.
+
+        Args:
+          params: the initial parameters.
+          key: a ``jax.random.key`` for random choices.
+          apply_fn: ``(params, x) -> outputs`` of the model.
+          batch: ``(x, y)``, a calibration batch (x with a leading batch axis).
+          loss_fn: ``(outputs, y) -> scalar`` loss of the model's outputs.
+          input_shape: one example's shape (default ``batch[0].shape[1:]``).
+
+        Returns:
+          A mask pytree for ``masked(..., masks=...)``, or None (the default).
+        """
+        del params, key, apply_fn, batch, loss_fn, input_shape
+        return None
 
     def forward_params(self, params: PyTree, masks: PyTree) -> PyTree:
         """The weights the model computes with; pruned weights are already zero by default."""
@@ -98,7 +155,12 @@ class Algorithm:
         del algo_state
         return {}
 
+    def nm_pattern(self) -> tuple[int, int] | None:
+        """``(n, m)``: the N:M pattern the masks follow (N:M methods), else None."""
+        return None
+
     def is_update_step(self, step: jax.Array) -> jax.Array:
+        """Traced bool: whether ``update_masks`` (and ``reparametrize``) run at ``step``."""
         del step
         return jnp.asarray(False)
 
@@ -111,8 +173,29 @@ class Algorithm:
         key: jax.Array,
         algo_state: PyTree = (),
     ) -> PyTree:
+        """New masks on an update step, from the params and the incoming gradients."""
         del params, grads, step, key, algo_state
         return masks
+
+    def reparametrize(
+        self, params: PyTree, inner_state: PyTree, masks: PyTree
+    ) -> tuple[PyTree, PyTree]:
+        """The same weights in a new basis, and the inner optimizer state mapped alike.
+
+        Runs on update steps, before ``update_masks``, only when the class sets
+        ``reparametrizes = True`` (spectral truncation rotates factorized layers into
+        their singular basis). The default is the identity.
+
+        Args:
+          params: the parameter tree.
+          inner_state: the wrapped optimizer's state.
+          masks: the current masks (bool arrays, None where not sparsified).
+
+        Returns:
+          ``(params, inner_state)``.
+        """
+        del masks
+        return params, inner_state
 
 
 @dataclasses.dataclass(frozen=True)

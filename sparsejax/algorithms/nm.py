@@ -209,6 +209,10 @@ class _NMBase(Algorithm):
         """The N:M sparsity 1 - n/m."""
         return 1.0 - self.n / self.m
 
+    def nm_pattern(self) -> tuple[int, int]:
+        """``(n, m)``: the pattern the final masks follow."""
+        return (self.n, self.m)
+
     def selected(self, params: PyTree) -> PyTree:
         """True on the sparsified leaves (rank >= 2, not in ``keep_dense``), None elsewhere."""
         chosen = distributions.uniform(params, 0.0, keep_dense=self.keep_dense)

@@ -2,8 +2,9 @@
 
 These scores need more than one gradient (GraSP a Hessian-vector product,
 SynFlow a data-free forward pass of the absolute network), so the masks are
-computed before training from the model functions and handed to
-``masked(inner, algorithm, masks=...)``; training then keeps them fixed.
+computed before training from the model functions (the `Algorithm.masks_from_model`
+hook a trainer calls) and handed to ``masked(inner, algorithm, masks=...)``;
+training then keeps them fixed.
 """
 
 from __future__ import annotations
@@ -38,11 +39,16 @@ class PruneAtInit(SparseAlgorithm):
     Attributes:
       score: 'grasp', 'synflow', 'snip', 'magnitude' or 'random'.
       rounds: n, number of pruning rounds.
+      temperature: T > 0; the loss of GraSP and SNIP is taken on the model's
+        outputs divided by T. None: T = 200 for GraSP (Wang et al. 2020 divide the
+        logits by 200 so the Hessian-gradient product is not dominated by a
+        saturated softmax), T = 1 otherwise.
     """
 
     score: str = "synflow"
     rounds: int = 100
     distribution: str = "global"
+    temperature: float | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -52,6 +58,11 @@ class PruneAtInit(SparseAlgorithm):
             )
         if not isinstance(self.rounds, int) or self.rounds < 1:
             raise ValueError(f"rounds must be a positive integer, got {self.rounds!r}")
+        if self.temperature is None:
+            object.__setattr__(self, "temperature", 200.0 if self.score == "grasp" else 1.0)
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0.0 < t < float("inf"):
+            raise ValueError(f"temperature must be a positive number, got temperature={t!r}")
 
     def init_masks(self, params: PyTree, key: jax.Array) -> PyTree:
         raise ValueError(
@@ -64,8 +75,9 @@ class PruneAtInit(SparseAlgorithm):
         params: PyTree,
         *,
         key: jax.Array,
-        loss_fn: Callable[[PyTree], jax.Array] | None = None,
-        apply_fn: Callable[[PyTree, jax.Array], jax.Array] | None = None,
+        apply_fn: Callable[[PyTree, jax.Array], jax.Array],
+        batch: tuple[jax.Array, jax.Array] | None = None,
+        loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
         input_shape: Sequence[int] | None = None,
     ) -> PyTree:
         """Masks at the target sparsity (jit-able with the functions closed over).
@@ -73,25 +85,37 @@ class PruneAtInit(SparseAlgorithm):
         Args:
           params: the initial parameters.
           key: for 'random'.
-          loss_fn: params -> loss on a calibration batch (GraSP, SNIP).
-          apply_fn: (params, x) -> outputs (SynFlow).
-          input_shape: one example's shape (SynFlow).
+          apply_fn: ``(params, x) -> outputs`` of the model.
+          batch: ``(x, y)``, a calibration batch with a leading batch axis (GraSP,
+            SNIP; SynFlow takes only its example shape).
+          loss_fn: ``(outputs, y) -> scalar``; GraSP and SNIP score the loss
+            ``loss_fn(apply_fn(params, x) / temperature, y)``.
+          input_shape: one example's shape for SynFlow (default ``batch[0].shape[1:]``).
 
         Returns:
           The mask pytree.
         """
-        if self.score in ("grasp", "snip") and loss_fn is None:
-            raise ValueError(f"score={self.score!r} needs loss_fn, got None")
-        if self.score == "synflow" and (apply_fn is None or input_shape is None):
-            raise ValueError("score='synflow' needs apply_fn and input_shape")
+        if self.score in ("grasp", "snip") and (batch is None or loss_fn is None):
+            raise ValueError(
+                f"score={self.score!r} needs batch and loss_fn, got batch="
+                f"{'None' if batch is None else 'given'}, loss_fn={loss_fn!r}"
+            )
+        if input_shape is None and batch is not None:
+            input_shape = tuple(jnp.shape(batch[0])[1:])
+        if self.score == "synflow" and input_shape is None:
+            raise ValueError("score='synflow' needs input_shape or batch, got neither")
+
+        def model_loss(p):
+            x, y = batch
+            return loss_fn(apply_fn(p, x) / self.temperature, y)
 
         def score_of(p):
             if self.score == "grasp":
-                return scores.grasp(loss_fn, p)
+                return scores.grasp(model_loss, p)
             if self.score == "synflow":
                 return scores.synflow(apply_fn, p, input_shape)
             if self.score == "snip":
-                return scores.saliency(p, jax.grad(loss_fn)(p))
+                return scores.saliency(p, jax.grad(model_loss)(p))
             if self.score == "magnitude":
                 return scores.magnitude(p)
             return scores.random(p, key=key)

@@ -7,6 +7,7 @@ algorithm) pair serves every invariant checked on it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import chex
@@ -571,3 +572,68 @@ def test_masked_argument_errors_name_the_argument():
     params = _params()
     with pytest.raises(ValueError, match="needs params"):
         tx.update(params, tx.init(params))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rescale(algorithms.SparseAlgorithm):
+    """Fixed random masks; every third step doubles the params and the momentum trace.
+
+    Not a function-preserving basis change (the transform does not need one), but a
+    reparametrization whose effect on the emitted update is easy to predict.
+    """
+
+    updates_masks = True
+    reparametrizes = True
+
+    def init_masks(self, params, key):
+        return self.random_masks(params, key)
+
+    def is_update_step(self, step):
+        return step % 3 == 1
+
+    def reparametrize(self, params, inner_state, masks):
+        del masks
+        double = functools.partial(jax.tree.map, lambda v: 2 * v)
+        first, *rest = inner_state  # sgd with momentum: (TraceState, scale's state)
+        return double(params), (first._replace(trace=double(first.trace)), *rest)
+
+
+def test_masked_reparametrizes_on_update_steps_before_the_inner_update():
+    algo = _Rescale(sparsity=SPARSITY, distribution="uniform")
+    lr, beta = 0.1, 0.9
+    tx = transforms.masked(optax.sgd(lr, momentum=beta), algo)
+    params = _params()
+    state = tx.init(params)
+    params = transforms.sparsify(params, state)
+    m = transforms.get_masks(state)
+    trace = jax.tree.map(jnp.zeros_like, params)
+    step = jax.jit(lambda p, s: tx.update(jax.grad(loss_fn)(p), s, p))
+    for t in range(7):
+        g = jax.grad(loss_fn)(params)
+        updates, state = step(params, state)
+        new = optax.apply_updates(params, updates)
+        # The expected step: q = 2p (and its trace doubled) on update steps, then momentum
+        # SGD on the masked gradient from q, dead entries back to exactly zero.
+        q, trace = (
+            (jax.tree.map(lambda v: 2 * v, params), jax.tree.map(lambda v: 2 * v, trace))
+            if t % 3 == 1
+            else (params, trace)
+        )
+        g = masks.apply_masks(g, m)
+        trace = jax.tree.map(lambda tr, gg: gg + beta * tr, trace, g)
+        want = jax.tree.map(lambda v, tr: v - lr * tr, q, trace)
+        for path, got in jax.tree_util.tree_leaves_with_path(new):
+            mask = m
+            for k in path:
+                mask = mask[k.key]
+            expected = np.asarray(want[path[0].key][path[1].key])
+            if mask is not None:
+                assert np.all(np.asarray(got)[~np.asarray(mask)] == 0.0)
+                expected = np.where(mask, expected, 0.0)
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        params = new
+
+
+def test_masked_refuses_packed_masks_with_a_reparametrizing_algorithm():
+    with pytest.raises(ValueError, match="packed=True does not combine with _Rescale"):
+        transforms.masked(optax.sgd(0.1), _Rescale(), packed=True)

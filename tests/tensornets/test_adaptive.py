@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsejax import transforms
-from tensornets import TT, FactorizedDense, GreedyGrowth, SpectralTruncation, Tucker, rank_adaptive
+from tensornets import TT, FactorizedDense, GreedyGrowth, SpectralTruncation, Tucker
 from tensornets import adaptive as A
 from tensornets import rank as R
 
@@ -104,7 +104,7 @@ def test_reparametrize_keeps_weights_and_maps_gradients():
 
 
 def _train(net, algo, steps, params=None, lr=1e-2):
-    tx = rank_adaptive(optax.adam(lr), algo)
+    tx = transforms.masked(optax.adam(lr), algo)
     params = net.init(KEY) if params is None else params
     state = tx.init(params)
     params = transforms.sparsify(params, state)
@@ -285,7 +285,7 @@ def test_tau_zero_keeps_the_weight_whatever_the_layout_of_the_live_components():
     layer = FactorizedDense(10, "cp", 6)
     params = {"l": layer.init(KEY, X)["params"]}
     rm = {"l": {"rank": jnp.array([1, 0, 1, 1, 0, 1], bool)}}
-    tx = rank_adaptive(
+    tx = transforms.masked(
         optax.sgd(0.0), SpectralTruncation(tau=0.0, every_steps=1), masks=R.param_masks(params, rm)
     )
     state = tx.init(params)._replace(count=jnp.ones((), jnp.int32))  # an update step

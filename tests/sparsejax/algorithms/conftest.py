@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
+
+from sparsejax import transforms
 
 
 def apply(params, x):
@@ -23,9 +26,30 @@ def init(key, d_in=12, hidden=16, d_out=4):
     }
 
 
-def loss(params, x, y):
-    logits = apply(params, x)
+def xent(logits, y):
+    """Mean cross-entropy of integer labels ``y`` under ``logits``."""
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+
+def loss(params, x, y):
+    return xent(apply(params, x), y)
+
+
+def scan_step(algo, tx, x, y):
+    """One masked training step for `jax.lax.scan` over ``(params, opt_state)``.
+
+    Each step records the weights the model computed with and the stored masks.
+    """
+
+    def step(carry, _):
+        p, state = carry
+        m = transforms.get_masks(state)
+        g = jax.grad(lambda q: loss(algo.forward_params(q, m), x, y))(p)
+        u, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, u)
+        return (p, state), (algo.forward_params(p, transforms.get_masks(state)), state.masks)
+
+    return step
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from sparsejax import algorithms, masks, scores, transforms
-from tests.sparsejax.algorithms.conftest import apply, loss
+from tests.sparsejax.algorithms.conftest import apply, loss, xent
 
 EPS = 1e-5
 
@@ -65,9 +65,7 @@ def test_synflow_is_data_free_and_positive(problem):
     key = jax.random.key(1)
     a = algo.masks_from_model(params, key=key, apply_fn=apply, input_shape=(12,))
     # Any loss or data given alongside changes nothing: SynFlow never looks at them.
-    b = algo.masks_from_model(
-        params, key=key, apply_fn=apply, input_shape=(12,), loss_fn=lambda p: loss(p, x, y)
-    )
+    b = algo.masks_from_model(params, key=key, apply_fn=apply, batch=(x, y), loss_fn=xent)
     for m1, m2 in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(m1, m2)
     s = scores.synflow(apply, params, (12,))
@@ -85,11 +83,7 @@ def test_model_masks_have_exact_counts_and_train_sparse(problem, name, distribut
     algo = algorithms.get(name, sparsity=0.8, distribution=distribution, rounds=3)
     m = jax.jit(
         lambda p: algo.masks_from_model(
-            p,
-            key=jax.random.key(0),
-            loss_fn=lambda q: loss(q, x, y),
-            apply_fn=apply,
-            input_shape=(12,),
+            p, key=jax.random.key(0), apply_fn=apply, batch=(x, y), loss_fn=xent
         )
     )(params)
     kernels = [m["l1"]["kernel"], m["l2"]["kernel"]]
@@ -122,6 +116,35 @@ def test_prune_at_init_without_masks_is_a_clear_error(problem):
         algorithms.get("synflow", rounds=0)
     with pytest.raises(ValueError, match="score"):
         algorithms.PruneAtInit(score="bogus")
+    with pytest.raises(ValueError, match="temperature"):
+        algorithms.get("grasp", temperature=0.0)
+    with pytest.raises(ValueError, match="batch and loss_fn"):
+        algorithms.get("grasp").masks_from_model(params, key=jax.random.key(0), apply_fn=apply)
+
+
+def test_grasp_scores_the_loss_of_logits_over_its_temperature(problem):
+    params, x, y = problem
+    # The paper's T = 200 is the registered GraSP's default; every other score uses 1.
+    assert algorithms.get("grasp").temperature == 200.0
+    assert algorithms.PruneAtInit(score="snip").temperature == 1.0
+    for t in (200.0, 3.0):
+        algo = algorithms.get("grasp", sparsity=0.8, temperature=t)
+        got = algo.masks_from_model(
+            params, key=jax.random.key(0), apply_fn=apply, batch=(x, y), loss_fn=xent
+        )
+        grasp = scores.grasp(lambda p, t=t: xent(apply(p, x) / t, y), params)
+        want = algo.score_masks(grasp, params)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_algorithms_without_model_masks_leave_them_to_init_masks(problem):
+    params, x, y = problem
+    for name in ("dense", "rigl", "nm_ste", "magnitude"):
+        got = algorithms.get(name).masks_from_model(
+            params, key=jax.random.key(0), apply_fn=apply, batch=(x, y), loss_fn=xent
+        )
+        assert got is None, name
 
 
 def test_global_pruning_pools_layers(problem):

@@ -16,7 +16,7 @@ import pytest
 from absl.testing import parameterized
 
 from sparsejax import algorithms, masks, transforms
-from tests.sparsejax.algorithms.conftest import apply, init, loss
+from tests.sparsejax.algorithms.conftest import apply, init, loss, scan_step, xent
 
 STEPS = 50
 SPARSITY = 0.75
@@ -50,32 +50,14 @@ def _setup(algo_name, opt_name):
     algo = ALGORITHMS[algo_name]()
     params = init(jax.random.key(1))
     x, y = _data()
-    start_masks = None
-    if isinstance(algo, algorithms.PruneAtInit):
-        start_masks = algo.masks_from_model(
-            params,
-            key=jax.random.key(2),
-            loss_fn=lambda p: loss(p, x, y),
-            apply_fn=apply,
-            input_shape=(12,),
-        )
+    start_masks = algo.masks_from_model(
+        params, key=jax.random.key(2), apply_fn=apply, batch=(x, y), loss_fn=xent
+    )
     tx = transforms.masked(OPTIMIZERS[opt_name](), algo, key=jax.random.key(3), masks=start_masks)
     state = tx.init(params)
     if not algo.straight_through:
         params = transforms.sparsify(params, state)
     return algo, tx, params, state, x, y
-
-
-def _step(algo, tx, x, y):
-    def step(carry, _):
-        p, state = carry
-        m = transforms.get_masks(state)
-        g = jax.grad(lambda q: loss(algo.forward_params(q, m), x, y))(p)
-        u, state = tx.update(g, state, p)
-        p = optax.apply_updates(p, u)
-        return (p, state), (algo.forward_params(p, transforms.get_masks(state)), state.masks)
-
-    return step
 
 
 def _expected_counts(algo_name, algo, params, t):
@@ -98,7 +80,7 @@ def _expected_counts(algo_name, algo, params, t):
 def test_used_weights_are_exactly_zero_and_counts_exact_every_step(algo_name, opt_name):
     algo, tx, params, state, x, y = _setup(algo_name, opt_name)
     _, (used, mask_history) = jax.jit(
-        lambda c: jax.lax.scan(_step(algo, tx, x, y), c, None, length=STEPS)
+        lambda c: jax.lax.scan(scan_step(algo, tx, x, y), c, None, length=STEPS)
     )((params, state))
     names = ("l1", "l2")
     for t in range(STEPS):

@@ -15,8 +15,7 @@ import optax
 import pytest
 
 from sparsejax import algorithms, transforms
-from tests.sparsejax.algorithms import test_properties
-from tests.sparsejax.algorithms.conftest import apply, init, loss
+from tests.sparsejax.algorithms.conftest import apply, init, scan_step, xent
 
 STEPS = 30
 SPARSITY = 0.5
@@ -53,18 +52,15 @@ def test_masks_are_unit_constant_with_exact_unit_counts_every_step(name, structu
     params = init(jax.random.key(1))
     kx, ky = jax.random.split(jax.random.key(7))
     x, y = jax.random.normal(kx, (32, 12)), jax.random.randint(ky, (32,), 0, 4)
-    start = None
-    if isinstance(algo, algorithms.PruneAtInit):
-        start = algo.masks_from_model(
-            params, key=jax.random.key(2), loss_fn=lambda p: loss(p, x, y), apply_fn=apply,
-            input_shape=(12,),
-        )  # fmt: skip
+    start = algo.masks_from_model(
+        params, key=jax.random.key(2), apply_fn=apply, batch=(x, y), loss_fn=xent
+    )
     tx = transforms.masked(optax.adam(1e-2), algo, key=jax.random.key(3), masks=start)
     state = tx.init(params)
     if not algo.straight_through:
         params = transforms.sparsify(params, state)
 
-    step = test_properties._step(algo, tx, x, y)
+    step = scan_step(algo, tx, x, y)
     _, (used, history) = jax.jit(lambda c: jax.lax.scan(step, c, None, length=STEPS))(
         (params, state)
     )
