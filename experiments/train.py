@@ -24,6 +24,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm import tqdm
 
+# Imported for its registrations too: `import tensornets` adds spectral_truncation and
+# greedy_growth to `sparsejax.algorithms`, which `from_config` below resolves names in.
+import tensornets  # noqa: F401
 from experiments import data as data_lib
 from experiments import distributed
 from experiments import models as models_lib

@@ -62,7 +62,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sparsejax.algorithms.base import Algorithm
+from sparsejax import algorithms
+from sparsejax.algorithms import Algorithm
 from tensornets import rank as rank_lib
 
 PyTree = Any
@@ -584,3 +585,9 @@ class GreedyGrowth(Algorithm):
             m = new[path][name]
             new[path][name] = m.at[choices[c]].set(m[choices[c]] | grow)
         return _masks_for(params, new, gate_only=True)
+
+
+# Configs name these algorithms by string (``config.sparsity.algorithm``); sparsejax
+# never imports tensornets, so tensornets adds them to sparsejax's registry here.
+algorithms.register("spectral_truncation", SpectralTruncation)
+algorithms.register("greedy_growth", GreedyGrowth)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -21,7 +21,16 @@ from sparsejax import distributions, masks, scores
 
 PyTree = Any
 
-__all__ = ["STRUCTURES", "Algorithm", "Dense", "SparseAlgorithm"]
+__all__ = [
+    "STRUCTURES",
+    "Algorithm",
+    "Dense",
+    "SparseAlgorithm",
+    "from_config",
+    "get",
+    "names",
+    "register",
+]
 
 STRUCTURES = ("unstructured", "block", "channel")
 
@@ -361,3 +370,136 @@ class SparseAlgorithm(Algorithm):
 
         out = [leaf_mask(s, k, p) for s, k, p in zip(leaves, keys, param_leaves)]
         return jax.tree.unflatten(treedef, out)
+
+
+# ------------------------------------------------------------------ the registry
+# name -> (class, the defaults that distinguish the registered variant).
+_REGISTRY: dict[str, tuple[type[Algorithm], dict[str, Any]]] = {}
+
+# Config keys understood by `from_config` beyond the dataclass fields.
+_CONFIG_ONLY_KEYS = ("algorithm", "target", "begin_fraction", "end_fraction")
+
+
+def _fields(cls: type[Algorithm]) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def register(name: str, factory: type[Algorithm], **defaults: Any) -> None:
+    """Registers ``factory`` under ``name`` for `get` and `from_config`.
+
+    Configs name algorithms by these strings (a config never holds a callable).
+    sparsejax registers its own algorithms when imported; another package registers
+    its algorithms when it is imported (``import tensornets`` adds
+    ``spectral_truncation`` and ``greedy_growth``), so sparsejax never imports it.
+
+        register("rigl", RigL)
+        register("grasp", PruneAtInit, score="grasp", rounds=1)
+
+    Args:
+      name: the config name, a non-empty string not registered yet.
+      factory: an `Algorithm` dataclass; its fields are the hyperparameters `get`
+        accepts.
+      **defaults: field values that distinguish this variant (e.g. the score);
+        arguments given to `get` override them.
+
+    Raises:
+      ValueError: for a name that is not a non-empty string or is already
+        registered, a factory that is not an `Algorithm` dataclass, or defaults
+        that are not fields of it.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got name={name!r}")
+    if name in _REGISTRY:
+        raise ValueError(
+            f"algorithm name={name!r} is already registered (to "
+            f"{_REGISTRY[name][0].__qualname__}); pick another name"
+        )
+    if not (
+        isinstance(factory, type)
+        and issubclass(factory, Algorithm)
+        and dataclasses.is_dataclass(factory)
+    ):
+        raise ValueError(f"factory must be an Algorithm dataclass, got factory={factory!r}")
+    unknown = sorted(set(defaults) - _fields(factory))
+    if unknown:
+        raise ValueError(
+            f"defaults {unknown} of algorithm {name!r} are not fields of "
+            f"{factory.__qualname__}; it takes {sorted(_fields(factory))}"
+        )
+    _REGISTRY[name] = (factory, dict(defaults))
+
+
+def names() -> list[str]:
+    """Sorted names of the registered algorithms."""
+    return sorted(_REGISTRY)
+
+
+def _check_name(name: Any) -> None:
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"algorithm={name!r} is unknown; known algorithms: {names()} (other packages "
+            "register theirs when imported: `import tensornets` adds the rank-adaptive "
+            "spectral_truncation and greedy_growth)"
+        )
+
+
+def get(name: str, **kwargs: Any) -> Algorithm:
+    """Builds the algorithm registered as ``name`` with hyperparameters ``kwargs``.
+
+    Args:
+      name: one of `names()`.
+      **kwargs: fields of the algorithm's dataclass (e.g. ``sparsity``,
+        ``distribution``, ``end_step``).
+
+    Returns:
+      An immutable `Algorithm`.
+
+    Raises:
+      ValueError: for an unknown name (listing the known ones), an argument the
+        algorithm does not take, or an invalid value.
+    """
+    _check_name(name)
+    cls, defaults = _REGISTRY[name]
+    unknown = sorted(set(kwargs) - _fields(cls))
+    if unknown:
+        raise ValueError(
+            f"algorithm {name!r} takes no argument(s) {unknown}; it takes {sorted(_fields(cls))}"
+        )
+    return cls(**{**defaults, **kwargs})
+
+
+def from_config(config: Mapping[str, Any], total_steps: int) -> Algorithm:
+    """Builds an algorithm from a config section such as ``config.sparsity``.
+
+    Keys: ``algorithm`` (name), ``target`` (the global sparsity), any field of
+    any registered algorithm, and ``begin_fraction`` / ``end_fraction`` which
+    set ``begin_step`` / ``end_step`` as fractions of ``total_steps``. Keys that
+    belong to other algorithms are ignored (so ``--config.sparsity.algorithm``
+    can be switched from the command line); keys no algorithm knows are refused.
+
+    Args:
+      config: a mapping (``ml_collections.ConfigDict`` or dict).
+      total_steps: training length, for the fractional keys.
+
+    Raises:
+      ValueError: for unknown keys or names, or invalid values.
+    """
+    config = dict(config)
+    name = config.pop("algorithm", "dense")
+    _check_name(name)
+    known = set(_CONFIG_ONLY_KEYS).union(*(_fields(cls) for cls, _ in _REGISTRY.values()))
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(
+            f"config.sparsity has unknown key(s) {unknown}; known keys: {sorted(known)}"
+        )
+    if "target" in config:
+        config["sparsity"] = config.pop("target")
+    for frac_key, step_key in (("begin_fraction", "begin_step"), ("end_fraction", "end_step")):
+        if frac_key in config:
+            frac = config.pop(frac_key)
+            if not 0.0 <= frac <= 1.0:
+                raise ValueError(f"config.sparsity.{frac_key} must be in [0, 1], got {frac!r}")
+            config.setdefault(step_key, int(round(frac * total_steps)))
+    accepted = _fields(_REGISTRY[name][0])
+    return get(name, **{k: v for k, v in config.items() if k in accepted})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +63,49 @@ def test_get_unknown_name_raises_listing_every_known_name():
         algorithms.get("gmp")
     for name in algorithms.names():
         assert repr(name) in str(info.value)
+
+
+def test_building_a_sparsejax_algorithm_imports_neither_tensornets_nor_experiments():
+    code = (
+        "import sparsejax, sys; "
+        'sparsejax.algorithms.from_config({"algorithm": "rigl", "target": 0.9}, 1000); '
+        'assert not any(m.startswith(("tensornets", "experiments")) for m in sys.modules)'
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_register_adds_a_name_that_get_and_from_config_build():
+    code = (
+        "from sparsejax import algorithms\n"
+        "algorithms.register('rigl_half', algorithms.RigL, drop_fraction=0.5)\n"
+        "assert 'rigl_half' in algorithms.names()\n"
+        "a = algorithms.from_config({'algorithm': 'rigl_half', 'target': 0.8}, 100)\n"
+        "assert a == algorithms.RigL(sparsity=0.8, drop_fraction=0.5), a\n"
+        "assert algorithms.get('rigl_half', drop_fraction=0.1).drop_fraction == 0.1\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        (("rigl", algorithms.RigL), {}, "name='rigl' is already registered"),
+        (("", algorithms.RigL), {}, "name must be a non-empty string"),
+        (("x", lambda **kw: algorithms.RigL(**kw)), {}, "factory must be an Algorithm dataclass"),
+        (("x", algorithms.RigL), {"lr": 0.1}, "defaults ['lr'] of algorithm 'x' are not fields"),
+    ],
+)
+def test_register_refuses_duplicates_and_bad_entries(args, kwargs, message):
+    before = algorithms.names()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        algorithms.register(*args, **kwargs)
+    assert algorithms.names() == before
+
+
+def test_an_unknown_name_says_where_the_rank_algorithms_come_from():
+    # Whether or not tensornets was imported in this process, the message says how.
+    with pytest.raises(ValueError, match="import tensornets"):
+        algorithms.get("spectral_truncations")
 
 
 @pytest.mark.parametrize("name", KNOWN)

@@ -269,14 +269,18 @@ def test_tucker_hosvd_rotation_keeps_the_tensor_and_maps_gradients_exactly():
         assert np.sqrt(np.sum(s[~kept] ** 2)) <= 0.3 * np.sqrt(np.sum(s**2)) + 1e-6
 
 
-def test_greedy_growth_is_registered_and_sparsejax_still_imports_without_tensornets():
+def test_importing_tensornets_registers_the_rank_algorithms_into_sparsejax():
     code = (
         "import sys, sparsejax\n"
-        "assert 'tensornets' not in sys.modules\n"
         "from sparsejax import algorithms\n"
+        "assert 'tensornets' not in sys.modules\n"
+        "assert 'greedy_growth' not in algorithms.names()\n"
+        "import tensornets\n"
         "a = algorithms.from_config({'algorithm': 'greedy_growth', 'budget': 0.4,"
         " 'end_fraction': 0.5}, 100)\n"
-        "assert type(a).__name__ == 'GreedyGrowth' and a.end_step == 50 and a.budget == 0.4\n"
+        "assert type(a) is tensornets.GreedyGrowth and a.end_step == 50 and a.budget == 0.4\n"
+        "s = algorithms.from_config({'algorithm': 'spectral_truncation', 'tau': 0.2}, 100)\n"
+        "assert type(s) is tensornets.SpectralTruncation and s.reparametrizes\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
