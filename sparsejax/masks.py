@@ -27,6 +27,7 @@ __all__ = [
     "group_ranks",
     "is_none",
     "nm_mask",
+    "normalize_axis",
     "num_kept",
     "sparsity_of",
     "summary",
@@ -122,7 +123,20 @@ def topk_mask_by_count(scores: jax.Array, k: Any) -> jax.Array:
     return (ranks < k).reshape(scores.shape)
 
 
-def _normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
+def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
+    """``axis`` of an array of rank ``ndim`` as a non-negative index.
+
+    Args:
+      axis: an integer in [-ndim, ndim).
+      ndim: the array's rank.
+      name: the argument's name, for the error.
+
+    Returns:
+      ``axis % ndim``.
+
+    Raises:
+      ValueError: naming ``name`` and the value, for a non-integer or out-of-range axis.
+    """
     if not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
         raise ValueError(f"{name}={axis!r} is out of range for an array of rank {ndim}")
     return int(axis) % ndim
@@ -164,7 +178,7 @@ def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
     validate_nm(n, m)
     if scores.ndim == 0:
         raise ValueError("scores must have at least one axis for an N:M mask, got a scalar")
-    axis = _normalize_axis(axis, scores.ndim)
+    axis = normalize_axis(axis, scores.ndim)
     if scores.shape[axis] % m:
         raise ValueError(
             f"m={m} must divide the length {scores.shape[axis]} of axis {axis} "
@@ -299,8 +313,8 @@ def transposable_nm_mask(
         )
     if len(tuple(axes)) != 2:
         raise ValueError(f"axes must name two axes, got axes={axes!r}")
-    a0 = _normalize_axis(axes[0], scores.ndim, "axes[0]")
-    a1 = _normalize_axis(axes[1], scores.ndim, "axes[1]")
+    a0 = normalize_axis(axes[0], scores.ndim, "axes[0]")
+    a1 = normalize_axis(axes[1], scores.ndim, "axes[1]")
     if a0 == a1:
         raise ValueError(f"axes must be two different axes, got axes={tuple(axes)!r}")
     for a in (a0, a1):
@@ -381,7 +395,7 @@ def channel_mask(scores: jax.Array, sparsity: Any, axis: int = -1) -> jax.Array:
     scores = jnp.asarray(scores)
     if scores.ndim == 0:
         raise ValueError("scores must have at least one axis for a channel mask, got a scalar")
-    axis = _normalize_axis(axis, scores.ndim)
+    axis = normalize_axis(axis, scores.ndim)
     validate_sparsity(sparsity)
     other = tuple(a for a in range(scores.ndim) if a != axis)
     channel_scores = jnp.abs(scores).sum(axis=other)

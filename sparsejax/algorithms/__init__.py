@@ -15,6 +15,7 @@ from __future__ import annotations
 from sparsejax.algorithms.base import (
     Algorithm,
     Dense,
+    NMAlgorithm,
     SparseAlgorithm,
     from_config,
     get,
@@ -22,7 +23,9 @@ from sparsejax.algorithms.base import (
     register,
 )
 from sparsejax.algorithms.dst import SET, RigL, Static
-from sparsejax.algorithms.nm import NMSTE, SRSTE, SSTE, BiMask, NMDecay, NMOneShot
+from sparsejax.algorithms.nm_bimask import BiMask
+from sparsejax.algorithms.nm_decay import NMDecay, NMOneShot
+from sparsejax.algorithms.nm_ste import NMSTE, SRSTE, SSTE
 from sparsejax.algorithms.pai import PruneAtInit
 from sparsejax.algorithms.pruning import Prune
 from sparsejax.algorithms.snfs import SNFS
@@ -34,6 +37,7 @@ __all__ = [
     "Algorithm",
     "BiMask",
     "Dense",
+    "NMAlgorithm",
     "NMDecay",
     "NMOneShot",
     "NMSTE",

@@ -25,6 +25,7 @@ __all__ = [
     "STRUCTURES",
     "Algorithm",
     "Dense",
+    "NMAlgorithm",
     "SparseAlgorithm",
     "from_config",
     "get",
@@ -370,6 +371,105 @@ class SparseAlgorithm(Algorithm):
 
         out = [leaf_mask(s, k, p) for s, k, p in zip(leaves, keys, param_leaves)]
         return jax.tree.unflatten(treedef, out)
+
+
+@dataclasses.dataclass(frozen=True)
+class NMAlgorithm(Algorithm):
+    """Fields and mask computation shared by the N:M methods.
+
+    Every N:M method keeps N of every M consecutive weights along one axis of each
+    sparsified kernel: by default the input (reduction) axis ``-2`` of a Dense
+    ``(in, out)`` or convolution ``(..., in, out)`` kernel, the axis sparse tensor
+    cores compress. With ``transposable=True`` the mask is N:M along both of the
+    last two axes (`sparsejax.masks.transposable_nm_mask`), so W^T is N:M too.
+    The families: `sparsejax.algorithms.nm_ste` (straight-through: NMSTE, SRSTE,
+    SSTE), `nm_decay` (NMDecay, NMOneShot) and `nm_bimask` (BiMask).
+
+    Attributes:
+      n, m: keep ``n`` of every ``m`` consecutive weights (0 < n <= m).
+      axis: the grouped axis of every sparsified leaf (-2: a kernel's input axis).
+      transposable: N:M along both of the last two axes instead (Hubara et al. 2021).
+      keep_dense: substrings of leaf names left dense (e.g. 'conv_0' for a first
+        layer with a single input channel). Leaves with fewer than 2 axes (biases)
+        are never sparsified.
+    """
+
+    n: int = 2
+    m: int = 4
+    axis: int = -2
+    transposable: bool = False
+    keep_dense: Sequence[str] = ()
+
+    def __post_init__(self):
+        masks.validate_nm(self.n, self.m)
+        if isinstance(self.axis, bool) or not isinstance(self.axis, (int, np.integer)):
+            raise ValueError(f"axis must be an integer, got axis={self.axis!r}")
+        if isinstance(self.keep_dense, str):
+            object.__setattr__(self, "keep_dense", (self.keep_dense,))
+        object.__setattr__(self, "keep_dense", tuple(self.keep_dense))
+
+    @property
+    def sparsity(self) -> float:
+        """The N:M sparsity 1 - n/m."""
+        return 1.0 - self.n / self.m
+
+    def nm_pattern(self) -> tuple[int, int]:
+        """``(n, m)``: the pattern the final masks follow."""
+        return (self.n, self.m)
+
+    def selected(self, params: PyTree) -> PyTree:
+        """True on the sparsified leaves (rank >= 2, not in ``keep_dense``), None elsewhere."""
+        chosen = distributions.uniform(params, 0.0, keep_dense=self.keep_dense)
+        return jax.tree.map(lambda s: None if s is None else True, chosen, is_leaf=masks.is_none)
+
+    def check_shapes(self, params: PyTree) -> None:
+        """Raises ValueError naming a sparsified leaf whose grouped axis ``m`` does not divide."""
+        chosen = jax.tree_util.tree_leaves_with_path(self.selected(params), is_leaf=masks.is_none)
+        for (path, sel), p in zip(chosen, jax.tree.leaves(params), strict=True):
+            if sel is None:
+                continue
+            shape = tuple(jnp.shape(p))
+            axes = (-2, -1) if self.transposable else (self.axis,)
+            for a in axes:
+                if not -len(shape) <= a < len(shape) or shape[a] % self.m:
+                    raise ValueError(
+                        f"parameter {distributions.path_name(path)} of shape {shape} cannot be "
+                        f"{self.n}:{self.m} along axis {a}; list it in keep_dense"
+                    )
+
+    def nm_masks(self, score_tree: PyTree, params: PyTree, n: Any = None) -> PyTree:
+        """N:M (or transposable) masks of ``score_tree`` on the sparsified leaves.
+
+        ``n`` overrides ``self.n``; it may be traced (structure decay), in which
+        case ranks inside each group are compared with it.
+        """
+        self.check_shapes(params)
+        n = self.n if n is None else n
+
+        def one(sel, s):
+            if sel is None:
+                return None
+            if self.transposable:
+                return masks.transposable_nm_mask(s, self.n, self.m)
+            if isinstance(n, int):
+                return masks.nm_mask(s, n, self.m, self.axis)
+            return _nm_mask_traced(s, n, self.m, self.axis)
+
+        return jax.tree.map(one, self.selected(params), score_tree, is_leaf=masks.is_none)
+
+    def magnitude_masks(self, params: PyTree, n: Any = None) -> PyTree:
+        """`nm_masks` of the weights' magnitudes."""
+        return self.nm_masks(jax.tree.map(jnp.abs, params), params, n)
+
+
+def _nm_mask_traced(scores: jax.Array, n: jax.Array, m: int, axis: int) -> jax.Array:
+    """`masks.nm_mask` with a traced ``n`` (the ``m`` - ``n`` smallest per group dropped)."""
+    full = masks.nm_mask(scores, m, m, axis)  # validates the axis and divisibility
+    axis = masks.normalize_axis(axis, scores.ndim)
+    moved = jnp.moveaxis(scores, axis, -1)
+    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+    keep = (masks.group_ranks(groups) < n).reshape(moved.shape)
+    return jnp.moveaxis(keep, -1, axis) & full
 
 
 # ------------------------------------------------------------------ the registry

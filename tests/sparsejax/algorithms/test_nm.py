@@ -10,7 +10,7 @@ import pytest
 
 from pallas_kernels import NM
 from sparsejax import algorithms, export, masks, transforms
-from sparsejax.algorithms import nm
+from sparsejax.algorithms import nm_bimask, nm_ste
 from tests.sparsejax.algorithms.conftest import loss
 
 
@@ -54,17 +54,17 @@ def test_sr_ste_gradient_is_the_papers_formula():
     def objective(w_sparse):  # a nonlinear loss of the forward weights
         return jnp.sum(jnp.tanh(x @ w_sparse) ** 2)
 
-    got = jax.grad(lambda v: objective(nm.sr_ste_weights(v, mask, lam)))(w)
+    got = jax.grad(lambda v: objective(nm_ste.sr_ste_weights(v, mask, lam)))(w)
     w_tilde = jnp.where(mask, w, 0.0)
     h = jnp.tanh(x @ w_tilde)
     dl_dwtilde = x.T @ (2 * h * (1 - h**2))  # by hand
     expected = dl_dwtilde + lam * jnp.where(mask, 0.0, w)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
     # Pruned entries differ from plain STE by exactly lambda_w * w; kept ones not at all.
-    ste = jax.grad(lambda v: objective(nm.sr_ste_weights(v, mask, 0.0)))(w)
+    ste = jax.grad(lambda v: objective(nm_ste.sr_ste_weights(v, mask, 0.0)))(w)
     np.testing.assert_allclose(got - ste, lam * jnp.where(mask, 0.0, w), atol=1e-7)
     # The forward value is the N:M weight.
-    np.testing.assert_array_equal(nm.sr_ste_weights(w, mask, lam), w_tilde)
+    np.testing.assert_array_equal(nm_ste.sr_ste_weights(w, mask, lam), w_tilde)
 
 
 def test_sr_ste_algorithm_uses_lambda_w_on_pruned_weights(problem):
@@ -100,7 +100,7 @@ def test_straight_through_methods_keep_dense_weights_and_nm_forward(problem, nam
         w_then = before[k]["kernel"]
         np.testing.assert_array_equal(mask, masks.nm_mask(jnp.abs(w_then), 2, 4, -2))
     # The flip rate metric is the mean of the per-step mask changes.
-    flips = [float(nm.nm_flip_rate(a, b)) for a, b in zip(history[:-1], history[1:])]
+    flips = [float(nm_ste.nm_flip_rate(a, b)) for a, b in zip(history[:-1], history[1:])]
     metrics = algo.metrics(state.algo_state)
     np.testing.assert_allclose(metrics["mask_flip_rate_mean"], np.mean(flips), rtol=1e-5)
     assert 0.0 <= float(metrics["mask_flip_rate"]) <= 1.0
@@ -116,8 +116,8 @@ def test_sr_ste_with_zero_lambda_is_ste(problem):
 def test_nm_flip_rate_counts_changed_entries():
     old = {"a": jnp.array([True, False, True, False]), "b": None}
     new = {"a": jnp.array([False, False, True, True]), "b": None}
-    assert float(nm.nm_flip_rate(old, new)) == 0.5
-    assert float(nm.nm_flip_rate(old, old)) == 0.0
+    assert float(nm_ste.nm_flip_rate(old, new)) == 0.5
+    assert float(nm_ste.nm_flip_rate(old, old)) == 0.0
 
 
 def test_transposable_option_gives_nm_along_both_axes(problem):
@@ -132,19 +132,20 @@ def test_transposable_option_gives_nm_along_both_axes(problem):
 
 def test_soft_threshold_formula_and_continuity():
     w = jnp.array([[0.9, -0.2, 0.5, -0.7], [0.1, 0.1, -0.3, 0.0]]).T  # groups along axis 0
-    s = nm.soft_threshold_nm(w, 2, 4, axis=0)
+    s = nm_ste.soft_threshold_nm(w, 2, 4, axis=0)
     # Column 0: |w| = .9 .2 .5 .7, threshold .5 -> (.4, 0, 0, -.2).
     np.testing.assert_allclose(s[:, 0], [0.4, 0.0, 0.0, -0.2], atol=1e-7)
     # Column 1: |w| = .1 .1 .3 0, threshold .1 -> (0, 0, -.2, 0).
     np.testing.assert_allclose(s[:, 1], [0.0, 0.0, -0.2, 0.0], atol=1e-7)
     # Never more than n nonzeros per group; n == m is the identity.
     big = jax.random.normal(jax.random.key(0), (8, 5))
-    assert np.all((_groups_of(nm.soft_threshold_nm(big, 2, 4), 4) != 0).sum(-1) <= 2)
-    np.testing.assert_array_equal(nm.soft_threshold_nm(big, 4, 4), big)
+    assert np.all((_groups_of(nm_ste.soft_threshold_nm(big, 2, 4), 4) != 0).sum(-1) <= 2)
+    np.testing.assert_array_equal(nm_ste.soft_threshold_nm(big, 4, 4), big)
     # Continuous: a tiny change of the weights moves S(w) by at most about as much
     # (unlike the hard N:M mask, which can jump by a whole weight).
     eps = 1e-4 * jax.random.normal(jax.random.key(1), big.shape)
-    jump = jnp.max(jnp.abs(nm.soft_threshold_nm(big + eps, 2, 4) - nm.soft_threshold_nm(big, 2, 4)))
+    soft = nm_ste.soft_threshold_nm
+    jump = jnp.max(jnp.abs(soft(big + eps, 2, 4) - soft(big, 2, 4)))
     assert float(jump) <= 2 * float(jnp.max(jnp.abs(eps))) + 1e-7
 
 
@@ -153,7 +154,7 @@ def test_s_ste_scale_is_frozen_least_squares_and_backward_is_scaled_identity(pro
     algo = algorithms.get("s_ste", n=2, m=4)
     state0 = algo.init_state(params)
     w = params["l1"]["kernel"]
-    s = nm.soft_threshold_nm(w, 2, 4)
+    s = nm_ste.soft_threshold_nm(w, 2, 4)
     beta = float(jnp.sum(w * s) / jnp.sum(s * s))
     np.testing.assert_allclose(state0.scales["l1"]["kernel"], beta, rtol=1e-5)
     assert beta > 1.0  # shrinking lowers the norm; the scale restores it
@@ -174,15 +175,14 @@ def test_bidirectional_matmul_value_and_gradients():
     fwd = masks.nm_mask(jnp.abs(w), 2, 4, axis=0)
     bwd = masks.nm_mask(jnp.abs(w), 2, 4, axis=1)
     g = jax.random.normal(jax.random.key(2), (3, 5, 8))
-    y, vjp = jax.vjp(lambda a, b: nm.bidirectional_matmul(a, b, fwd, bwd), x, w)
+    y, vjp = jax.vjp(lambda a, b: nm_bimask.bidirectional_matmul(a, b, fwd, bwd), x, w)
     np.testing.assert_allclose(y, x @ jnp.where(fwd, w, 0.0), rtol=1e-5, atol=1e-5)
     dx, dw = vjp(g)
     np.testing.assert_allclose(dx, g @ jnp.where(bwd, w, 0.0).T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, x.reshape(-1, 8).T @ g.reshape(-1, 8), rtol=1e-5, atol=1e-4)
     # jit gives the same.
-    dx_jit, _ = jax.jit(
-        lambda a, b: jax.vjp(lambda p, q: nm.bidirectional_matmul(p, q, fwd, bwd), a, b)[1](g)
-    )(x, w)
+    bimm = nm_bimask.bidirectional_matmul
+    dx_jit, _ = jax.jit(lambda a, b: jax.vjp(lambda p, q: bimm(p, q, fwd, bwd), a, b)[1](g))(x, w)
     np.testing.assert_allclose(dx_jit, dx, rtol=1e-5, atol=1e-5)
 
 
@@ -273,6 +273,13 @@ def test_one_shot_prunes_once_and_keeps_pruned_weights_at_zero(problem):
         mask = np.asarray(final[k]["kernel"])
         np.testing.assert_array_equal(_groups_of(mask, 4).sum(-1), 1)
         assert np.all(np.asarray(p[k]["kernel"])[~mask] == 0)
+
+
+def test_nm_methods_declare_their_pattern_and_others_none():
+    for name in ("nm_ste", "sr_ste", "s_ste", "bimask", "nm_decay", "nm_oneshot"):
+        assert algorithms.get(name, n=1, m=8).nm_pattern() == (1, 8), name
+    for name in ("dense", "rigl", "srigl", "magnitude"):
+        assert algorithms.get(name).nm_pattern() is None, name
 
 
 def test_trained_nm_model_exports_to_the_compressed_format(problem):
