@@ -21,7 +21,7 @@ from tqdm import tqdm
 from experiments import data as data_lib
 from experiments import train
 from sparsejax import algorithms, masks, transforms
-from sparsejax.distributions import path_name
+from sparsejax.masks import path_name
 
 PyTree = Any
 

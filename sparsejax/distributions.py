@@ -15,25 +15,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from sparsejax.masks import validate_sparsity
+from sparsejax.masks import path_name, validate_sparsity
 
 PyTree = Any
 FilterFn = Callable[[str, Any], bool]
 
-__all__ = ["default_filter", "er", "erk", "get", "path_name", "uniform"]
-
-
-def path_name(path: tuple) -> str:
-    """'conv1/kernel' style name of a pytree key path."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+__all__ = ["default_filter", "er", "erk", "get", "uniform"]
 
 
 def default_filter(name: str, param: Any) -> bool:

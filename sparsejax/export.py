@@ -30,6 +30,7 @@ import numpy as np
 
 from pallas_kernels import BSR, NM
 from sparsejax import transforms
+from sparsejax.masks import path_name
 from sparsejax.nn import conv_kernel_matrix
 
 __all__ = [
@@ -40,10 +41,6 @@ __all__ = [
 
 PyTree = Any
 _FORMATS = ("bsr", "nm")
-
-
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def _is_dense_kernel(path, leaf) -> bool:
@@ -106,7 +103,7 @@ def export(
         )
     out = []
     for (path, leaf), mask in zip(flat_params, flat_masks):
-        name = _path_str(path)
+        name = path_name(path)
         if mask is None:
             out.append(leaf)
             continue
@@ -202,7 +199,7 @@ def storage_summary(exported: PyTree) -> dict[str, dict[str, float]]:
     for path, leaf in leaves:
         if isinstance(leaf, (BSR, NM)):
             dense = int(np.prod(leaf.shape)) * leaf.values.dtype.itemsize
-            summary[_path_str(path)] = {
+            summary[path_name(path)] = {
                 "bytes": leaf.nbytes,
                 "dense_bytes": dense,
                 "ratio": leaf.nbytes / dense,

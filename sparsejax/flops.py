@@ -20,17 +20,14 @@ call while the model is traced with `jax.eval_shape` (nothing is computed).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import masks as masks_lib
-from sparsejax.distributions import path_name
 
 PyTree = Any
 
@@ -39,9 +36,7 @@ __all__ = [
     "inference_flops",
     "layer_flops",
     "memory",
-    "pack_mask",
     "training_flops",
-    "unpack_mask",
 ]
 
 
@@ -114,7 +109,7 @@ def _densities(layers: list[LayerFlops], masks: PyTree | None) -> dict[str, floa
     found = {}
     for path, m in jax.tree_util.tree_leaves_with_path(masks, is_leaf=masks_lib.is_none):
         if m is not None:
-            found[path_name(path)] = float(np.mean(np.asarray(m)))
+            found[masks_lib.path_name(path)] = float(np.mean(np.asarray(m)))
     return {layer.name: found.get(layer.name, 1.0) for layer in layers}
 
 
@@ -181,17 +176,6 @@ def training_flops(
     return 3.0 * f_s
 
 
-def pack_mask(mask: jax.Array) -> jax.Array:
-    """Packs a boolean mask into uint8, 8 entries a byte (flattened, zero padded)."""
-    return jnp.packbits(jnp.asarray(mask, bool).reshape(-1))
-
-
-def unpack_mask(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Inverse of `pack_mask` for a mask of ``shape``."""
-    size = math.prod(shape)
-    return jnp.unpackbits(packed, count=size).astype(bool).reshape(shape)
-
-
 def memory(params: PyTree, masks: PyTree | None = None) -> Mapping[str, int]:
     """Bytes of parameters and masks.
 
@@ -200,7 +184,9 @@ def memory(params: PyTree, masks: PyTree | None = None) -> Mapping[str, int]:
       ``sparse_params``: nonzero values of masked leaves plus an int32 index
       each (COO-like), unmasked leaves dense;
       ``masks_bool``: masks stored as one byte an entry;
-      ``masks_packed``: masks bit-packed, one bit an entry.
+      ``masks_packed``: masks bit-packed by `sparsejax.masks.pack_mask` (one bit an
+      entry along the last axis, each row padded to whole bytes), what
+      ``masked(..., packed=True)`` keeps in the optimizer state.
     """
     dense = sum(int(np.asarray(p).nbytes) for p in jax.tree.leaves(params))
     if masks is None:
@@ -218,7 +204,7 @@ def memory(params: PyTree, masks: PyTree | None = None) -> Mapping[str, int]:
         nnz = int(np.count_nonzero(np.asarray(m)))
         sparse += nnz * (p.itemsize + 4)
         bool_bytes += p.size
-        packed += (p.size + 7) // 8
+        packed += int(masks_lib.pack_mask(m).bits.nbytes)
     return {
         "dense_params": dense,
         "sparse_params": sparse,

@@ -20,9 +20,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 
-from sparsejax.masks import apply_masks, is_none
+# The packer lives in `sparsejax.masks`; re-exported here for `masked(..., packed=True)`.
+from sparsejax.masks import PackedMask, apply_masks, is_none, pack_masks, unpack_masks
 
 PyTree = Any
 
@@ -36,62 +36,6 @@ __all__ = [
     "sparsify",
     "unpack_masks",
 ]
-
-
-class PackedMask(struct.PyTreeNode):
-    """A boolean mask stored with one bit an entry.
-
-    The bits are packed along the last axis (``jnp.packbits(mask, axis=-1)``,
-    big-endian within each byte, zero padded), so the leading axes keep their
-    sizes and a packed mask can be sharded over them like its kernel.
-
-    Attributes:
-      bits: uint8 ``[*shape[:-1], ceil(shape[-1] / 8)]`` (``[1]`` for a scalar).
-      shape: the mask's shape (static).
-    """
-
-    bits: jax.Array
-    shape: tuple[int, ...] = struct.field(pytree_node=False)
-
-    def unpack(self) -> jax.Array:
-        """The bool mask of ``shape``."""
-        if not self.shape:
-            return jnp.unpackbits(self.bits, count=1).astype(bool).reshape(())
-        return jnp.unpackbits(self.bits, axis=-1, count=self.shape[-1]).astype(bool)
-
-
-def _is_mask_leaf(x: Any) -> bool:
-    return x is None or isinstance(x, PackedMask)
-
-
-def pack_masks(masks: PyTree) -> PyTree:
-    """Bool mask pytree -> `PackedMask` pytree (None leaves stay None).
-
-    Args:
-      masks: bool arrays (any shape), None where a leaf is not sparsified.
-
-    Returns:
-      The same structure with `PackedMask` leaves: 1 bit an entry instead of 1 byte.
-    """
-
-    def pack(m):
-        if m is None:
-            return None
-        m = jnp.asarray(m, bool)
-        if m.ndim == 0:
-            return PackedMask(jnp.packbits(m.reshape(1)), ())
-        return PackedMask(jnp.packbits(m, axis=-1), tuple(m.shape))
-
-    return jax.tree.map(pack, masks, is_leaf=is_none)
-
-
-def unpack_masks(masks: PyTree) -> PyTree:
-    """Inverse of `pack_masks`; bool leaves pass through, so it accepts either form."""
-    if not any(isinstance(m, PackedMask) for m in jax.tree.leaves(masks, is_leaf=_is_mask_leaf)):
-        return masks  # unchanged (the very same object) when nothing is packed
-    return jax.tree.map(
-        lambda m: m.unpack() if isinstance(m, PackedMask) else m, masks, is_leaf=_is_mask_leaf
-    )
 
 
 class MaskedState(NamedTuple):

@@ -433,7 +433,7 @@ class NMAlgorithm(Algorithm):
             for a in axes:
                 if not -len(shape) <= a < len(shape) or shape[a] % self.m:
                     raise ValueError(
-                        f"parameter {distributions.path_name(path)} of shape {shape} cannot be "
+                        f"parameter {masks.path_name(path)} of shape {shape} cannot be "
                         f"{self.n}:{self.m} along axis {a}; list it in keep_dense"
                     )
 

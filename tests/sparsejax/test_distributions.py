@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsejax import distributions
+from sparsejax import distributions, masks
 from sparsejax.masks import is_none
 
 _SETTINGS = settings(max_examples=30, deadline=None)
@@ -48,7 +48,7 @@ def _implied_counts(params, sparsities_tree):
         if s_l is None:
             continue
         n = p.size
-        out.append((distributions.path_name(path), n, int(round((1.0 - s_l) * n)), p.shape))
+        out.append((masks.path_name(path), n, int(round((1.0 - s_l) * n)), p.shape))
     return out
 
 
