@@ -5,9 +5,9 @@
         --config.sparsity.algorithm=nm_decay --config.sparsity.n=1 --config.sparsity.m=8
 
 Algorithms: nm_ste, sr_ste, s_ste, bimask, nm_decay, nm_oneshot (see
-`sparsejax.algorithms.nm`). Every kernel of the MLP (40-256-256-10) has an input
-width divisible by 8, so 2:4, 1:4 and 1:8 apply to all of them. The straight-through
-methods log ``mask_flip_rate`` to metrics.jsonl.
+`sparsejax.algorithms.nm_ste`, `nm_decay` and `nm_bimask`). Every kernel of the MLP
+(40-256-256-10) has an input width divisible by 8, so 2:4, 1:4 and 1:8 apply to all of
+them. The straight-through methods log ``mask_flip_rate`` to metrics.jsonl.
 """
 
 from __future__ import annotations
