@@ -6,8 +6,9 @@ W = A diag(w) B^T kept at full rank (40 and 128); the output layer stays dense.
 
   "fixed"                fixed ranks (the model's own), no masks;
   "spectral_truncation"  SVD truncation with relative tolerance ``tau`` every
-                         ``every_steps`` steps between ``begin_step`` and ``end_step``;
-  "greedy_growth"        rank 1 per layer, one component grown every ``every_steps``
+                         ``update_every_steps`` steps between ``begin_step`` and
+                         ``end_step``;
+  "greedy_growth"        rank 1 per layer, one component grown every ``growth_every_steps``
                          steps until ``end_step``, within ``budget`` (a fraction of
                          the full-rank factors).
 
@@ -45,7 +46,7 @@ def get_config(arg=None):
             "algorithm": "spectral_truncation",
             "tau": 0.1,
             "budget": 0.45,
-            "every_steps": 20 if runlocal else 100,
+            "update_every_steps": 20 if runlocal else 100,
             "begin_step": 20 if runlocal else 200,
             "end_step": 150 if runlocal else 2000,
             "growth_every_steps": 5 if runlocal else 20,
@@ -58,7 +59,7 @@ def get_config(arg=None):
         {
             "algorithm": "spectral_truncation",
             "tau": ra.tau,
-            "every_steps": ra.every_steps,
+            "update_every_steps": ra.update_every_steps,
             "begin_step": ra.begin_step,
             "end_step": ra.end_step,
         }

@@ -65,7 +65,7 @@ def _algorithm(config: ml_collections.ConfigDict, method: str, tau: float = 0.0)
     if method == "spectral":
         return tensornets.SpectralTruncation(
             tau=tau,
-            every_steps=ra.every_steps,
+            every_steps=ra.update_every_steps,
             begin_step=ra.begin_step,
             end_step=ra.end_step,
         )
@@ -243,7 +243,7 @@ def _notes(quick: bool) -> str:
         f"{config.total_steps} steps. Fixed full rank: ranks ({min(40, width)}, {width}); fixed "
         f"half: ranks ({small['hidden_0']}, {small['hidden_1']}). Spectral truncation "
         "(Schotthöfer et al. 2022/2024): every "
-        f"{ra.every_steps} steps from step {ra.begin_step} to {ra.end_step}, QR of both "
+        f"{ra.update_every_steps} steps from step {ra.begin_step} to {ra.end_step}, QR of both "
         "factors, SVD of the small core, factors and Adam moments rotated into the singular "
         "basis, and the smallest rank kept whose discarded tail is <= tau of the singular "
         "values' norm. Greedy growth (Hashemizadeh et al.): rank 1 per layer at start, one "

@@ -17,7 +17,7 @@ def _config():
     config = rank_adaptive_mnist1d.get_config("runlocal")
     config.total_steps = 41
     config.batch_size = 32
-    config.sparsity.update(every_steps=20, begin_step=20, end_step=40, tau=0.3)
+    config.sparsity.update(update_every_steps=20, begin_step=20, end_step=40, tau=0.3)
     return config
 
 
