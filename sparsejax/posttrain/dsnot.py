@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sparsejax.posttrain import _pattern
+from sparsejax.posttrain import pattern as pattern_lib
 from sparsejax.posttrain.wanda import wanda_scores
 
 __all__ = ["dsnot"]
@@ -61,8 +61,8 @@ def dsnot(
     kernel, x, mask = jnp.asarray(kernel), jnp.asarray(x), jnp.asarray(mask, bool)
     if mask.shape != kernel.shape:
         raise ValueError(f"mask must have the kernel's shape {kernel.shape}, got {mask.shape}")
-    pattern = _pattern.make_pattern(0.0, n, m)
-    _pattern.check_layer(kernel, x, pattern)
+    pattern = pattern_lib.make_pattern(0.0, n, m)
+    pattern_lib.check_layer(kernel, x, pattern)
     if isinstance(max_cycles, bool) or not isinstance(max_cycles, (int, np.integer)):
         raise ValueError(f"max_cycles must be a positive int, got {max_cycles!r}")
     if max_cycles <= 0:

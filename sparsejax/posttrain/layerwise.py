@@ -13,7 +13,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sparsejax.posttrain import _pattern, calibration
+from sparsejax.posttrain import calibration
+from sparsejax.posttrain import pattern as pattern_lib
 from sparsejax.posttrain.dsnot import dsnot as dsnot_refine
 from sparsejax.posttrain.magnitude import magnitude
 from sparsejax.posttrain.sparsegpt import sparsegpt
@@ -140,7 +141,7 @@ def prune_model(
     ``[window * in, out]``.
     """
     _get_method(method)
-    _pattern.make_pattern(sparsity, n, m)
+    pattern_lib.make_pattern(sparsity, n, m)
     x = jnp.asarray(x)
     calls = calibration.layer_calls(apply_fn, {"params": params}, x)
     names = [c.name for c in calls]

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax import masks as masks_lib
-from sparsejax.posttrain import _pattern
+from sparsejax.posttrain import pattern as pattern_lib
 
 __all__ = ["magnitude"]
 
@@ -43,9 +43,9 @@ def magnitude(
     Alistarh 2023: the score is |W_ij| and no weight changes.
     """
     del x
-    pattern = _pattern.make_pattern(sparsity, n, m)
+    pattern = pattern_lib.make_pattern(sparsity, n, m)
     kernel = jnp.asarray(kernel)
-    _pattern.check_layer(kernel, None, pattern)
+    pattern_lib.check_layer(kernel, None, pattern)
     scores = jnp.abs(kernel)
     if pattern.is_nm:
         mask = masks_lib.nm_mask(scores, pattern.n, pattern.m, axis=0)

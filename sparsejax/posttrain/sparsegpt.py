@@ -11,7 +11,7 @@ import numpy as np
 from jax import lax
 
 from sparsejax import masks as masks_lib
-from sparsejax.posttrain import _pattern
+from sparsejax.posttrain import pattern as pattern_lib
 
 __all__ = ["hessian_inverse_factor", "sparsegpt"]
 
@@ -81,9 +81,9 @@ def sparsegpt(
     (already updated) weights, by the OBS saliency w² / U_jj² (adaptive mask selection); for
     N:M it is chosen every m inputs.
     """
-    pattern = _pattern.make_pattern(sparsity, n, m)
+    pattern = pattern_lib.make_pattern(sparsity, n, m)
     kernel, x = jnp.asarray(kernel), jnp.asarray(x)
-    _pattern.check_layer(kernel, x, pattern)
+    pattern_lib.check_layer(kernel, x, pattern)
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if block_size <= 0 or (pattern.is_nm and block_size % pattern.m):

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sparsejax.posttrain import _pattern
+from sparsejax.posttrain import pattern as pattern_lib
 
 __all__ = ["wanda", "wanda_scores"]
 
@@ -53,8 +53,8 @@ def wanda(
     are compared per output (per row of the paper's ``[out, in]`` weight), which the paper
     finds better than per layer, and there is no weight update.
     """
-    pattern = _pattern.make_pattern(sparsity, n, m)
+    pattern = pattern_lib.make_pattern(sparsity, n, m)
     kernel, x = jnp.asarray(kernel), jnp.asarray(x)
-    _pattern.check_layer(kernel, x, pattern)
-    mask = _pattern.mask_per_output(wanda_scores(kernel, x), pattern)
+    pattern_lib.check_layer(kernel, x, pattern)
+    mask = pattern_lib.mask_per_output(wanda_scores(kernel, x), pattern)
     return jnp.where(mask, kernel, 0), mask

@@ -10,6 +10,8 @@ import numpy as np
 
 from sparsejax import masks as masks_lib
 
+__all__ = ["Pattern", "check_layer", "make_pattern", "mask_per_output"]
+
 
 class Pattern(NamedTuple):
     """What to keep: a fraction of entries, or ``n`` of every ``m`` consecutive inputs.
