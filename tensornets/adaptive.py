@@ -68,7 +68,13 @@ from tensornets import rank as rank_lib
 
 PyTree = Any
 
-__all__ = ["GreedyGrowth", "SpectralTruncation"]
+__all__ = [
+    "GreedyGrowth",
+    "SpectralTruncation",
+    "truncation_mask",
+    "tt_bond_norms",
+    "unfolding_norms",
+]
 
 
 # ------------------------------------------------------------------ helpers
@@ -124,17 +130,18 @@ def _rank_masks_of(masks: PyTree, params: PyTree, paths) -> dict[tuple, Mapping]
     return {p: _get(recovered, p) for p in paths}
 
 
-def _check_steps(every_steps, begin_step, end_step):
-    if isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 1:
-        raise ValueError(f"every_steps must be a positive int, got {every_steps!r}")
+def _check_steps(update_every_steps, begin_step, end_step):
+    every = update_every_steps
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"update_every_steps must be a positive int, got {every!r}")
     if isinstance(begin_step, bool) or not isinstance(begin_step, int) or begin_step < 0:
         raise ValueError(f"begin_step must be a non-negative int, got {begin_step!r}")
     if end_step is not None and (not isinstance(end_step, int) or end_step < begin_step):
         raise ValueError(f"end_step must be None or an int >= begin_step, got {end_step!r}")
 
 
-def _scheduled(step, every_steps, begin_step, end_step):
-    ok = (step > 0) & (step >= begin_step) & ((step - begin_step) % every_steps == 0)
+def _scheduled(step, update_every_steps, begin_step, end_step):
+    ok = (step > 0) & (step >= begin_step) & ((step - begin_step) % update_every_steps == 0)
     if end_step is not None:
         ok = ok & (step <= end_step)
     return ok
@@ -250,8 +257,16 @@ def _mode_dot(x: jax.Array, m: jax.Array, k: int) -> jax.Array:
     return jnp.moveaxis(jnp.tensordot(m, x, axes=(1, k)), 0, k)
 
 
-def _unfolding_norms(core: jax.Array, k: int) -> jax.Array:
-    """Norms of the mode-k slices of the core (its mode-k singular values after HOSVD)."""
+def unfolding_norms(core: jax.Array, k: int) -> jax.Array:
+    """Norms of the mode-k slices of a Tucker core (its mode-k singular values after HOSVD).
+
+    Args:
+      core: float[r_0, ..., r_{N-1}].
+      k: the mode.
+
+    Returns:
+      float[r_k]: ``sqrt(sum of core**2 over every axis but k)``.
+    """
     return jnp.sqrt(jnp.sum(core**2, axis=tuple(i for i in range(core.ndim) if i != k)))
 
 
@@ -312,8 +327,19 @@ def _is_tt(node: Mapping) -> bool:
     return ok_qr and ok_svd
 
 
-def _tt_bond_norms(node: Mapping) -> dict[str, jax.Array]:
-    """Row norms of every bond's right part (its singular values after `_rotate_tt`)."""
+def tt_bond_norms(node: Mapping) -> dict[str, jax.Array]:
+    """Row norms of every bond's right part: its singular values once rounded.
+
+    After `SpectralTruncation.reparametrize` (TT rounding's two sweeps) the rows of
+    each bond's right part are orthogonal, so these norms are the singular values
+    of the tensor's unfolding at that bond.
+
+    Args:
+      node: a TT / TT-matrix layer's params (``core_0`` ... and optionally ``bias``).
+
+    Returns:
+      ``{"bond_k": float[r_k]}`` for every inner bond k.
+    """
     cores = [c.reshape(c.shape[0], -1, c.shape[-1]) for c in _tt_cores(node)]
     gram = jnp.ones((1, 1), cores[-1].dtype)
     out = {}
@@ -380,7 +406,7 @@ class SpectralTruncation(Algorithm):
 
     Attributes:
       tau: relative truncation tolerance in [0, 1).
-      every_steps: steps between truncations.
+      update_every_steps: steps between truncations.
       begin_step: first truncation step.
       end_step: last truncation step (None: no end).
       min_rank: fewest components kept per layer.
@@ -388,7 +414,7 @@ class SpectralTruncation(Algorithm):
     """
 
     tau: float = 0.1
-    every_steps: int = 100
+    update_every_steps: int = 100
     begin_step: int = 0
     end_step: int | None = None
     min_rank: int = 1
@@ -401,7 +427,7 @@ class SpectralTruncation(Algorithm):
     def __post_init__(self):
         if not isinstance(self.tau, int | float) or not 0.0 <= self.tau < 1.0:
             raise ValueError(f"tau must be in [0, 1), got {self.tau!r}")
-        _check_steps(self.every_steps, self.begin_step, self.end_step)
+        _check_steps(self.update_every_steps, self.begin_step, self.end_step)
         if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int):
             raise ValueError(f"min_rank must be a positive int, got {self.min_rank!r}")
         if self.min_rank < 1:
@@ -426,7 +452,7 @@ class SpectralTruncation(Algorithm):
         return _masks_for(params, full, gate_only=False)
 
     def is_update_step(self, step):
-        return _scheduled(step, self.every_steps, self.begin_step, self.end_step)
+        return _scheduled(step, self.update_every_steps, self.begin_step, self.end_step)
 
     def update_masks(self, masks, params, grads, step, key, algo_state=()):
         del grads, step, key, algo_state
@@ -440,9 +466,9 @@ class SpectralTruncation(Algorithm):
             if _is_low_rank(n):
                 s = {"rank": n["weights"]}
             elif _is_tt(n):
-                s = _tt_bond_norms(n)
+                s = tt_bond_norms(n)
             else:
-                s = {f"rank_{k}": _unfolding_norms(n["core"], k) for k in range(n["core"].ndim)}
+                s = {f"rank_{k}": unfolding_norms(n["core"], k) for k in range(n["core"].ndim)}
             first = {a: jnp.arange(m.size) < jnp.sum(m) for a, m in live[p].items()}
             new[p] = {a: truncation_mask(s[a], first[a], self.tau, self.min_rank) for a in s}
         return _masks_for(params, new, gate_only=False)
@@ -493,14 +519,14 @@ class GreedyGrowth(Algorithm):
       budget: the factor parameters allowed, as a fraction in (0, 1] of the adapted
         layers' factors at full rank.
       initial_rank: live components of every axis at step 0.
-      every_steps: steps between growths (one component each).
+      update_every_steps: steps between growths (one component each).
       begin_step, end_step: growth window (end None: no end).
       layers: substrings of layer paths to adapt (all factorized layers when empty).
     """
 
     budget: float = 0.5
     initial_rank: int = 1
-    every_steps: int = 50
+    update_every_steps: int = 50
     begin_step: int = 0
     end_step: int | None = None
     layers: Sequence[str] = ()
@@ -515,7 +541,7 @@ class GreedyGrowth(Algorithm):
             raise ValueError(f"initial_rank must be a positive int, got {self.initial_rank!r}")
         if self.initial_rank < 1:
             raise ValueError(f"initial_rank must be a positive int, got {self.initial_rank!r}")
-        _check_steps(self.every_steps, self.begin_step, self.end_step)
+        _check_steps(self.update_every_steps, self.begin_step, self.end_step)
         object.__setattr__(self, "layers", tuple(self.layers))
 
     def _targets(self, params):
@@ -547,7 +573,7 @@ class GreedyGrowth(Algorithm):
         return _masks_for(params, start, gate_only=True)
 
     def is_update_step(self, step):
-        return _scheduled(step, self.every_steps, self.begin_step, self.end_step)
+        return _scheduled(step, self.update_every_steps, self.begin_step, self.end_step)
 
     def update_masks(self, masks, params, grads, step, key, algo_state=()):
         del step, key, algo_state

@@ -65,7 +65,7 @@ def _algorithm(config: ml_collections.ConfigDict, method: str, tau: float = 0.0)
     if method == "spectral":
         return tensornets.SpectralTruncation(
             tau=tau,
-            every_steps=ra.update_every_steps,
+            update_every_steps=ra.update_every_steps,
             begin_step=ra.begin_step,
             end_step=ra.end_step,
         )
@@ -73,7 +73,7 @@ def _algorithm(config: ml_collections.ConfigDict, method: str, tau: float = 0.0)
         return tensornets.GreedyGrowth(
             budget=ra.budget,
             initial_rank=1,
-            every_steps=ra.growth_every_steps,
+            update_every_steps=ra.growth_every_steps,
             end_step=ra.end_step,
         )
     return algorithms.Dense()

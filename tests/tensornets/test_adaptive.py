@@ -76,7 +76,7 @@ def test_truncation_keeps_the_fewest_top_values_within_tolerance(values, live, t
 def test_reparametrize_keeps_weights_and_maps_gradients():
     net = _Net()
     params = net.init(KEY)
-    algo = SpectralTruncation(tau=0.0, every_steps=1, layers=("l0",))
+    algo = SpectralTruncation(tau=0.0, update_every_steps=1, layers=("l0",))
     rm = {"l0": {"rank": jnp.arange(10) < 7}}
     masks = R.param_masks(params, rm)
     params = R.apply_rank_masks(params, rm)
@@ -125,7 +125,7 @@ def _train(net, algo, steps, params=None, lr=1e-2):
 
 def test_spectral_training_truncates_with_exact_zeros_and_keeps_the_function():
     net = _Net()
-    algo = SpectralTruncation(tau=0.3, every_steps=5, begin_step=5)
+    algo = SpectralTruncation(tau=0.3, update_every_steps=5, begin_step=5)
     history = _train(net, algo, 16)
     ranks = []
     for t, (before, after, state, _) in enumerate(history):
@@ -156,7 +156,7 @@ def test_spectral_training_truncates_with_exact_zeros_and_keeps_the_function():
 def test_greedy_growth_picks_the_largest_gate_gradient_within_budget():
     net = _Net()
     params = net.init(KEY)
-    algo = GreedyGrowth(budget=1.0, initial_rank=2, every_steps=1)
+    algo = GreedyGrowth(budget=1.0, initial_rank=2, update_every_steps=1)
     masks = algo.init_masks(params, KEY)
     grads = jax.tree.map(jnp.zeros_like, params)
     grads["l0"]["weights"] = grads["l0"]["weights"].at[6].set(3.0).at[0].set(100.0)
@@ -171,12 +171,12 @@ def test_greedy_growth_picks_the_largest_gate_gradient_within_budget():
     factors = sum(np.size(v) for k, v in params["l0"].items() if k != "bias")
     factors += sum(np.size(v) for k, v in params["l1"].items() if k != "bias")
     used = 2 * (12 + 16 + 1) + 2 * (16 + 6 + 1)
-    tight = GreedyGrowth(budget=(used + 23.5) / factors, initial_rank=2, every_steps=1)
+    tight = GreedyGrowth(budget=(used + 23.5) / factors, initial_rank=2, update_every_steps=1)
     rm = R.rank_masks_from_param_masks(tight.update_masks(masks, params, grads, 1, KEY), params)
     np.testing.assert_array_equal(np.flatnonzero(rm["l0"]["rank"]), [0, 1])
     np.testing.assert_array_equal(np.flatnonzero(rm["l1"]["rank"]), [0, 1, 4])
     # And none fits: nothing grows.
-    none = GreedyGrowth(budget=(used + 22.5) / factors, initial_rank=2, every_steps=1)
+    none = GreedyGrowth(budget=(used + 22.5) / factors, initial_rank=2, update_every_steps=1)
     rm = R.rank_masks_from_param_masks(none.update_masks(masks, params, grads, 1, KEY), params)
     assert int(rm["l0"]["rank"].sum()) == 2 and int(rm["l1"]["rank"].sum()) == 2
 
@@ -187,7 +187,7 @@ def test_greedy_growth_picks_the_largest_gate_gradient_within_budget():
 )
 def test_greedy_growth_trains_every_format_within_budget(fmt, rank, kw):
     net = _Net(fmt, rank, **kw)
-    algo = GreedyGrowth(budget=0.6, initial_rank=1, every_steps=2)
+    algo = GreedyGrowth(budget=0.6, initial_rank=1, update_every_steps=2)
     history = _train(net, algo, 24, lr=3e-2)
     first, last = history[0], history[-1]
     rm = R.rank_masks_from_param_masks(last[2].masks, last[1])
@@ -214,8 +214,8 @@ def test_greedy_growth_trains_every_format_within_budget(fmt, rank, kw):
 def test_bad_hyperparameters_raise():
     with pytest.raises(ValueError, match="tau"):
         SpectralTruncation(tau=1.0)
-    with pytest.raises(ValueError, match="every_steps"):
-        SpectralTruncation(every_steps=0)
+    with pytest.raises(ValueError, match="update_every_steps"):
+        SpectralTruncation(update_every_steps=0)
     with pytest.raises(ValueError, match="budget"):
         GreedyGrowth(budget=0.0)
     with pytest.raises(ValueError, match="initial_rank"):
@@ -263,7 +263,7 @@ def test_tucker_hosvd_rotation_keeps_the_tensor_and_maps_gradients_exactly():
     # Truncation per mode by the slice norms (the mode-k singular values).
     rm = R.rank_masks_from_param_masks(algo.update_masks(masks, new, None, 0, None), new)
     for k in range(3):
-        s = np.asarray(A._unfolding_norms(new["t"]["core"], k))
+        s = np.asarray(A.unfolding_norms(new["t"]["core"], k))
         kept = np.asarray(rm["t"][f"rank_{k}"])
         assert 1 <= kept.sum() <= s.size
         assert np.sqrt(np.sum(s[~kept] ** 2)) <= 0.3 * np.sqrt(np.sum(s**2)) + 1e-6
@@ -279,8 +279,10 @@ def test_importing_tensornets_registers_the_rank_algorithms_into_sparsejax():
         "a = algorithms.from_config({'algorithm': 'greedy_growth', 'budget': 0.4,"
         " 'end_fraction': 0.5}, 100)\n"
         "assert type(a) is tensornets.GreedyGrowth and a.end_step == 50 and a.budget == 0.4\n"
-        "s = algorithms.from_config({'algorithm': 'spectral_truncation', 'tau': 0.2}, 100)\n"
+        "s = algorithms.from_config({'algorithm': 'spectral_truncation', 'tau': 0.2,"
+        " 'update_every_steps': 7}, 100)\n"
         "assert type(s) is tensornets.SpectralTruncation and s.reparametrizes\n"
+        "assert s.update_every_steps == 7 and s.tau == 0.2\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
@@ -290,7 +292,9 @@ def test_tau_zero_keeps_the_weight_whatever_the_layout_of_the_live_components():
     params = {"l": layer.init(KEY, X)["params"]}
     rm = {"l": {"rank": jnp.array([1, 0, 1, 1, 0, 1], bool)}}
     tx = transforms.masked(
-        optax.sgd(0.0), SpectralTruncation(tau=0.0, every_steps=1), masks=R.param_masks(params, rm)
+        optax.sgd(0.0),
+        SpectralTruncation(tau=0.0, update_every_steps=1),
+        masks=R.param_masks(params, rm),
     )
     state = tx.init(params)._replace(count=jnp.ones((), jnp.int32))  # an update step
     params = R.apply_rank_masks(params, rm)
@@ -322,7 +326,7 @@ def test_tt_rounding_sweeps_give_bond_singular_values_and_exact_moment_maps():
     new, (new_state,) = algo.reparametrize(params, (state,), masks)
     full = np.asarray(dense(params))
     np.testing.assert_allclose(dense(new), full, atol=1e-5)
-    norms = A._tt_bond_norms(new["t"])
+    norms = A.tt_bond_norms(new["t"])
     for b in range(3):
         unfolding = full.reshape(int(np.prod(full.shape[: b + 1])), -1)
         s = np.linalg.svd(unfolding, compute_uv=False)[: norms[f"bond_{b}"].size]
