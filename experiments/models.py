@@ -44,6 +44,7 @@ __all__ = [
     "factorize_spec",
     "freeze_factorize",
     "get_model",
+    "make_model",
     "narrow_to_params",
     "num_params",
 ]
@@ -615,3 +616,21 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
     if "factorize" in attributes:
         attributes["factorize"] = freeze_factorize(attributes["factorize"])
     return _MODELS[name](**attributes)
+
+
+def make_model(config: Any, num_classes: int) -> nn.Module:
+    """The model a run config names: ``get_model(config.model.name, num_classes=, **others)``.
+
+    Args:
+      config: a run config (an ``ml_collections.ConfigDict``; only ``config.model`` is read:
+        ``name`` and the module's attributes).
+      num_classes: the size of the output layer (the dataset's ``num_classes``).
+
+    Returns:
+      The (unbound) Flax module.
+
+    Raises:
+      ValueError: as `get_model` (unknown name, invalid attribute).
+    """
+    kwargs = {k: v for k, v in config.model.items() if k != "name"}
+    return get_model(config.model.name, num_classes=num_classes, **kwargs)

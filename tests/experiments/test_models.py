@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -121,6 +122,16 @@ def test_get_model_builds_the_named_class_with_config_values():
     assert isinstance(model, models.MLP) and model.features == (32, 16)
     assert isinstance(models.get_model("cnn1d", channels=8), models.CNN1D)
     assert isinstance(models.get_model("resnet", norm="group"), models.ResNet)
+
+
+def test_make_model_builds_the_model_a_run_config_names():
+    config = ml_collections.ConfigDict({"model": {"name": "mlp", "features": [32, 16]}})
+    model = models.make_model(config, num_classes=3)
+    assert isinstance(model, models.MLP) and model.features == (32, 16)
+    assert model.num_classes == 3
+    config.model.name = "transformer"
+    with pytest.raises(ValueError, match="'transformer'"):
+        models.make_model(config, num_classes=3)
 
 
 @pytest.mark.parametrize(
