@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from configs import quickstart
 from experiments import data as data_lib
 from experiments import models as models_lib
+from experiments import state as state_lib
 from experiments import train
 from sparsejax import export, masks, transforms
 from sparsejax import nn as snn
@@ -63,7 +64,7 @@ def main():
     model = models_lib.get_model(
         config.model.name, channels=config.model.channels, num_classes=dataset.num_classes
     )
-    state = train.create_train_state(config, model, dataset)[0]
+    state = state_lib.create_train_state(config, model, dataset)[0]
     manager = ocp.CheckpointManager(f"{workdir}/checkpoints")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))

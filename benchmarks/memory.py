@@ -4,7 +4,7 @@
 
 For each model (the quickstart 1D CNN, 64 channels; the MNIST-1D MLP widened
 to 1024x1024) and optimizer (Adam; SGD with momentum), builds the training
-state the trainer builds (``experiments.train.create_train_state``) three ways
+state the trainer builds (``experiments.state.create_train_state``) three ways
 and counts the bytes of its optimizer state, measured from the arrays:
 
   dense    plain training (``masked(opt, Dense())``: no masks, only the
@@ -27,7 +27,8 @@ import numpy as np
 
 from configs import quickstart
 from experiments import data as data_lib
-from experiments import train
+from experiments import models as models_lib
+from experiments import state as state_lib
 from sparsejax import transforms
 
 MODELS = {
@@ -50,8 +51,8 @@ def state_bytes(model_config: dict, optimizer: str, variant: str, dataset) -> di
     if variant == "dense":
         config.sparsity = ml_collections.ConfigDict({"algorithm": "dense"})
     config.pack_masks = variant == "packed"
-    model = train.make_model(config, dataset.num_classes)
-    state = train.create_train_state(config, model, dataset)[0]
+    model = models_lib.make_model(config, dataset.num_classes)
+    state = state_lib.create_train_state(config, model, dataset)[0]
     (masked_state,) = [
         node
         for node in jax.tree.leaves(

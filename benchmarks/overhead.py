@@ -23,7 +23,7 @@ import jax
 from configs import quickstart
 from experiments import data as data_lib
 from experiments import models as models_lib
-from experiments import train
+from experiments import state as state_lib
 
 VARIANTS = ("dense", "static", "rigl")
 
@@ -34,8 +34,8 @@ def build(variant: str, total_steps: int):
     config.total_steps = total_steps
     dataset = data_lib.load_mnist1d()
     model = models_lib.get_model("cnn1d", channels=config.model.channels, num_classes=10)
-    state, tx, algorithm = train.create_train_state(config, model, dataset)
-    train_step, _, _ = train.make_step_functions(model, tx, algorithm)
+    state, tx, algorithm = state_lib.create_train_state(config, model, dataset)
+    train_step, _, _ = state_lib.make_step_functions(model, tx, algorithm)
     batches = [
         data_lib.batch_at(
             dataset.x_train, dataset.y_train, batch_size=config.batch_size, seed=0, step=s

@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from experiments import checkpoints
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -29,6 +30,7 @@ __all__ = [
     "default_cache_dir",
     "load_cifar10",
     "load_dataset",
+    "load_from_config",
     "load_mnist1d",
     "load_teacher_student",
 ]
@@ -105,23 +107,6 @@ def _generate_mnist1d(seed: int) -> Dataset:
     )
 
 
-def _save_npz_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """Writes ``arrays`` to ``path`` via a temp file in the same directory and `os.replace`."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)  # Atomic on POSIX: readers see the old file or the new one.
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
 def load_mnist1d(cache_dir: str | None = None, *, seed: int = 42) -> Dataset:
     """Loads MNIST-1D (4000 train / 1000 test, length 40, 10 classes), generated offline.
 
@@ -164,7 +149,8 @@ def load_mnist1d(cache_dir: str | None = None, *, seed: int = 42) -> Dataset:
     dataset = _generate_mnist1d(seed)
     arrays = dataset._asdict()
     arrays["num_classes"] = np.asarray(dataset.num_classes)
-    _save_npz_atomically(path, arrays)
+    os.makedirs(cache_dir, exist_ok=True)
+    checkpoints.write_atomically(path, lambda f: np.savez(f, **arrays))
     return dataset
 
 
@@ -380,6 +366,25 @@ def load_dataset(name: str, **kwargs: Any) -> Dataset:
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset name={name!r}; known names: {sorted(_LOADERS)}")
     return _LOADERS[name](**kwargs)
+
+
+def load_from_config(config: Any) -> Dataset:
+    """The dataset a run config names: ``load_dataset(config.dataset.name, **other keys)``.
+
+    Empty strings in ``config.dataset`` mean "the loader's default" (a ConfigDict
+    cannot override a None), so those keys are not passed.
+
+    Args:
+      config: a run config (an ``ml_collections.ConfigDict``; only ``config.dataset`` is read).
+
+    Returns:
+      The `Dataset`.
+
+    Raises:
+      ValueError: as `load_dataset` and the loaders (unknown name, missing data folder).
+    """
+    kwargs = {k: v for k, v in config.dataset.items() if k != "name" and v != ""}
+    return load_dataset(config.dataset.name, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

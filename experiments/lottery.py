@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from experiments import checkpoints, sweep
 from experiments import data as data_lib
-from experiments import sweep
 from sparsejax import masks, transforms
 
 PyTree = Any
@@ -152,23 +152,14 @@ def run_imp(
             # that is stopped keeps its rounds.
             os.makedirs(workdir, exist_ok=True)
             leaves = {f"{i}": np.asarray(m) for i, m in enumerate(_mask_leaves(current))}
-            _write_atomically(
+            checkpoints.write_atomically(
                 os.path.join(workdir, f"imp_round_{k}.npz"),
                 lambda f, leaves=leaves: np.savez_compressed(f, **leaves),
             )
-            _write_atomically(
-                os.path.join(workdir, "imp_rounds.json"),
-                lambda f: f.write(json.dumps(record, indent=1).encode()),
+            checkpoints.write_atomically(
+                os.path.join(workdir, "imp_rounds.json"), json.dumps(record, indent=1)
             )
     return record
-
-
-def _write_atomically(path: str, write) -> None:
-    """Writes through a temporary file in the same folder, then renames it into place."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 def _mask_leaves(tree: PyTree) -> list:

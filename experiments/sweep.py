@@ -9,7 +9,7 @@ mask updates remain a real `lax.cond` rather than both branches every step.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -18,14 +18,19 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+# Imported for its registrations too: `import tensornets` adds spectral_truncation and
+# greedy_growth to `sparsejax.algorithms`, which `from_config` below resolves names in.
+import tensornets  # noqa: F401
 from experiments import data as data_lib
-from experiments import train
+from experiments import models as models_lib
+from experiments import optim
+from experiments import state as state_lib
 from sparsejax import algorithms, masks, transforms
 from sparsejax.masks import path_name
 
 PyTree = Any
 
-__all__ = ["SweepResult", "train_seeds"]
+__all__ = ["SeedStack", "SweepResult", "stack_seeds", "state_axes", "train_seeds"]
 
 
 class SweepResult(NamedTuple):
@@ -38,7 +43,7 @@ class SweepResult(NamedTuple):
       train_loss: mean training loss over each evaluation interval, same shape.
       sparsity: realized fraction of zeros over the masked weights, [num_seeds].
       layer_density: {layer name: [num_seeds]} density of each masked leaf.
-      final_state: the stacked final `train.TrainState`.
+      final_state: the stacked final `experiments.state.TrainState`.
       initial_params: the stacked initial params (for rewinding).
     """
 
@@ -52,13 +57,144 @@ class SweepResult(NamedTuple):
     initial_params: Any
 
 
-def _state_axes(state: train.TrainState) -> train.TrainState:
-    """vmap axes: 0 everywhere but the shared step counters (None)."""
+class SeedStack(NamedTuple):
+    """One config's runs for several seeds, stacked on a leading axis to advance together.
+
+    Attributes:
+      model: the Flax module.
+      algorithm: the config's `sparsejax.algorithms.Algorithm`.
+      state: the stacked initial `state.TrainState` (leading axis: seeds), except
+        the step counters, which all seeds share (see `state_axes`).
+      axes: the vmap axes of ``state`` (`state_axes`).
+      indices: int [total_steps, num_seeds, batch_size], seed i's batch at step t
+        in ``indices[t, i]`` (`experiments.data.batch_indices`).
+      train_step: jitted ``(state, indices[t]) -> (state, {"loss", "accuracy"})``
+        advancing every seed by one step on its own batch (metrics: [num_seeds]).
+      eval_step: the un-jitted ``(one seed's state, x, y) -> (summed loss, number
+        correct)`` of `state.step_functions`, to vmap with ``axes``.
+    """
+
+    model: Any
+    algorithm: algorithms.Algorithm
+    state: state_lib.TrainState
+    axes: state_lib.TrainState
+    indices: np.ndarray
+    train_step: Callable
+    eval_step: Callable
+
+
+def state_axes(state: state_lib.TrainState) -> state_lib.TrainState:
+    """The vmap axes of a stacked state: 0 everywhere but the shared step counters (None).
+
+    The masked optimizer's step counter is shared by all seeds (unbatched), so
+    mask updates remain a real `lax.cond` rather than both branches every step.
+
+    Args:
+      state: one seed's state (or its ``jax.eval_shape``).
+
+    Returns:
+      A tree of the same structure holding 0 or None.
+    """
     axes = jax.tree.map(lambda _: 0, state)
     opt = axes.opt_state
     if isinstance(opt, transforms.MaskedState):
         opt = opt._replace(count=None)
     return axes._replace(step=None, opt_state=opt)
+
+
+def stack_seeds(
+    config: ml_collections.ConfigDict,
+    seeds: Sequence[int],
+    dataset: data_lib.Dataset,
+    *,
+    initial_params: PyTree | None = None,
+    initial_masks: PyTree | None = None,
+) -> SeedStack:
+    """The initial states of ``config`` for every seed and the vmapped step that trains them.
+
+    Seed s initializes and chooses its masks with ``jax.random.key(s)`` and
+    trains on the batch order of `experiments.data.batch_at` with ``seed=s``:
+    what `experiments.train` does for ``config.seed = s``.
+
+    Args:
+      config: a run config (``config.seed`` is ignored).
+      seeds: the seeds (ints).
+      dataset: the training data (kept on device; each seed gathers its batches).
+      initial_params: optional params stacked over seeds (leading axis), e.g.
+        rewound weights of lottery-ticket rounds.
+      initial_masks: optional masks stacked over seeds, used instead of the
+        algorithm's initial masks.
+
+    Returns:
+      A `SeedStack`.
+
+    Raises:
+      ValueError: for an algorithm that reparametrizes (spectral truncation),
+        which is not run vmapped over seeds.
+    """
+    model = models_lib.make_model(config, dataset.num_classes)
+    algorithm = algorithms.from_config(config.sparsity, config.total_steps)
+    if algorithm.reparametrizes:
+        # Seen on XLA:CPU: the vmapped basis change (SVD/QR of every seed's factors with the
+        # optimizer moments) stalls with every thread waiting on a lock.
+        raise ValueError(
+            f"config.sparsity.algorithm={config.sparsity.algorithm!r} rotates params on its "
+            "update steps and is not run vmapped over seeds; train each seed with "
+            "experiments.main (or see experiments/tables/rank_adaptive.py)"
+        )
+    tx = optim.make_masked_optimizer(config, algorithm)
+    train_step, eval_step, _ = state_lib.step_functions(model, tx, algorithm)
+
+    x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
+    indices = np.stack(
+        [
+            data_lib.batch_indices(
+                len(dataset.x_train),
+                batch_size=config.batch_size,
+                seed=s,
+                num_steps=config.total_steps,
+            )
+            for s in seeds
+        ],
+        axis=1,
+    )  # [steps, seeds, batch]
+    keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
+
+    def init_one(key_data, first_batch, params, masks_tree):
+        calibration = (x_train[first_batch], y_train[first_batch])
+        return state_lib.init_state(
+            config,
+            model,
+            algorithm,
+            jax.random.wrap_key_data(key_data),
+            x_train[:1],
+            calibration,
+            params=params,
+            masks_tree=masks_tree,
+        )
+
+    def one_step(state, batch_idx):
+        return train_step(state, x_train[batch_idx], y_train[batch_idx])
+
+    first = lambda tree: jax.tree.map(  # noqa: E731
+        lambda a: None if a is None else a[0], tree, is_leaf=masks.is_none
+    )
+    abstract = jax.eval_shape(
+        init_one,
+        keys[0],
+        jnp.asarray(indices[0, 0]),
+        None if initial_params is None else first(initial_params),
+        None if initial_masks is None else first(initial_masks),
+    )
+    axes = state_axes(abstract)
+    in_axes = (0, 0, None if initial_params is None else 0, None if initial_masks is None else 0)
+    state = jax.vmap(init_one, in_axes=in_axes, out_axes=axes)(
+        keys, jnp.asarray(indices[0]), initial_params, initial_masks
+    )
+    # A Python loop over this jitted step, not lax.scan: XLA:CPU runs convolutions
+    # inside while loops about 10x slower than at top level (measured here).
+    step_all = jax.jit(jax.vmap(one_step, in_axes=(axes, 0), out_axes=(axes, 0)))
+    return SeedStack(model, algorithm, state, axes, indices, step_all, eval_step)
 
 
 def train_seeds(
@@ -93,70 +229,25 @@ def train_seeds(
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds must not be empty")
-    dataset = train._load_data(config) if dataset is None else dataset
-    model = train.make_model(config, dataset.num_classes)
-    algorithm = algorithms.from_config(config.sparsity, config.total_steps)
-    if algorithm.reparametrizes:
-        # Seen on XLA:CPU: the vmapped basis change (SVD/QR of every seed's factors with the
-        # optimizer moments) stalls with every thread waiting on a lock.
-        raise ValueError(
-            f"config.sparsity.algorithm={config.sparsity.algorithm!r} rotates params on its "
-            "update steps and is not run vmapped over seeds; train each seed with "
-            "experiments.main (or see experiments/tables/rank_adaptive.py)"
-        )
-    tx = train.make_tx(config, algorithm)
-    train_step, eval_step, _ = train.step_functions(model, tx, algorithm)
-
-    x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
+    dataset = data_lib.load_from_config(config) if dataset is None else dataset
+    stack = stack_seeds(
+        config, seeds, dataset, initial_params=initial_params, initial_masks=initial_masks
+    )
     x_test, y_test = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test)
-    n, total = len(dataset.x_train), config.total_steps
-    indices = np.stack(
-        [
-            data_lib.batch_indices(n, batch_size=config.batch_size, seed=s, num_steps=total)
-            for s in seeds
-        ],
-        axis=1,
-    )  # [steps, seeds, batch]
-    keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
-
-    def init_one(key_data, first_batch, params, masks_tree):
-        calibration = (x_train[first_batch], y_train[first_batch])
-        return train.init_state(
-            config,
-            model,
-            algorithm,
-            jax.random.wrap_key_data(key_data),
-            x_train[:1],
-            calibration,
-            params=params,
-            masks_tree=masks_tree,
-        )
-
-    def one_step(state, batch_idx):
-        return train_step(state, x_train[batch_idx], y_train[batch_idx])
+    total = config.total_steps
 
     def one_accuracy(s):
-        _, correct = eval_step(s, x_test, y_test)
+        _, correct = stack.eval_step(s, x_test, y_test)
         return correct / x_test.shape[0]
 
-    abstract = jax.eval_shape(
-        lambda k, b: init_one(k, b, None, None), keys[0], jnp.asarray(indices[0, 0])
-    )
-    axes = _state_axes(abstract)
-    in_axes = (0, 0, None if initial_params is None else 0, None if initial_masks is None else 0)
-    state = jax.vmap(init_one, in_axes=in_axes, out_axes=axes)(
-        keys, jnp.asarray(indices[0]), initial_params, initial_masks
-    )
+    state = stack.state
     start_params = state.params
-    # A Python loop over jitted steps, not lax.scan: XLA:CPU runs convolutions
-    # inside while loops about 10x slower than at top level (measured here).
-    step_all = jax.jit(jax.vmap(one_step, in_axes=(axes, 0), out_axes=(axes, 0)))
-    test_accuracy = jax.jit(jax.vmap(one_accuracy, in_axes=(axes,)))
+    test_accuracy = jax.jit(jax.vmap(one_accuracy, in_axes=(stack.axes,)))
 
     def run_chunk(state, chunk_indices):
         losses = []
         for batch_idx in chunk_indices:
-            state, metrics = step_all(state, batch_idx)
+            state, metrics = stack.train_step(state, batch_idx)
             losses.append(metrics["loss"])
         return state, jnp.mean(jnp.stack(losses), axis=0)
 
@@ -166,7 +257,7 @@ def train_seeds(
     start = 0
     with tqdm(total=total, disable=not progress, desc=desc, leave=False) as bar:
         for end in boundaries:
-            state, loss = run_chunk(state, indices[start:end])
+            state, loss = run_chunk(state, stack.indices[start:end])
             steps.append(end)
             accs.append(np.asarray(test_accuracy(state)))
             losses.append(np.asarray(loss))
@@ -175,7 +266,7 @@ def train_seeds(
             start = end
 
     final_masks = transforms.get_masks(state.opt_state)
-    effective = jax.vmap(algorithm.forward_params)(state.params, final_masks)
+    effective = jax.vmap(stack.algorithm.forward_params)(state.params, final_masks)
     names_masks = jax.tree_util.tree_leaves_with_path(final_masks, is_leaf=masks.is_none)
     layer_density = {}
     zeros = total_size = None

@@ -22,7 +22,7 @@ import optax
 import pytest
 
 from configs import quickstart
-from experiments import data, distributed, launch, models, reproduce, train
+from experiments import checkpoints, data, distributed, launch, models, optim, reproduce, train
 from pallas_kernels import formats as pallas_formats
 from pallas_kernels import ops
 from sparsejax import algorithms, distributions, masks, schedules, scores, transforms
@@ -234,7 +234,7 @@ API_CASES = [
     ),
     (
         "optimizer name",
-        lambda: train.make_optimizer(
+        lambda: optim.make_optimizer(
             ml_collections.ConfigDict({"optimizer": {"name": "bogus", "learning_rate": 0.1}}), 10
         ),
         "optimizer.name",
@@ -242,7 +242,7 @@ API_CASES = [
     ),
     (
         "checkpoint that does not exist",
-        lambda: train.load_checkpoint("/nonexistent/run", 3),
+        lambda: checkpoints.load_checkpoint("/nonexistent/run", 3),
         "step",
         "3",
     ),

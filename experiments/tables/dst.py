@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from experiments import models as models_lib
-from experiments import stats, sweep, train
+from experiments import stats, sweep
 from experiments.tables import base
 from sparsejax import algorithms, distributions, flops
 
@@ -33,7 +33,7 @@ def _every(quick: bool) -> int:
 
 def _sparse_param_count(config: ml_collections.ConfigDict, sparsity: float) -> int:
     """Nonzeros of the model in ``config`` with its kernels at ``sparsity`` (biases dense)."""
-    model = train.make_model(config, num_classes=10)
+    model = models_lib.make_model(config, num_classes=10)
     x = np.zeros((1, 40, 1), np.float32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x))["params"]
     per_leaf = distributions.uniform(shapes, sparsity)
@@ -101,7 +101,7 @@ def _dense_flops(channels: int) -> float:
 
 def _flops_ratio(config: ml_collections.ConfigDict, result: sweep.SweepResult, base_flops) -> tuple:
     """(inference, training) FLOPs of seed 0's final network relative to the dense base model."""
-    model = train.make_model(config, num_classes=10)
+    model = models_lib.make_model(config, num_classes=10)
     x = np.zeros((1, 40, 1), np.float32)
     params = jax.tree.map(lambda a: a[0], result.final_state.params)
     layers = flops.layer_flops(model.apply, {"params": params}, x)

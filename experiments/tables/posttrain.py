@@ -14,7 +14,9 @@ import ml_collections
 import numpy as np
 
 from configs.base import get_base_config
-from experiments import stats, sweep, train
+from experiments import data as data_lib
+from experiments import models as models_lib
+from experiments import stats, sweep
 from experiments.tables import base
 from sparsejax import posttrain
 
@@ -83,9 +85,9 @@ def _run(quick, seeds, dataset, workdir, progress) -> base.TableRun:
     errors: dict = {}
     for model_name in _models(quick):
         config, skip = _config(model_name, quick)
-        data = dataset if config.dataset.name == "mnist1d" else train._load_data(config)
+        data = dataset if config.dataset.name == "mnist1d" else data_lib.load_from_config(config)
         trained = sweep.train_seeds(config, seeds, dataset=data, progress=progress, desc=model_name)
-        model = train.make_model(config, data.num_classes)
+        model = models_lib.make_model(config, data.num_classes)
         x_cal = jnp.asarray(data.x_train[:_CALIBRATION])
         x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
         accuracy = jax.jit(

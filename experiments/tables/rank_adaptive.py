@@ -22,12 +22,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 import tensornets
 from configs import rank_adaptive_mnist1d
 from experiments import data as data_lib
-from experiments import stats, train
+from experiments import models as models_lib
+from experiments import optim, stats
+from experiments import state as state_lib
 from experiments.tables import base
 from sparsejax import algorithms, transforms
 
@@ -57,7 +58,7 @@ def _model(config: ml_collections.ConfigDict, ranks: dict[str, int] | None = Non
     if ranks is not None:
         for layer, r in ranks.items():
             cfg.model.factorize[layer].rank = r
-    return train.make_model(cfg, num_classes=10)
+    return models_lib.make_model(cfg, num_classes=10)
 
 
 def _algorithm(config: ml_collections.ConfigDict, method: str, tau: float = 0.0):
@@ -85,40 +86,37 @@ def _train(config, model, algorithm, seeds, dataset, progress, desc) -> dict[str
     Seeds run one after another through one jitted step (not vmapped: XLA:CPU was
     seen to stall on the vmapped basis change, see the module docstring).
     """
-    tx = transforms.masked(
-        train.make_optimizer(config, config.total_steps), algorithm, key=jax.random.key(0)
-    )
+    tx = optim.make_masked_optimizer(config, algorithm)
+    train_step = state_lib.step_functions(model, tx, algorithm)[0]
     x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
     x_test, y_test = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test)
     total = config.total_steps
 
     @jax.jit
     def init_one(key):
+        # The seed's key itself initializes the model (as this table always has), not
+        # init_state's split of it; these algorithms make no random choices.
         params = model.init(key, x_train[:1])["params"]
-        opt_state = tx.init(params)
-        return transforms.sparsify(params, opt_state), opt_state
-
-    def loss_fn(p, x, y):
-        logits = model.apply({"params": p}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        calibration = (x_train[:1], y_train[:1])
+        return state_lib.init_state(
+            config, model, algorithm, key, x_train[:1], calibration, params=params
+        )
 
     @jax.jit
-    def step(p, s, idx):
-        grads = jax.grad(loss_fn)(p, x_train[idx], y_train[idx])
-        updates, s = tx.update(grads, s, p)
-        return optax.apply_updates(p, updates), s
+    def step(state, idx):
+        return train_step(state, x_train[idx], y_train[idx])[0]
 
     finals = []
     for seed in seeds:
         indices = data_lib.batch_indices(
             len(dataset.x_train), batch_size=config.batch_size, seed=seed, num_steps=total
         )
-        params, opt_state = init_one(jax.random.key(seed))
+        state = init_one(jax.random.key(seed))
         for t in range(total):
-            params, opt_state = step(params, opt_state, indices[t])
+            state = step(state, indices[t])
         if progress:
             print(f"  {desc}: seed {seed} done", flush=True)
-        finals.append((params, opt_state.masks))
+        finals.append((state.params, transforms.get_masks(state.opt_state)))
 
     full_model_params = None
     accs, sizes, gaps, ranks = [], [], [], []

@@ -23,10 +23,10 @@ import ml_collections
 import numpy as np
 
 from configs.base import get_base_config
-from experiments import data as data_lib
-from experiments import stats, sweep, train
+from experiments import models as models_lib
+from experiments import stats, sweep
 from experiments.tables import base
-from sparsejax import algorithms, masks, soups
+from sparsejax import masks, soups
 
 PyTree = Any
 
@@ -79,58 +79,21 @@ def _stack(trees: Sequence[PyTree]) -> PyTree:
 def _train_stack(config, dataset, params, mask_tree, seeds, swa_fraction=0.0, snapshots=1):
     """Retrains a stack of models, each from its params under its fixed mask.
 
-    Model i uses the batch order of seed ``seeds[i]``. Returns ``(final params, SWA params)``;
-    the SWA params average ``snapshots`` evenly spaced snapshots of the last ``swa_fraction``
-    of training (the final params when ``swa_fraction`` is 0).
+    Model i uses the batch order of seed ``seeds[i]`` (`sweep.stack_seeds`). Returns
+    ``(final params, SWA params)``; the SWA params average ``snapshots`` evenly spaced
+    snapshots of the last ``swa_fraction`` of training (the final params when
+    ``swa_fraction`` is 0).
     """
-    model = train.make_model(config, dataset.num_classes)
-    algorithm = algorithms.from_config(config.sparsity, config.total_steps)
-    tx = train.make_tx(config, algorithm)
-    train_step, _, _ = train.step_functions(model, tx, algorithm)
-    x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
+    stack = sweep.stack_seeds(
+        config, seeds, dataset, initial_params=params, initial_masks=mask_tree
+    )
+    state = stack.state
     total = config.total_steps
-    indices = np.stack(
-        [
-            data_lib.batch_indices(
-                len(x_train), batch_size=config.batch_size, seed=s, num_steps=total
-            )
-            for s in seeds
-        ],
-        axis=1,
-    )
-
-    def init_one(key_data, p, m):
-        return train.init_state(
-            config,
-            model,
-            algorithm,
-            jax.random.wrap_key_data(key_data),
-            x_train[:1],
-            (x_train[:1], y_train[:1]),
-            params=p,
-            masks_tree=m,
-        )
-
-    keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
-    axes = sweep._state_axes(
-        jax.eval_shape(
-            init_one,
-            keys[0],
-            jax.tree.map(lambda a: a[0], params),
-            jax.tree.map(lambda a: None if a is None else a[0], mask_tree, is_leaf=masks.is_none),
-        )
-    )
-    state = jax.vmap(init_one, out_axes=axes)(keys, params, mask_tree)
-    step_all = jax.jit(
-        jax.vmap(
-            lambda s, b: train_step(s, x_train[b], y_train[b])[0], in_axes=(axes, 0), out_axes=axes
-        )
-    )
     start = total - int(round(swa_fraction * total))
     every = max((total - start) // max(snapshots, 1), 1)
     swa, count = None, 0
     for t in range(total):
-        state = step_all(state, indices[t])
+        state, _ = stack.train_step(state, stack.indices[t])
         if swa_fraction and t + 1 > start and (total - t - 1) % every == 0:
             swa = state.params if swa is None else soups.swa_update(swa, state.params, count)
             count += 1
@@ -141,7 +104,7 @@ def _run(quick, seeds, dataset, workdir, progress) -> base.TableRun:
     del workdir, progress
     setup = _setup(quick)
     k, num = setup["ingredients"], len(seeds)
-    model = train.make_model(_config(quick, 1, 0.0), dataset.num_classes)
+    model = models_lib.make_model(_config(quick, 1, 0.0), dataset.num_classes)
     x_test, y_test = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test)
     accuracy = jax.jit(
         jax.vmap(lambda p: jnp.mean(jnp.argmax(model.apply({"params": p}, x_test), -1) == y_test))

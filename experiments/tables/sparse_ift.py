@@ -12,7 +12,8 @@ import jax
 import ml_collections
 
 from configs.base import get_base_config
-from experiments import sparse_ift, stats, sweep, train
+from experiments import models as models_lib
+from experiments import sparse_ift, stats, sweep
 from experiments.tables import base
 from sparsejax import transforms
 
@@ -79,7 +80,7 @@ def _cells(quick: bool) -> list[base.Cell]:
 def _extras(cell: base.Cell, result: sweep.SweepResult) -> dict:
     """FLOPs and parameters of seed 0's final model relative to the dense model."""
     x = sparse_ift.example_input()
-    model = train.make_model(cell.config, num_classes=10)
+    model = models_lib.make_model(cell.config, num_classes=10)
     params = jax.tree.map(lambda a: a[0], result.final_state.params)
     masks = jax.tree.map(
         lambda m: None if m is None else m[0],

@@ -23,7 +23,7 @@ import numpy as np
 import tensornets
 from configs.base import get_base_config
 from experiments import models as models_lib
-from experiments import stats, sweep, train
+from experiments import stats, sweep
 from experiments.tables import base
 
 # (row label, format name in experiments.models)
@@ -99,7 +99,7 @@ def _cells(quick: bool) -> list[base.Cell]:
 
 
 def _model(config: ml_collections.ConfigDict):
-    return train.make_model(config, num_classes=10)
+    return models_lib.make_model(config, num_classes=10)
 
 
 def _run(config, seeds, dataset, cache) -> sweep.SweepResult:

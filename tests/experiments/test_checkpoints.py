@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from configs import quickstart
+from experiments import checkpoints, train
 from experiments import data as data_lib
-from experiments import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -108,7 +108,9 @@ def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(reference, t
     assert record["step"] == 8
     assert _steps(workdir) == [6, 8]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6", "8"]
-    _assert_same_state(train.load_checkpoint(reference, 8), train.load_checkpoint(workdir, 8))
+    _assert_same_state(
+        checkpoints.load_checkpoint(reference, 8), checkpoints.load_checkpoint(workdir, 8)
+    )
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [4, 8]
 
@@ -140,7 +142,9 @@ def test_a_corrupt_checkpoint_is_skipped_with_a_warning(reference, tmp_path, dam
     assert _steps(workdir) == [6, 8]
     (moved,) = os.listdir(os.path.join(workdir, "corrupt_checkpoints"))
     assert moved.startswith("8-")
-    _assert_same_state(train.load_checkpoint(reference, 8), train.load_checkpoint(workdir, 8))
+    _assert_same_state(
+        checkpoints.load_checkpoint(reference, 8), checkpoints.load_checkpoint(workdir, 8)
+    )
 
 
 def _poison(monkeypatch, bad_steps):
@@ -162,7 +166,7 @@ def test_skip_mode_drops_non_finite_steps_and_finishes(tmp_path, monkeypatch):
     record = train.train_and_evaluate(_config(on_nonfinite="skip"), workdir)
     assert record["step"] == 8 and record["skipped_steps"] == 2
     assert np.isfinite(record["train_loss"]) and np.isfinite(record["test_loss"])
-    saved = train.load_checkpoint(workdir, 8)
+    saved = checkpoints.load_checkpoint(workdir, 8)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(saved["params"]))
     # Stop mode (the default) on the same data: tests/experiments/test_train.py.
 
@@ -185,3 +189,43 @@ def test_a_different_model_refuses_the_workdir_and_changes_nothing(reference, tm
         for name in files
     }
     assert after == before
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("text ü\n", "text ü\n".encode()),
+        (b"\x00\xffbytes", b"\x00\xffbytes"),
+        (lambda f: f.write(b"from a function"), b"from a function"),
+    ],
+    ids=["str", "bytes", "function"],
+)
+def test_write_atomically_replaces_the_file_and_leaves_nothing_else(tmp_path, content, expected):
+    path = tmp_path / "file"
+    path.write_bytes(b"old")
+    checkpoints.write_atomically(str(path), content)
+    assert path.read_bytes() == expected
+    assert os.listdir(tmp_path) == ["file"]
+
+
+def test_write_atomically_failing_midway_keeps_the_old_file_and_no_partial_one(tmp_path):
+    path = tmp_path / "file"
+    path.write_bytes(b"old")
+
+    def crash(f):
+        f.write(b"half of the new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        checkpoints.write_atomically(str(path), crash)
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["file"]
+    with pytest.raises(OSError, match="disk full"):
+        checkpoints.write_atomically(str(tmp_path / "new"), crash)
+    assert os.listdir(tmp_path) == ["file"]
+
+
+def test_write_atomically_refuses_other_content(tmp_path):
+    with pytest.raises(ValueError, match="content must be str, bytes or a function"):
+        checkpoints.write_atomically(str(tmp_path / "file"), 3)
+    assert os.listdir(tmp_path) == []

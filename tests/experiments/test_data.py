@@ -7,6 +7,7 @@ import os
 import pickle
 import random
 
+import ml_collections
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -252,6 +253,25 @@ def test_load_dataset_dispatches_by_name():
     kwargs = dict(num_train=20, num_test=5, seed=4)
     _assert_datasets_equal(
         data.load_dataset("teacher_student", **kwargs), data.load_teacher_student(**kwargs)
+    )
+
+
+def test_load_from_config_passes_the_other_keys_and_skips_empty_strings():
+    config = ml_collections.ConfigDict(
+        {
+            "dataset": {
+                "name": "teacher_student",
+                "num_train": 20,
+                "num_test": 5,
+                "seed": 4,
+                # "" means the loader's default (a ConfigDict cannot hold None for a str).
+                "feature_scales": "",
+            }
+        }
+    )
+    _assert_datasets_equal(
+        data.load_from_config(config),
+        data.load_teacher_student(num_train=20, num_test=5, seed=4),
     )
 
 

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import distributed, launch, train
+from experiments import checkpoints, distributed, launch, train
 from tests.experiments import test_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -95,7 +95,7 @@ def test_two_processes_of_two_devices_match_one_process(tmp_path):
     assert [r["step"] for r in _records(multi)] == [r["step"] for r in _records(single)] == [4, 8]
     assert _records(multi)[-1]["sparsity"] == pytest.approx(record["sparsity"], abs=1e-6)
     for step in (4, 8):
-        a, b = train.load_checkpoint(single, step), train.load_checkpoint(multi, step)
+        a, b = checkpoints.load_checkpoint(single, step), checkpoints.load_checkpoint(multi, step)
         assert int(a["step"]) == int(b["step"]) == step
         # Masks are bits: exactly equal. Floats differ only by reduction order.
         for x, y in zip(

@@ -1,4 +1,4 @@
-"""Spectral truncation through the config-driven trainer (`experiments.train`)."""
+"""Spectral truncation through the config-driven trainer's state and step (`experiments.state`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 
 from configs import rank_adaptive_mnist1d
 from experiments import data as data_lib
-from experiments import sweep, train
+from experiments import models, sweep
+from experiments import state as state_lib
 from sparsejax import transforms
 
 
@@ -31,10 +32,10 @@ def _dataset():
 def test_spectral_truncation_trains_from_the_config_and_cuts_ranks():
     config = _config()
     dataset = _dataset()
-    model = train.make_model(config, dataset.num_classes)
-    state, tx, algorithm = train.create_train_state(config, model, dataset)
+    model = models.make_model(config, dataset.num_classes)
+    state, tx, algorithm = state_lib.create_train_state(config, model, dataset)
     assert type(algorithm).__name__ == "SpectralTruncation"
-    step = jax.jit(train.step_functions(model, tx, algorithm)[0])
+    step = jax.jit(state_lib.step_functions(model, tx, algorithm)[0])
     for t in range(config.total_steps):
         x, y = data_lib.batch_at(
             dataset.x_train, dataset.y_train, batch_size=config.batch_size, seed=0, step=t

@@ -159,19 +159,19 @@ _SCRIPT = r"""
 import json, sys
 import jax, ml_collections, numpy as np
 from configs.base import get_base_config
-from experiments import train
+from experiments import checkpoints, state, train
 
 assert jax.device_count() == 4, jax.devices()
 out = {}
 used = {}
-make_step_functions = train.make_step_functions
+make_step_functions = state.make_step_functions
 
 def spy(*args, **kwargs):
     # The shardings the train step is really compiled with.
     used["state_sharding"] = kwargs["state_sharding"]
     return make_step_functions(*args, **kwargs)
 
-train.make_step_functions = spy
+state.make_step_functions = spy
 
 def _name(path):
     return "/".join(
@@ -197,7 +197,7 @@ for name, data, model in (("one", 1, 1), ("data4", 4, 1), ("data2_model2", 2, 2)
     config.mesh.fsdp_min_size = 512
     workdir = sys.argv[1] + "/" + name
     record = train.train_and_evaluate(config, workdir)
-    saved = train.load_checkpoint(workdir)
+    saved = checkpoints.load_checkpoint(workdir)
     flat = jax.tree_util.tree_flatten_with_path(used["state_sharding"])[0]
     out[name] = {
         "record": record,

@@ -159,11 +159,11 @@ def test_bad_arguments_are_value_errors(kwargs, match):
 
 def test_config_builds_the_model_and_the_algorithm():
     from configs import sparse_ift_mnist1d
-    from experiments import train
+    from experiments import models
 
     for arg in (None, "runlocal"):
         config = sparse_ift_mnist1d.get_config(arg)
-        model = train.make_model(config, num_classes=10)
+        model = models.make_model(config, num_classes=10)
         assert isinstance(model, sparse_ift.SparseIFTMLP) and model.family == "wide"
         algo = algorithms.from_config(config.sparsity, config.total_steps)
         shapes = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), X))["params"]
