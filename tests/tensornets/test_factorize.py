@@ -13,7 +13,14 @@ import pytest
 import tensorly as tl
 from tensorly.decomposition import parafac, tensor_train, tucker
 
-from tensornets import Factorized, densify_params, factorize_params
+from tensornets import (
+    LAYER_KEYS,
+    SPEC_KEYS,
+    Factorized,
+    check_factorize_spec,
+    densify_params,
+    factorize_params,
+)
 
 KEY = jax.random.key(0, impl="rbg")  # fast-compiling PRNG for the many small inits
 
@@ -151,3 +158,54 @@ def test_rename_and_errors():
         factorize_params(params, {"Dense_0": {"format": "tt", "rank": 1, "in_shape": (4, 2)}})
     with pytest.raises(ValueError, match="rank=7 is larger"):
         factorize_params(params, {"Dense_0": {"format": "cp", "rank": 7}})
+
+
+# (entry of spec["fc"], the key the message must name, the offending value as it shows it)
+BAD_ENTRIES = [
+    ({"format": "cp", "rank": 1, "ranks": 2}, "ranks", "['ranks']"),
+    ({"format": "cp"}, "rank", "needs 'rank'"),
+    ({"rank": 1}, "format", "needs 'format'"),
+    ({"format": "svd", "rank": 1}, "format", "'svd'"),
+    ({"format": "cp", "rank": 1, "kind": "lstm"}, "kind", "'lstm'"),
+    ({"format": "tubal", "rank": 1, "kind": "conv"}, "format", "'tubal'"),
+    ({"format": "cp", "rank": 1, "kind": "embed"}, "format", "'cp'"),
+    ({"format": "low_rank", "rank": 1, "in_shape": (2, 3)}, "in_shape", "(2, 3)"),
+    ({"format": "low_rank", "rank": 1, "out_shape": [4]}, "out_shape", "[4]"),
+    (("cp", 1), "spec['fc']", "('cp', 1)"),
+]
+
+
+@pytest.mark.parametrize("entry, key, shown", BAD_ENTRIES)
+def test_spec_validator_refuses_bad_entries_naming_the_key(entry, key, shown):
+    for check in (
+        lambda: check_factorize_spec({"fc": entry}),
+        lambda: factorize_params({"fc": {"kernel": np.ones((6, 4), np.float32)}}, {"fc": entry}),
+    ):
+        with pytest.raises(ValueError) as info:
+            check()
+        message = str(info.value)
+        assert "spec['fc']" in message and key in message and shown in message, message
+
+
+def test_spec_validator_checks_the_keys_and_layers_it_is_given():
+    good = {"fc": {"format": "low_rank", "rank": 2, "contraction": "dense"}}
+    assert check_factorize_spec(good) == good
+    assert set(LAYER_KEYS) < set(SPEC_KEYS)
+    with pytest.raises(ValueError, match=r"model\['fc'\] has unknown keys \['to'\]"):
+        check_factorize_spec(
+            {"fc": {"format": "cp", "rank": 1, "to": "g"}}, name="model", keys=LAYER_KEYS
+        )
+    with pytest.raises(
+        ValueError, match=r"spec names 'fc2', which is not one of the layers \['fc'\]"
+    ):
+        check_factorize_spec({"fc2": {"format": "cp", "rank": 1}}, kinds={"fc": "dense"})
+    with pytest.raises(
+        ValueError, match=r"spec\['c'\]: .*nn.Conv, got 'low_rank'.*nn.Dense, nn.Embed"
+    ):
+        check_factorize_spec({"c": {"format": "low_rank", "rank": 1}}, kinds={"c": "conv"})
+    with pytest.raises(ValueError, match=r"spec must be a mapping"):
+        check_factorize_spec([("fc", {"format": "cp", "rank": 1})])
+    # densify needs only the format, and checks the keys as factorize does
+    assert check_factorize_spec({"fc": {"format": "cp"}}, required=("format",))
+    with pytest.raises(ValueError, match="unknown keys"):
+        densify_params({"fc": {"kernel": np.ones((6, 4))}}, {"fc": {"format": "cp", "rnk": 1}})

@@ -134,12 +134,19 @@ def test_conv_unbatched_and_multi_batch_inputs():
     assert jax.eval_shape(layer.apply, {"params": params}, x[0, 0]).shape == (4, 4, 4)
 
 
-def test_embedding_lookup_and_attend():
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(format="tt_matrix", rank=3, in_shape=(2, 3, 4), out_shape=(5, 3, 2)),
+        dict(format="low_rank", rank=4),
+    ],
+)
+def test_embedding_lookup_and_attend(options):
     module = nn.Embed(24, 30)
-    layer = Factorized(module, format="tt_matrix", rank=3, in_shape=(2, 3, 4), out_shape=(5, 3, 2))
+    layer = Factorized(module, **options)
     ids = jnp.array([[0, 5, 23], [7, 7, 1]])
     params = jax.jit(layer.init)(KEY, ids)["params"]
-    table = densify_params({"e": params}, {"e": {"format": "tt_matrix", "kind": "embed"}})
+    table = densify_params({"e": params}, {"e": {"format": options["format"], "kind": "embed"}})
     dense = {"params": table["e"]}
     np.testing.assert_allclose(
         layer.apply({"params": params}, ids), module.apply(dense, ids), atol=1e-5
@@ -152,7 +159,7 @@ def test_embedding_lookup_and_attend():
         rtol=1e-4,
     )
     with pytest.raises(ValueError, match="integers"):
-        FactorizedEmbedding(24, 30, 3, (2, 3, 4), (5, 3, 2)).apply({"params": params}, q)
+        FactorizedEmbedding(24, 30, **options).apply({"params": params}, q)
 
 
 def _output_second_moment(layer, x, n_inits):
@@ -168,6 +175,7 @@ VARIANCE_CASES = [
     ("tt", 4, (4, 4, 4), (4, 4, 3)),
     ("tt_matrix", 4, (4, 4, 4), (4, 4, 3)),
     ("tt_matrix", 16, (4, 4, 4), (4, 4, 3)),
+    ("low_rank", 8, None, None),
 ]
 
 
@@ -268,6 +276,17 @@ def test_balanced_factors():
         ),
         (lambda: FactorizedConv(6, (3, 3), "tucker", -1), (1, 5, 5, 6), "rank"),
         (lambda: Factorized(nn.Embed(10, 4), format="cp", rank=2), None, "nn.Embed"),
+        (
+            lambda: Factorized(nn.Conv(4, (3,)), format="low_rank", rank=2),
+            (1, 5, 4),
+            r"for an nn.Conv, got 'low_rank'",
+        ),
+        (
+            lambda: FactorizedDense(10, "low_rank", 2, in_shape=(4, 6)),
+            (2, 24),
+            r"in_shape=\(4, 6\)",
+        ),
+        (lambda: FactorizedDense(10, "low_rank", 11), (2, 24), "rank=11 is larger"),
         (lambda: Factorized(nn.LayerNorm(), format="cp", rank=2), (2, 4), "nn.Dense, nn.Conv"),
     ],
 )
@@ -486,3 +505,78 @@ def test_factorized_dense_cost_counts_params_and_flops(fmt, rank, in_shape, out_
         cls = {"cp": CP, "tucker": Tucker, "tt": TT}[fmt]
         expected = cls.from_params(fmt_params).flops(1, n_in)
     assert cost["flops"] == expected + n_out
+
+
+# ------------------------------------------------------------ low_rank (W = U diag(w) V^T)
+@pytest.mark.parametrize("contraction", ["factorized", "dense"])
+def test_low_rank_dense_equals_its_dense_reconstruction(contraction):
+    x = jax.random.normal(KEY, (3, 2, 5))
+    module = nn.Dense(8)
+    layer = Factorized(module, format="low_rank", rank=2, contraction=contraction)
+    params, y = init_apply(layer, x)
+    assert {name: v.shape for name, v in params.items()} == {
+        "weights": (2,),
+        "factor_0": (5, 2),
+        "factor_1": (8, 2),
+        "bias": (8,),
+    }
+    np.testing.assert_allclose(
+        y, dense_reference(params, {"format": "low_rank"}, module, x), atol=1e-5, rtol=1e-5
+    )
+    kernel = densify_params({"l": params}, {"l": {"format": "low_rank"}})["l"]["kernel"]
+    assert kernel.shape == (5, 8) and np.linalg.matrix_rank(np.asarray(kernel)) == 2
+
+
+def test_low_rank_is_the_two_factor_cp_of_the_matrix():
+    # The same params, init and outputs as "cp" without in_shape / out_shape, bit for bit:
+    # models built with "low_rank" before it was a tensornets format keep their numbers.
+    x = jax.random.normal(KEY, (4, 12))
+    for rank in (3, 0.2):
+        low_rank, y_low_rank = init_apply(FactorizedDense(7, "low_rank", rank), x)
+        cp, y_cp = init_apply(FactorizedDense(7, "cp", rank), x)
+        chex.assert_trees_all_equal(low_rank, cp)
+        np.testing.assert_array_equal(y_low_rank, y_cp)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(n_in=st.integers(1, 7), n_out=st.integers(1, 7), seed=st.integers(0, 99))
+def test_low_rank_at_full_rank_represents_any_dense_kernel(n_in, n_out, seed):
+    # At r = min(in, out), U diag(w) V^T spans every (in, out) matrix: factorize_params
+    # finds it, the layer then computes the dense layer, and densify_params gives the
+    # kernel back.
+    key = jax.random.key(seed, impl="rbg")
+    dense = {
+        "kernel": jax.random.normal(key, (n_in, n_out)),
+        "bias": jax.random.normal(jax.random.fold_in(key, 1), (n_out,)),
+    }
+    rank = min(n_in, n_out)
+    spec = {"l": {"format": "low_rank", "rank": rank}}
+    params = factorize_params({"l": dense}, spec)["l"]
+    back = densify_params({"l": params}, spec)["l"]
+    np.testing.assert_allclose(back["kernel"], dense["kernel"], atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(back["bias"], dense["bias"])
+    x = jax.random.normal(jax.random.fold_in(key, 2), (4, n_in))
+    layer = Factorized(nn.Dense(n_out), format="low_rank", rank=rank)
+    np.testing.assert_allclose(
+        jax.jit(layer.apply)({"params": params}, x),
+        nn.Dense(n_out).apply({"params": dense}, x),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+
+
+def test_low_rank_embedding_params_and_init_variance():
+    params = jax.eval_shape(
+        Factorized(nn.Embed(24, 30), format="low_rank", rank=4).init, KEY, jnp.arange(3)
+    )
+    assert {name: v.shape for name, v in params["params"].items()} == {
+        "weights": (4,),
+        "factor_0": (24, 4),
+        "factor_1": (30, 4),
+    }
+    # E[E_ij^2] = 1 / D, as Flax's default embedding init
+    emb = FactorizedEmbedding(64, 48, 4, format="low_rank")
+    keys = jax.random.split(jax.random.key(2, impl="rbg"), 200)
+    ids = jnp.arange(64)
+    rows = jax.jit(jax.vmap(lambda k: emb.apply(emb.init(k, ids), ids)))(keys)
+    assert abs(float(jnp.mean(rows**2)) * 48 - 1) < 0.15
