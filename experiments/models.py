@@ -12,12 +12,13 @@ tensor-network layers (`tensornets.Factorized` around the same ``nn.Dense`` /
     config.model.factorize = {"hidden_1": {"format": "tt_matrix", "rank": 0.1}}
 
 Each entry has ``format`` (see `FACTORIZE_FORMATS`), ``rank`` (int, tuple, or a
-float fraction of the dense kernel's parameter count) and optionally
-``in_shape``, ``out_shape`` (factorizations of the layer's input / output
-dimension) and ``contraction``. The factors sit where the kernel was
-(``params['hidden_1']['core_0']``, ``['bias']``). ``"low_rank"`` is the matrix
-baseline W = U diag(w) V^T (a 2-factor CP of the (in, out) kernel, r (in + out + 1)
-parameters); ``"tubal"`` is a t-product layer (dense layers only).
+float fraction of the dense kernel's parameter count) and optionally the other
+`tensornets.LAYER_KEYS` (``in_shape``, ``out_shape``: factorizations of the layer's
+input / output dimension; ``contraction``, ...); `tensornets.check_factorize_spec`
+validates it. The factors sit where the kernel was (``params['hidden_1']['core_0']``,
+``['bias']``). ``"low_rank"`` is the matrix baseline W = U diag(w) V^T (a 2-factor CP
+of the (in, out) kernel, r (in + out + 1) parameters); neither it nor ``"tubal"`` (a
+t-product layer) applies to a Conv (`tensornets.LAYER_FORMATS`).
 """
 
 from __future__ import annotations
@@ -49,9 +50,7 @@ __all__ = [
     "num_params",
 ]
 
-FACTORIZE_FORMATS = ("cp", "low_rank", "tt", "tt_matrix", "tubal", "tucker")
-_FACTORIZE_KEYS = ("contraction", "format", "in_shape", "out_shape", "rank")
-_DENSE_ONLY_FORMATS = ("low_rank", "tubal")
+FACTORIZE_FORMATS = tuple(sorted(tensornets.FORMATS))
 
 # ((layer name, ((key, value), ...)), ...), sorted: hashable, so a module attribute.
 Factorize = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
@@ -96,7 +95,7 @@ def freeze_factorize(factorize: Any) -> Factorize:
 
     Raises:
       ValueError: naming the layer, for an entry without ``format`` / ``rank``, an
-        unknown key or an unknown format.
+        unknown key or an unknown format (`tensornets.check_factorize_spec`).
     """
     if isinstance(factorize, tuple | list):
         try:
@@ -106,31 +105,15 @@ def freeze_factorize(factorize: Any) -> Factorize:
                 "factorize must be a mapping {layer: {'format': ..., 'rank': ...}} or its "
                 f"freeze_factorize form ((layer, ((key, value), ...)), ...), got {factorize!r}"
             ) from None
-    frozen = []
-    for layer, entry in sorted(_as_mapping(factorize, "factorize").items()):
-        entry = _as_mapping(entry, f"factorize[{layer!r}]")
-        unknown = sorted(set(entry) - set(_FACTORIZE_KEYS))
-        if unknown:
-            raise ValueError(
-                f"factorize[{layer!r}] has unknown keys {unknown}; known: {list(_FACTORIZE_KEYS)}"
-            )
-        for key in ("format", "rank"):
-            if key not in entry:
-                raise ValueError(f"factorize[{layer!r}] needs {key!r}")
-        if entry["format"] not in FACTORIZE_FORMATS:
-            raise ValueError(
-                f"factorize[{layer!r}]['format']={entry['format']!r} is unknown; "
-                f"known: {list(FACTORIZE_FORMATS)}"
-            )
-        if entry["format"] == "low_rank" and (
-            entry.get("in_shape") is not None or entry.get("out_shape") is not None
-        ):
-            raise ValueError(
-                f"factorize[{layer!r}]: 'low_rank' factorizes the (in, out) matrix itself; "
-                "in_shape / out_shape do not apply (use 'cp' to tensorize)"
-            )
-        frozen.append((str(layer), tuple(sorted((k, _frozen_value(v)) for k, v in entry.items()))))
-    return tuple(frozen)
+    entries = {
+        layer: _as_mapping(entry, f"factorize[{layer!r}]")
+        for layer, entry in _as_mapping(factorize, "factorize").items()
+    }
+    entries = tensornets.check_factorize_spec(entries, name="factorize", keys=tensornets.LAYER_KEYS)
+    return tuple(
+        (str(layer), tuple(sorted((k, _frozen_value(v)) for k, v in entry.items())))
+        for layer, entry in sorted(entries.items())
+    )
 
 
 def factorize_spec(factorize: Any) -> dict[str, dict[str, Any]]:
@@ -150,30 +133,22 @@ def factorize_spec(factorize: Any) -> dict[str, dict[str, Any]]:
     for layer, entry in freeze_factorize(factorize):
         entry = {k: v for k, v in entry if k != "contraction"}
         if entry["format"] == "low_rank":
+            # The same params and the same fit (a 2-factor CP by ALS), under the name
+            # factorize specs have always carried for it.
             entry["format"] = "cp"
         spec[layer] = entry
     return spec
 
 
-def _check_factorize(factorize: Factorize, layers: dict[str, str]) -> None:
-    """Layer names must exist; dense-only formats must be on dense layers."""
-    for layer, entry in factorize:
-        if layer not in layers:
-            raise ValueError(
-                f"factorize names layer {layer!r}, which this model does not have; "
-                f"its layers: {sorted(layers)}"
-            )
-        fmt = dict(entry)["format"]
-        if fmt in _DENSE_ONLY_FORMATS and layers[layer] != "dense":
-            raise ValueError(
-                f"factorize[{layer!r}]: format {fmt!r} is for Dense layers, {layer!r} is a "
-                f"{layers[layer]}"
-            )
-
-
 def _freeze_attribute(module: nn.Module, layers: dict[str, str]) -> None:
+    """Freezes ``module.factorize``, checking it names ``layers`` ({name: kind}) and suits them."""
     frozen = freeze_factorize(module.factorize)
-    _check_factorize(frozen, layers)
+    tensornets.check_factorize_spec(
+        {layer: dict(entry) for layer, entry in frozen},
+        name="factorize",
+        keys=tensornets.LAYER_KEYS,
+        kinds=layers,
+    )
     object.__setattr__(module, "factorize", frozen)
 
 
@@ -187,10 +162,7 @@ def _layer(cls: type[nn.Module], name: str, factorize: Factorize, *args, **kwarg
     entry = dict(factorize).get(name)
     if entry is None:
         return cls(*args, name=name, **kwargs)
-    options = dict(entry)
-    if options["format"] == "low_rank":
-        options["format"] = "cp"
-    return tensornets.Factorized(cls(*args, parent=None, **kwargs), name=name, **options)
+    return tensornets.Factorized(cls(*args, parent=None, **kwargs), name=name, **dict(entry))
 
 
 class MLP(nn.Module):

@@ -370,6 +370,27 @@ def test_bad_factorize_raises_at_construction(build, match):
         build()
 
 
+def test_factorize_is_validated_by_tensornets_with_the_layer_keys():
+    # One validator: the model's message is tensornets.check_factorize_spec's.
+    cases = [
+        (models.MLP, {"output": {"format": "cp", "rank": 2, "to": "head"}}, None),
+        (
+            models.CNN1D,
+            {"conv1": {"format": "low_rank", "rank": 2}},
+            {"conv1": "conv", "conv2": "conv", "conv3": "conv", "dense": "dense"},
+        ),
+    ]
+    for model, factorize, kinds in cases:
+        with pytest.raises(ValueError) as ours:
+            model(factorize=factorize)
+        with pytest.raises(ValueError) as theirs:
+            tensornets.check_factorize_spec(
+                factorize, name="factorize", keys=tensornets.LAYER_KEYS, kinds=kinds
+            )
+        assert str(ours.value) == str(theirs.value)
+    assert models.FACTORIZE_FORMATS == tuple(sorted(tensornets.FORMATS))
+
+
 def test_vit1d_shapes_layers_and_errors():
     model = models.get_model("vit1d", patch_size=4, width=8, depth=2, num_heads=2, mlp_dim=16)
     x = jax.random.normal(jax.random.key(0), (3, 40, 1))
