@@ -17,9 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import quickstart
 from experiments import checkpoints, train
-from experiments import data as data_lib
+from tests.experiments.conftest import poison_batches, runlocal_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,10 +32,7 @@ OVERRIDES = {
 
 
 def _config(**extra):
-    config = quickstart.get_config("runlocal")
-    for key, value in {**OVERRIDES, **extra}.items():
-        config[key] = value
-    return config
+    return runlocal_config(**{**OVERRIDES, **extra})
 
 
 def _steps(workdir):
@@ -147,21 +143,8 @@ def test_a_corrupt_checkpoint_is_skipped_with_a_warning(reference, tmp_path, dam
     )
 
 
-def _poison(monkeypatch, bad_steps):
-    real_batches = data_lib.batches
-
-    def poisoned(x, y, *, batch_size, seed, start_step=0):
-        for step, (bx, by) in enumerate(
-            real_batches(x, y, batch_size=batch_size, seed=seed, start_step=start_step),
-            start=start_step,
-        ):
-            yield (np.full_like(bx, np.nan) if step in bad_steps else bx), by
-
-    monkeypatch.setattr(train.data_lib, "batches", poisoned)
-
-
 def test_skip_mode_drops_non_finite_steps_and_finishes(tmp_path, monkeypatch):
-    _poison(monkeypatch, {2, 5})
+    poison_batches(monkeypatch, lambda step: step in (2, 5))
     workdir = str(tmp_path / "skip")
     record = train.train_and_evaluate(_config(on_nonfinite="skip"), workdir)
     assert record["step"] == 8 and record["skipped_steps"] == 2

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from experiments import checkpoints, distributed, launch, train
-from tests.experiments import test_train
+from tests.experiments.conftest import runlocal_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,7 +32,7 @@ OVERRIDES = {
 
 
 def _config():
-    return test_train._config(**OVERRIDES)
+    return runlocal_config(**OVERRIDES)
 
 
 def _records(workdir):

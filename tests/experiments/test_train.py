@@ -14,21 +14,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import quickstart
-from experiments import data as data_lib
 from experiments import train
+from tests.experiments.conftest import poison_batches, runlocal_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _config(**overrides):
-    config = quickstart.get_config("runlocal")
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return config
 
 
 def _restore(workdir: str, step: int):
@@ -47,13 +36,13 @@ def _records(workdir):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("full"))
-    record = train.train_and_evaluate(_config(), workdir)
+    record = train.train_and_evaluate(runlocal_config(), workdir)
     return workdir, record
 
 
 def test_writes_config_metrics_and_checkpoints(full_run):
     workdir, record = full_run
-    config = _config()
+    config = runlocal_config()
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["sparsity"]["algorithm"] == "rigl"
     records = _records(workdir)
@@ -75,7 +64,7 @@ def test_resume_gives_the_same_params_as_an_uninterrupted_run(full_run, tmp_path
     shutil.copytree(workdir, resumed)
     # Forget the end of the run: the restart must resume from step 10.
     shutil.rmtree(os.path.join(resumed, "checkpoints", "20"))
-    record = train.train_and_evaluate(_config(), resumed)
+    record = train.train_and_evaluate(runlocal_config(), resumed)
     assert record["step"] == 20
     assert [r["step"] for r in _records(resumed)] == [10, 20]
     expected, got = _restore(workdir, 20), _restore(resumed, 20)
@@ -84,19 +73,10 @@ def test_resume_gives_the_same_params_as_an_uninterrupted_run(full_run, tmp_path
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real_batches = data_lib.batches
-
-    def poisoned(x, y, *, batch_size, seed, start_step=0):
-        for step, (bx, by) in enumerate(
-            real_batches(x, y, batch_size=batch_size, seed=seed, start_step=start_step),
-            start=start_step,
-        ):
-            yield (np.full_like(bx, np.nan) if step >= 13 else bx), by
-
-    monkeypatch.setattr(train.data_lib, "batches", poisoned)
+    poison_batches(monkeypatch, lambda step: step >= 13)
     workdir = str(tmp_path / "nan")
     with pytest.raises(train.NonFiniteLossError, match="step 13"):
-        train.train_and_evaluate(_config(), workdir)
+        train.train_and_evaluate(runlocal_config(), workdir)
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert steps == [10]
     restored = _restore(workdir, 10)
@@ -105,11 +85,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 def test_bad_config_values_raise_value_error(tmp_path):
     with pytest.raises(ValueError, match="total_steps"):
-        train.train_and_evaluate(_config(total_steps=0), str(tmp_path / "a"))
+        train.train_and_evaluate(runlocal_config(total_steps=0), str(tmp_path / "a"))
     with pytest.raises(ValueError, match="bogus"):
-        train.train_and_evaluate(_config(**{"sparsity.algorithm": "bogus"}), str(tmp_path / "b"))
+        train.train_and_evaluate(
+            runlocal_config(**{"sparsity.algorithm": "bogus"}), str(tmp_path / "b")
+        )
     with pytest.raises(ValueError, match="learning_rate"):
-        train.train_and_evaluate(_config(**{"optimizer.learning_rate": -1.0}), str(tmp_path / "c"))
+        train.train_and_evaluate(
+            runlocal_config(**{"optimizer.learning_rate": -1.0}), str(tmp_path / "c")
+        )
 
 
 def _main(*args, cwd=REPO):
