@@ -1,9 +1,10 @@
-"""Datasets and batching for the experiments: pure numpy, offline, deterministic.
+"""Datasets and batching for the experiments: numpy arrays, offline, deterministic.
 
 Every loader returns a `Dataset` of numpy arrays (inputs ``float32``, labels ``int32``,
 channels-last so Flax ``nn.Conv`` applies directly). Nothing here downloads: MNIST-1D is
-generated procedurally (and cached), teacher-student data is synthetic, and CIFAR-10 is read
-from a folder the user provides.
+generated procedurally (and cached, written with `experiments.checkpoints.write_atomically`),
+teacher-student data is synthetic, and CIFAR-10 is read from a folder the user provides.
+`load_from_config` loads the dataset a run config names.
 
 Batch order is a pure function of ``(seed, step)`` (see `batch_at`), so a run resumed at step
 ``k`` sees exactly the batches an uninterrupted run would have seen from step ``k`` on.

@@ -64,6 +64,7 @@ _NONFINITE_MODES = ("stop", "skip")
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
+    """A ValueError naming the key for any bad value, before anything is loaded or written."""
     for key in ("total_steps", "batch_size", "eval_every_steps", "checkpoint_every_steps"):
         value = config.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
