@@ -129,9 +129,12 @@ def stack_seeds(
       A `SeedStack`.
 
     Raises:
-      ValueError: for an algorithm that reparametrizes (spectral truncation),
-        which is not run vmapped over seeds.
+      ValueError: for no seeds, or an algorithm that reparametrizes (spectral
+        truncation), which is not run vmapped over seeds.
     """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must not be empty")
     model = models_lib.make_model(config, dataset.num_classes)
     algorithm = algorithms.from_config(config.sparsity, config.total_steps)
     if algorithm.reparametrizes:
@@ -176,9 +179,9 @@ def stack_seeds(
     def one_step(state, batch_idx):
         return train_step(state, x_train[batch_idx], y_train[batch_idx])
 
-    first = lambda tree: jax.tree.map(  # noqa: E731
-        lambda a: None if a is None else a[0], tree, is_leaf=masks.is_none
-    )
+    def first(tree):  # seed 0's slice of a stacked tree, for the state's shapes
+        return jax.tree.map(lambda a: None if a is None else a[0], tree, is_leaf=masks.is_none)
+
     abstract = jax.eval_shape(
         init_one,
         keys[0],
