@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import jax
@@ -37,7 +38,7 @@ class SNFS(SparseAlgorithm):
     cosine decay).
 
     Attributes:
-      momentum: β.
+      momentum: β in [0, 1).
       prune_rate: p_0 in [0, 1].
       update_every_steps: ΔT.
       end_step: T_end.
@@ -55,10 +56,19 @@ class SNFS(SparseAlgorithm):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        # Both are checked here so the messages name these fields: prune_rate goes on to
+        # the drop-fraction schedule, whose own argument is called initial_fraction.
+        momentum, rate = self.momentum, self.prune_rate
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
+            raise ValueError(f"prune_rate must be a number in [0, 1], got {rate!r}")
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"prune_rate must be in [0, 1], got {rate!r}")
         schedules.periodic(self.update_every_steps, self.end_step)
-        schedules.cosine_drop_fraction(self.prune_rate, self.end_step)
+        schedules.cosine_drop_fraction(rate, self.end_step)
 
     def init_masks(self, params: PyTree, key: jax.Array) -> PyTree:
         return self.random_masks(params, key)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from sparsejax import algorithms, transforms
 from tests.sparsejax.algorithms.conftest import loss
@@ -64,6 +65,25 @@ def test_snfs_keeps_total_density_and_zeros_through_training(problem):
             assert bool(jnp.all(jnp.where(m[k]["kernel"], True, p[k]["kernel"] == 0)))
     # The momentum of the dense gradient lives in the state, shaped like the params.
     assert jax.tree.structure(state.algo_state) == jax.tree.structure(params)
+
+
+@pytest.mark.parametrize(
+    "field, value, shown",
+    [
+        ("prune_rate", 1.5, "1.5"),
+        ("prune_rate", -0.1, "-0.1"),
+        ("prune_rate", "0.5", "'0.5'"),
+        ("prune_rate", True, "True"),
+        ("momentum", 1.0, "1.0"),
+        ("momentum", "0.9", "'0.9'"),
+    ],
+)
+def test_snfs_names_its_own_field_for_a_bad_value(field, value, shown):
+    # prune_rate goes on to the drop-fraction schedule, whose argument is called
+    # initial_fraction: the message must name the SNFS field the user set.
+    with pytest.raises(ValueError, match=f"^{field} ") as info:
+        algorithms.get("snfs", sparsity=0.5, **{field: value})
+    assert shown in str(info.value)
 
 
 def test_ste_forward_is_masked_and_backward_is_straight_through(problem):
