@@ -20,9 +20,10 @@ initializes its backend.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -35,12 +36,14 @@ __all__ = [
     "DATA_AXIS",
     "MODEL_AXIS",
     "batch_sharding",
+    "blocking_steps",
     "host_to_global",
     "initialize",
     "make_mesh",
     "partition_spec",
     "replicated",
     "state_shardings",
+    "steps_must_block",
     "to_host",
 ]
 
@@ -248,6 +251,63 @@ def to_host(tree: PyTree) -> PyTree:
         return np.asarray(x)
 
     return jax.tree.map(get, tree)
+
+
+def steps_must_block(mesh: Mesh | None) -> bool:
+    """Whether a program on ``mesh`` must finish before the host dispatches the next one.
+
+    True when this process drives several CPU devices of the mesh, whose
+    collectives XLA:CPU runs in-process. Those deadlock under JAX's asynchronous
+    dispatch: while step t's all-reduce waits for all of the mesh's devices to
+    join its rendezvous, the host already dispatches step t+1, and one device's
+    ``Execute`` of t+1 can take that device's in-flight slot (a per-device
+    semaphore) before its part of step t has started, so step t waits for a
+    participant that never comes. XLA aborts the process after the collective
+    timeout ("Expected 4 threads to join the rendezvous, but only 3 of them
+    arrived"): observed on a 2-core host with
+    ``--xla_force_host_platform_device_count=4``, in a plain jitted conv
+    step as well as in the trainer, and never when each step is waited for.
+    Waiting costs little on CPU, where the host has nothing else to overlap.
+    Accelerators (their collectives run on the devices) and single-device
+    meshes keep asynchronous dispatch.
+
+    Args:
+      mesh: the run's mesh; None means the default device (no collectives).
+
+    Returns:
+      True for a CPU mesh with more than one device of this process.
+    """
+    if mesh is None:
+        return False
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    return len(local) > 1 and all(d.platform == "cpu" for d in local)
+
+
+def blocking_steps(mesh: Mesh | None, *fns: Callable[..., Any]) -> tuple[Callable[..., Any], ...]:
+    """``fns`` unchanged, or wrapped to wait for their outputs when `steps_must_block` says so.
+
+    The one place where a trainer's step functions learn whether they may run
+    ahead of the devices: wrap every jitted function that runs collectives on
+    ``mesh`` (train, eval and metric steps).
+
+    Args:
+      mesh: the mesh the functions are compiled for (None: no mesh).
+      *fns: jitted functions returning pytrees of arrays.
+
+    Returns:
+      A tuple of functions with the same signatures and results.
+    """
+    if not steps_must_block(mesh):
+        return fns
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def wait_for(*args, **kwargs):
+            return jax.block_until_ready(fn(*args, **kwargs))
+
+        return wait_for
+
+    return tuple(wrap(fn) for fn in fns)
 
 
 def summary(mesh: Mesh) -> Mapping[str, int]:

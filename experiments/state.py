@@ -150,6 +150,9 @@ def create_train_state(
         shardings = distributed.state_shardings(abstract, mesh, min_size=fsdp_min_size(config))
         inputs = distributed.host_to_global((x_example, calibration), distributed.replicated(mesh))
         state = jax.jit(init, out_shardings=shardings)(*inputs)
+        if distributed.steps_must_block(mesh):
+            # Nothing may still run on the mesh when the first step is dispatched.
+            state = jax.block_until_ready(state)
     return state, optim.make_masked_optimizer(config, algorithm), algorithm
 
 
@@ -253,6 +256,10 @@ def make_step_functions(
     `distributed.state_shardings`) the same bodies are compiled for the mesh:
     the state keeps its sharding from step to step and metrics come back
     replicated; the batch must be sharded over the data axis by the caller.
+    On a mesh of several CPU devices of one process each function returns
+    only once its results are computed (`distributed.blocking_steps`: XLA:CPU's
+    in-process collectives deadlock when steps are dispatched ahead);
+    elsewhere dispatch stays asynchronous.
     """
     train_step, eval_step, sparsity = step_functions(
         model, tx, algorithm, skip_nonfinite=skip_nonfinite
@@ -262,7 +269,8 @@ def make_step_functions(
     if state_sharding is None:
         raise ValueError("make_step_functions with a mesh needs state_sharding")
     repl = distributed.replicated(mesh)
-    return (
+    return distributed.blocking_steps(
+        mesh,
         jax.jit(
             train_step,
             out_shardings=(state_sharding, repl),

@@ -251,3 +251,94 @@ def test_one_and_four_fake_devices_train_the_same_params(tmp_path):
             jax.tree.leaves(one["params"]), jax.tree.leaves(other["params"]), strict=True
         ):
             np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-5)
+
+
+# Steps on a mesh of 4 CPU devices of one process: XLA:CPU runs their collectives in
+# process and deadlocks when the next step is dispatched while one still runs (see
+# `distributed.steps_must_block`), so these steps must come back finished.
+_BLOCKING_SCRIPT = r"""
+import jax
+from configs import quickstart
+from experiments import data, distributed, models, state
+
+assert jax.device_count() == 4, jax.devices()
+mesh = distributed.make_mesh()
+assert distributed.steps_must_block(mesh)
+assert not distributed.steps_must_block(distributed.make_mesh(data=1))
+assert not distributed.steps_must_block(None)
+
+config = quickstart.get_config()  # the full 64-channel model: a step takes milliseconds
+dataset = data.load_from_config(config)
+model = models.make_model(config, dataset.num_classes)
+train_state, tx, algorithm = state.create_train_state(config, model, dataset, mesh=mesh)
+train_step, eval_step, sparsity = state.make_step_functions(
+    model, tx, algorithm, mesh=mesh, state_sharding=jax.tree.map(lambda x: x.sharding, train_state)
+)
+for step in range(4):
+    batch = data.batch_at(
+        dataset.x_train, dataset.y_train, batch_size=config.batch_size, seed=0, step=step
+    )
+    x, y = distributed.host_to_global(batch, distributed.batch_sharding(mesh))
+    train_state, metrics = train_step(train_state, x, y)
+    pending = [leaf for leaf in jax.tree.leaves((train_state, metrics)) if not leaf.is_ready()]
+    assert not pending, f"train step {step} returned {len(pending)} unfinished arrays"
+    for out in (eval_step(train_state, x, y), sparsity(train_state)):
+        assert all(leaf.is_ready() for leaf in jax.tree.leaves(out)), "eval or sparsity ran ahead"
+print("ok")
+"""
+
+
+def _four_devices_env(**extra):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+    # Abort a stuck collective after 15 s instead of XLA's default 40 s.
+    env["XLA_FLAGS"] = (
+        "--xla_force_host_platform_device_count=4 "
+        "--xla_cpu_collective_call_terminate_timeout_seconds=15"
+    )
+    return env
+
+
+def test_steps_on_several_cpu_devices_of_one_process_wait_until_finished():
+    """The fast twin of the 4-device run below: each step on the mesh returns finished."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _BLOCKING_SCRIPT],
+        cwd=REPO,
+        env=_four_devices_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().endswith("ok")
+
+
+@pytest.mark.slow
+def test_quickstart_on_four_cpu_devices_crosses_evaluations_and_checkpoints(tmp_path):
+    """The README's 4-device command, 2000 steps: before the trainer waited for each step it
+    aborted in an all-reduce ("only 3 of them arrived") after about 500 steps."""
+    workdir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.main",
+            "--config=configs/quickstart.py",
+            f"--workdir={workdir}",
+            "--config.total_steps=2000",
+            "--config.eval_every_steps=250",
+            "--config.checkpoint_every_steps=500",
+            "--config.progress_bar=False",
+        ],
+        cwd=REPO,
+        env=_four_devices_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(workdir / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == list(range(250, 2001, 250))
+    assert records[-1]["test_accuracy"] >= 0.6
+    steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    assert steps == [1500, 2000]  # keep_checkpoints = 2
