@@ -19,6 +19,7 @@ from tensornets import contract as contract_lib
 from tensornets.formats import validation
 from tensornets.layers.layouts import Layout, dense_layout, format_of
 from tensornets.layers.params import Initializer, layer_params
+from tensornets.layers.spec import check_contraction
 from tensornets.layers.tubal import tubal_apply
 
 __all__ = ["FactorizedDense", "factorized_dense_cost"]
@@ -82,6 +83,7 @@ class FactorizedDense(nn.Module):
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
+        contraction = check_contraction(self.contraction)
         features = validation.check_int_rank(self.features, "features")
         in_features = inputs.shape[-1]
         layout = dense_layout(
@@ -90,7 +92,7 @@ class FactorizedDense(nn.Module):
         inputs, bias, params = layer_params(
             self, inputs, layout, in_features, (in_features, features)
         )
-        y = _apply_matrix(layout, params, inputs, self.contraction, self.precision)
+        y = _apply_matrix(layout, params, inputs, contraction, self.precision)
         return y if bias is None else y + bias
 
 
@@ -109,6 +111,7 @@ def factorized_dense_cost(layer: FactorizedDense, in_features: int) -> dict[str,
     Returns:
       ``{"params": factor entries plus bias, "flops": FLOPs of one example}``.
     """
+    method = check_contraction(layer.contraction)
     features = validation.check_int_rank(layer.features, "features")
     in_features = validation.check_int_rank(in_features, "in_features")
     layout = dense_layout(
@@ -116,7 +119,6 @@ def factorized_dense_cost(layer: FactorizedDense, in_features: int) -> dict[str,
     )
     shapes = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in layout.param_shapes.items()}
     fmt = format_of(layout, shapes)
-    method = layer.contraction
     if layout.format in ("tt_matrix", "tubal"):
         costs = fmt.apply_costs(1)
     else:

@@ -35,6 +35,7 @@ from flax.linen.linear import default_kernel_init
 from tensornets import rank as rank_lib
 from tensornets import regularizers
 from tensornets.layers.layouts import CP_FORMATS, Layout
+from tensornets.layers.spec import check_rank_dropout
 
 __all__ = ["Initializer", "init_factors", "layer_params", "masked_factors"]
 
@@ -129,13 +130,21 @@ def init_factors(
     return params
 
 
+def _layer_name(module: nn.Module) -> str:
+    """The layer as messages name it: its path in the model, quoted."""
+    if module.path:
+        return repr("/".join(module.path))
+    return f"the top-level {type(module).__name__}"
+
+
 def masked_factors(module: nn.Module, params: dict, rank_dropout: float) -> dict[str, jax.Array]:
     """Applies the layer's rank mask and, when training, tensor dropout to its factors.
 
     The rank mask comes from the ``"rank_masks"`` variable collection when the caller
-    passes one (``model.apply({"params": p, "rank_masks": rm}, x)``, see
-    `tensornets.rank`): dead components are exactly zero. Tensor dropout runs when
-    ``rank_dropout`` > 0 and a ``"dropout"`` rng is given, never at init.
+    passes one (``model.apply({"params": p, "rank_masks": rm}, x)``, one boolean
+    vector per rank axis, see `tensornets.rank`): dead components are exactly zero.
+    Tensor dropout runs when ``rank_dropout`` > 0 and a ``"dropout"`` rng is given,
+    never at init.
 
     Args:
       module: the layer (call inside it; its variables and rngs are read).
@@ -146,17 +155,29 @@ def masked_factors(module: nn.Module, params: dict, rank_dropout: float) -> dict
       The factors to compute with, same names and shapes.
 
     Raises:
-      ValueError: for a rank mask missing some of the layer's axes, or rank dropout
-        on a format without it (naming the format).
+      ValueError: naming the layer, for a rank mask missing some of the layer's axes
+        or one that is not boolean (a float would scale the factors, see
+        `tensornets.rank.mask_layer`); naming ``rank_dropout``, for a rate outside
+        [0, 1) or on a format without tensor dropout (then also the format).
     """
+    rank_dropout = check_rank_dropout(rank_dropout)
     axes = rank_lib.layer_rank_axes(params)
     present = [a for a in axes if module.has_variable(rank_lib.RANK_COLLECTION, a)]
+    layer = _layer_name(module)
     if present and len(present) != len(axes):
         raise ValueError(
-            f"rank_masks of {module.name!r} has axes {present}; the layer needs all of {list(axes)}"
+            f"rank_masks of {layer} has axes {present}; the layer needs all of {list(axes)}"
         )
     if present:
         mask = {a: module.get_variable(rank_lib.RANK_COLLECTION, a) for a in axes}
+        for name, vec in mask.items():
+            # Only the dtype is read, so traced masks are checked as well.
+            dtype = jnp.result_type(vec)
+            if dtype != jnp.bool_:
+                raise ValueError(
+                    f"rank_masks of {layer}[{name!r}] must be boolean, got dtype {dtype} (a "
+                    "float would scale the factors; tensor dropout is the layer's rank_dropout)"
+                )
         params = rank_lib.mask_layer(params, mask)
     if rank_dropout:
         fmt = rank_lib.layer_format(params)

@@ -11,8 +11,11 @@ built.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from tensornets import contract as contract_lib
 
 __all__ = [
     "CONVERSION_KEYS",
@@ -21,8 +24,10 @@ __all__ = [
     "LAYER_KEYS",
     "SPEC_KEYS",
     "canonical_format",
+    "check_contraction",
     "check_factorize_spec",
     "check_low_rank_shapes",
+    "check_rank_dropout",
 ]
 
 FORMATS = ("cp", "tucker", "tt", "tt_matrix", "tubal", "low_rank")
@@ -89,6 +94,57 @@ def canonical_format(fmt: Any, kind: str | None = None, where: str = "") -> str:
     return name
 
 
+def check_contraction(contraction: Any, where: str = "") -> str:
+    """Checks a layer's ``contraction`` (how it multiplies by its factorized weight).
+
+    The layers check it when they are set up, before anything is contracted, so the
+    message names the layer's attribute (the contraction helpers call it ``method``).
+
+    Args:
+      contraction: one of `tensornets.contract.METHODS`: "auto" (fewer FLOPs),
+        "factorized" or "dense".
+      where: what the message starts with, e.g. ``"spec['fc']: "``.
+
+    Returns:
+      ``contraction``.
+
+    Raises:
+      ValueError: naming ``contraction``, its value and the allowed values.
+    """
+    if not isinstance(contraction, str) or contraction not in contract_lib.METHODS:
+        raise ValueError(
+            f"{where}contraction must be one of {contract_lib.METHODS}, got {contraction!r}"
+        )
+    return contraction
+
+
+def check_rank_dropout(rank_dropout: Any, where: str = "") -> float:
+    """Checks a layer's tensor dropout rate ``rank_dropout``, a float in [0, 1).
+
+    The layers check it when they are set up (at init too, where nothing is dropped),
+    so the message names the layer's attribute (`tensornets.regularizers` calls it
+    ``rate``).
+
+    Args:
+      rank_dropout: the drop probability of each component.
+      where: what the message starts with, e.g. ``"spec['fc']: "``.
+
+    Returns:
+      ``rank_dropout`` as a float.
+
+    Raises:
+      ValueError: naming ``rank_dropout`` and its value (not a real number, a bool,
+        NaN, or outside [0, 1)).
+    """
+    if (
+        isinstance(rank_dropout, bool)
+        or not isinstance(rank_dropout, numbers.Real)
+        or not 0.0 <= rank_dropout < 1.0
+    ):
+        raise ValueError(f"{where}rank_dropout must be a float in [0, 1), got {rank_dropout!r}")
+    return float(rank_dropout)
+
+
 def check_low_rank_shapes(in_shape: Any, out_shape: Any, where: str = "") -> None:
     """Refuses ``in_shape`` / ``out_shape`` for "low_rank", which factorizes the matrix itself.
 
@@ -116,8 +172,10 @@ def check_factorize_spec(
     Checks what can be checked before any shape is known: every entry is a mapping
     with the ``required`` keys and no others than ``keys``, names a known format that
     its layer kind takes (the kind from ``kinds``, or the entry's own "kind"), and,
-    for "low_rank", no ``in_shape`` / ``out_shape``. Ranks and factorizations are
-    checked against the layer's shapes when it is built or converted.
+    for "low_rank", no ``in_shape`` / ``out_shape``; a ``contraction`` or
+    ``rank_dropout`` it gives is valid (`check_contraction`, `check_rank_dropout`).
+    Ranks and factorizations are checked against the layer's shapes when it is built
+    or converted.
 
     Args:
       spec: the mapping from a module path ("block/fc") to its entry.
@@ -162,5 +220,9 @@ def check_factorize_spec(
             fmt = canonical_format(entry["format"], kind, f"{where}: ")
             if fmt == "low_rank":
                 check_low_rank_shapes(entry.get("in_shape"), entry.get("out_shape"), f"{where}: ")
+        if "contraction" in entry:
+            check_contraction(entry["contraction"], f"{where}: ")
+        if "rank_dropout" in entry:
+            check_rank_dropout(entry["rank_dropout"], f"{where}: ")
         checked[path] = dict(entry)
     return checked

@@ -11,7 +11,7 @@ import jax
 from tensornets.layers.conv import FactorizedConv
 from tensornets.layers.dense import FactorizedDense
 from tensornets.layers.embed import FactorizedEmbedding
-from tensornets.layers.spec import canonical_format
+from tensornets.layers.spec import canonical_format, check_contraction, check_rank_dropout
 
 __all__ = ["Factorized"]
 
@@ -42,6 +42,14 @@ def _factorized_like(module: nn.Module, options: dict[str, Any]) -> nn.Module:
         )
     ((kind, cls),) = found
     options = {**options, "format": canonical_format(options["format"], kind)}
+    contraction = check_contraction(options["contraction"])
+    if kind != "dense" and contraction != "auto":
+        # Only the dense layer chooses how to contract; elsewhere the value would be ignored.
+        raise ValueError(
+            f"contraction={contraction!r} is for dense layers (nn.Dense) only; "
+            f"{type(module).__name__} takes only the default 'auto'"
+        )
+    check_rank_dropout(options["rank_dropout"])
     # Only nn.Conv has a mask; asking another bound module for an attribute it lacks would
     # run its setup (nn.Embed's declares its table).
     if kind == "conv" and module.mask is not None:
@@ -76,7 +84,8 @@ class Factorized(nn.Module):
         tt / tt_matrix, low_rank).
       rank: int, tuple or float fraction of the dense parameter count.
       in_shape, out_shape: factorizations (see the factorized layers).
-      contraction: dense layers only: "auto" | "factorized" | "dense".
+      contraction: dense layers only: "auto" | "factorized" | "dense" (a conv or an
+        embedding takes only "auto").
       init_variance: explicit target second moment of the reconstructed weight.
       rank_dropout: tensor dropout rate for cp / low_rank / tucker (a "dropout" rng
         turns it on).

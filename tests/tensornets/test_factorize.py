@@ -172,6 +172,8 @@ BAD_ENTRIES = [
     ({"format": "low_rank", "rank": 1, "in_shape": (2, 3)}, "in_shape", "(2, 3)"),
     ({"format": "low_rank", "rank": 1, "out_shape": [4]}, "out_shape", "[4]"),
     (("cp", 1), "spec['fc']", "('cp', 1)"),
+    ({"format": "cp", "rank": 1, "contraction": "fast"}, "contraction", "'fast'"),
+    ({"format": "cp", "rank": 1, "rank_dropout": 1.5}, "rank_dropout", "1.5"),
 ]
 
 

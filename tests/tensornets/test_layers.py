@@ -580,3 +580,111 @@ def test_low_rank_embedding_params_and_init_variance():
     ids = jnp.arange(64)
     rows = jax.jit(jax.vmap(lambda k: emb.apply(emb.init(k, ids), ids)))(keys)
     assert abs(float(jnp.mean(rows**2)) * 48 - 1) < 0.15
+
+
+METHODS_SHOWN = "('auto', 'factorized', 'dense')"
+
+
+@pytest.mark.parametrize(
+    "fmt, rank",
+    [(f, 2) for f in ("cp", "tucker", "tt", "tt_matrix")]
+    + [
+        ("tubal", 1),
+        ("low_rank", 2),
+    ],
+)
+def test_contraction_is_checked_at_init_naming_it_and_the_allowed_values(fmt, rank):
+    x = jnp.ones((2, 24))
+    for make in (
+        lambda: FactorizedDense(12, fmt, rank, contraction="bogus"),
+        lambda: Factorized(nn.Dense(12), format=fmt, rank=rank, contraction="bogus"),
+    ):
+        with pytest.raises(ValueError, match=r"^contraction must be one of") as info:
+            make().init(KEY, x)
+        assert METHODS_SHOWN in str(info.value) and "'bogus'" in str(info.value)
+        with pytest.raises(ValueError, match=r"^contraction must be one of"):
+            jax.eval_shape(make().init, KEY, x)  # at trace time, before any contraction runs
+    with pytest.raises(ValueError, match=r"^contraction must be one of .*'bogus'"):
+        factorized_dense_cost(FactorizedDense(12, fmt, rank, contraction="bogus"), 24)
+
+
+def test_contraction_is_for_dense_layers_only():
+    # A conv or an embedding has no contraction to choose: a value other than "auto"
+    # would be silently ignored, so the wrapper refuses it.
+    conv = Factorized(nn.Conv(4, (3,)), format="cp", rank=2, contraction="dense")
+    with pytest.raises(ValueError, match=r"contraction='dense' is for dense layers"):
+        conv.init(KEY, jnp.ones((1, 5, 4)))
+    conv = Factorized(nn.Conv(4, (3,)), format="cp", rank=2, contraction="bogus")
+    with pytest.raises(ValueError, match=r"^contraction must be one of .*'bogus'"):
+        conv.init(KEY, jnp.ones((1, 5, 4)))
+    embed = Factorized(nn.Embed(10, 4), format="low_rank", rank=2, contraction="factorized")
+    with pytest.raises(ValueError, match=r"contraction='factorized' is for dense layers"):
+        embed.init(KEY, jnp.arange(3))
+    Factorized(nn.Conv(4, (3,)), format="cp", rank=2).init(KEY, jnp.ones((1, 5, 4)))
+
+
+@pytest.mark.parametrize(
+    "rate, shown",
+    [
+        (1.5, "1.5"),
+        (-0.1, "-0.1"),
+        (1.0, "1.0"),
+        ("0.1", "'0.1'"),
+        (True, "True"),
+        (float("nan"), "nan"),
+    ],
+)
+def test_rank_dropout_is_checked_at_init_naming_it(rate, shown):
+    cases = [
+        (lambda: FactorizedDense(6, "cp", 2, rank_dropout=rate), jnp.ones((2, 12))),
+        (
+            lambda: Factorized(nn.Dense(6), format="tucker", rank=2, rank_dropout=rate),
+            jnp.ones((2, 12)),
+        ),
+        (lambda: FactorizedConv(6, (3,), "cp", 2, rank_dropout=rate), jnp.ones((1, 5, 4))),
+        (
+            lambda: Factorized(nn.Conv(6, (3,)), format="cp", rank=2, rank_dropout=rate),
+            jnp.ones((1, 5, 4)),
+        ),
+    ]
+    for make, x in cases:
+        # at init (no dropout rng, nothing is dropped yet) ...
+        with pytest.raises(ValueError, match=r"^rank_dropout must be a float in \[0, 1\)") as info:
+            make().init(KEY, x)
+        assert shown in str(info.value)
+        # ... and at apply, where the rate is used.
+        params = make().clone(rank_dropout=0.0).init(KEY, x)
+        with pytest.raises(ValueError, match=r"^rank_dropout must be a float in \[0, 1\)"):
+            make().apply(params, x, rngs={"dropout": KEY})
+
+
+class _TwoLayers(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = FactorizedDense(6, "cp", 3, name="fc")(x)
+        return Factorized(nn.Dense(4), format="tucker", rank=2, name="head")(h)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.int32, jnp.bfloat16])
+def test_layers_refuse_rank_masks_that_are_not_boolean(dtype):
+    # A float mask would scale the factors (a 0.5 entry halves a component) instead of
+    # selecting components; the layer refuses it, naming itself and the axis.
+    x = jnp.ones((2, 12))
+    net = _TwoLayers()
+    params = net.init(KEY, x)["params"]
+    good = {
+        "fc": {"rank": jnp.ones(3, bool)},
+        "head": {"rank_0": jnp.ones(2, bool), "rank_1": jnp.ones(2, bool)},
+    }
+    net.apply({"params": params, "rank_masks": good}, x)
+    bad = {**good, "fc": {"rank": jnp.array([1, 0.5, 1], dtype)}}
+    with pytest.raises(ValueError, match=r"rank_masks of 'fc'\['rank'\] must be boolean") as info:
+        net.apply({"params": params, "rank_masks": bad}, x)
+    assert str(jnp.dtype(dtype)) in str(info.value)
+    bad = {**good, "head": {**good["head"], "rank_1": jnp.ones(2, dtype)}}
+    with pytest.raises(ValueError, match=r"rank_masks of 'head'\['rank_1'\] must be boolean"):
+        jax.jit(net.apply)({"params": params, "rank_masks": bad}, x)  # traced masks too
+    emb = FactorizedEmbedding(24, 8, 2, format="low_rank")
+    p = emb.init(KEY, jnp.arange(3))["params"]
+    with pytest.raises(ValueError, match=r"rank_masks of the top-level FactorizedEmbedding"):
+        emb.apply({"params": p, "rank_masks": {"rank": jnp.ones(2, dtype)}}, jnp.arange(3))
