@@ -20,23 +20,49 @@ singular value form inside jit, with fixed shapes:
 so W is unchanged and the components are its singular triplets. The rank is then
 cut to the smallest k whose discarded tail satisfies
 sqrt(sum_{i >= k} s_i^2) <= tau * ||s||_2 (a relative tolerance, as in DLRT's
-truncation step). The basis change is also applied to the optimizer's moments, so
-they are carried over instead of being reset: with A' = A T_A, T_A = R_A^{-1} P,
-a gradient maps as dL/dA' = dL/dA T_A^{-T} = dL/dA R_A^T P (exact for the
-gradient at the rotation point, and needs no inverse); first moments follow this
-linear map, second moments (Adam's ``nu``) the map with squared entries (the
-usual diagonal approximation); the moments of ``w`` map through the diagonal of
-T_A^T diag(m_w) T_B (R restricted to the live components). Tucker layers
-(every mode factorized, no group axis) get the same treatment with a truncated
-HOSVD of the core: QR of every factor, an SVD of every mode-k unfolding of the
-small core, factors and core rotated (the core's mode-k slices become orthogonal,
-their norms the mode-k singular values), each mode truncated with tau; there the
-core's moments map exactly, dL/dG' = dL/dG x_k T_k^T (when every component is
-live). TT / TT-matrix layers go through TT rounding's two sweeps (QR right to
-left, SVD left to right) as gauge changes of their bonds, every gauge also applied
-to the moments, and each bond is truncated by its singular values. What is not
-reproduced: DLRT's K/L/S integrator with basis augmentation (here the factors are
-trained directly by the optimizer, so the rank only decreases).
+truncation step).
+
+The basis change is also applied to the optimizer's moments, so they are carried
+over instead of being reset. With G = dL/dW, M = A^T G B (r x r), A' = A T_A and
+B' = B T_B (T_A = R_A^{-1} P, T_B = R_B^{-1} V, R restricted to the live
+components), the gradients at the new point are linear in those at the old one:
+
+  dL/dA' = dL/dA T_A^{-T} = dL/dA R_A^T P     (no inverse needed)
+  dL/dB' = dL/dB R_B^T V
+  dL/dw' = diag(T_A^T M T_B)
+
+The last needs M's off-diagonal entries, which dL/dw = diag(M) does not hold; they
+are recovered from the factors' gradients, A^T dL/dA = M diag(w) and
+B^T dL/dB = M^T diag(w), as M_jk = (w_k (A^T dL/dA)_jk + w_j (B^T dL/dB)_kj) /
+(w_j^2 + w_k^2) (keeping only the diagonal, diag(T_A^T diag(dL/dw) T_B), is exact
+only when T_A and T_B are one signed permutation: orthonormal factors with distinct
+|w|). *First moments* (Adam's ``mu``, momentum traces: linear in the gradients)
+follow these maps, which is exact: the moment of a gradient taken at the rotation
+point becomes the gradient at the new point, for every leaf of the live
+components. *Second moments* (Adam's ``nu``) are elementwise means of squares, and
+g' = sum_l c_l g_l has E[g'^2] = sum_l c_l^2 E[g_l^2] only for uncorrelated zero-mean
+g_l; an elementwise state holds no covariances, so no map of it is exact in
+general. ``nu`` follows every stage of the same maps with squared coefficients
+(nu' = sum_l c_l^2 nu_l, the usual diagonal approximation; for dL/dw' first M's
+entries, then T_A^T M T_B). That is exact when each new entry draws on one old one
+(permutations and diagonal scalings: orthonormal factors with distinct |w|) and an
+approximation otherwise, e.g. at the first truncation of randomly initialized
+factors. It keeps every term's contribution, so for a single gradient (nu = g^2)
+mu'^2 <= K nu', K the product of the stages' term counts (Cauchy-Schwarz): Adam's
+first step in the new basis stays bounded.
+
+Tucker layers (every mode factorized, no group axis) get the same treatment with a
+truncated HOSVD of the core: QR of every factor, an SVD of every mode-k unfolding of
+the small core, factors and core rotated (the core's mode-k slices become
+orthogonal, their norms the mode-k singular values), each mode truncated with tau;
+there the core's first moments map exactly, dL/dG' = dL/dG x_k T_k^T (when every
+component is live), and second moments with squared coefficients as above. TT /
+TT-matrix layers go through TT rounding's two sweeps (QR right to left, SVD left to
+right) as gauge changes of their bonds, every gauge also applied to the moments
+(first moments exactly, second moments with squared coefficients), and each bond is
+truncated by its singular values. What is not reproduced: DLRT's K/L/S integrator
+with basis augmentation (here the factors are trained directly by the optimizer, so
+the rank only decreases).
 
 `GreedyGrowth` (Hashemizadeh, Liu, Miller & Rabusseau 2020/2024, "Adaptive
 Learning of Tensor Network Structures"): start every rank axis small and, every
@@ -225,21 +251,52 @@ def _inverse_on_live(r: jax.Array, rho: jax.Array, rhs: jax.Array) -> jax.Array:
     return jax.scipy.linalg.solve_triangular(r + eye * (1 - rho), rhs, lower=False)
 
 
+def _cross_term_coefficients(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """alpha, beta (r x r) with M_jk = alpha_jk X_jk + beta_jk Y_kj for j != k.
+
+    X = A^T dL/dA = M diag(w) and Y = B^T dL/dB = M^T diag(w) both carry M_jk (scaled
+    by w_k and w_j); the least-squares combination is (w_k X_jk + w_j Y_kj) /
+    (w_j^2 + w_k^2). Zero on the diagonal (M_jj is dL/dw_j itself) and where
+    w_j = w_k = 0 (dead components, whose factor columns are zero anyway).
+    """
+    w2 = w**2
+    denominator = w2[:, None] + w2[None, :]
+    off = ~jnp.eye(w.size, dtype=bool) & (denominator > 0)
+    safe = jnp.where(off, denominator, 1.0)
+    return jnp.where(off, w[None, :] / safe, 0.0), jnp.where(off, w[:, None] / safe, 0.0)
+
+
 def _rotate_low_rank(node: Mapping, live: Mapping):
-    """W = A diag(w) B^T in its singular basis, and the map of the moments."""
+    """W = A diag(w) B^T in its singular basis, and the map of the moments.
+
+    With G = dL/dW and M = A^T G B, the gradients are dL/dA = G B diag(w),
+    dL/dB = G^T A diag(w), dL/dw = diag(M); in the new basis (A' = A T_A, B' = B T_B)
+    dL/dA' = dL/dA R_A^T P, dL/dB' = dL/dB R_B^T V and dL/dw' = diag(T_A^T M T_B),
+    where M's off-diagonal entries come from the factors' gradients
+    (`_cross_term_coefficients`). ``slot_map(slot, 1)`` is this linear map (exact for
+    first moments); ``slot_map(slot, 2)`` the same stages with squared coefficients,
+    for second moments (see the module docstring).
+    """
     rho = live["rank"].astype(node["weights"].dtype)
     qa, ra, qb, rb, p, s, v = _svd_basis(node, rho)
     new = {**node, "factor_0": qa @ p, "factor_1": qb @ v, "weights": s.astype(rho.dtype)}
     ma, mb = ra.T @ p, rb.T @ v  # gradient maps of the factors: dL/dA' = dL/dA R_A^T P
+    # T_A = R_A^{-1} P on the live components: column i of it is D R_B^T v_i / s_i
+    # (zero on dead rows) whenever s_i > 0, which is all the moments of w' need.
     ta, tb = _inverse_on_live(ra, rho, p), _inverse_on_live(rb, rho, v)
+    a, b, w = node["factor_0"] * rho, node["factor_1"] * rho, node["weights"] * rho
+    alpha, beta = _cross_term_coefficients(w)
 
     def slot_map(slot, power):
+        # M (r x r): the slot's diagonal dL/dw, cross terms from dL/dA and dL/dB.
+        x = (a**power).T @ slot["factor_0"]  # X_jk = sum_l A_lj m_A[l, k]
+        y = ((b**power).T @ slot["factor_1"]).T  # [j, k] = Y_kj
+        m = alpha**power * x + beta**power * y + jnp.diag(slot["weights"])
         return {
             **slot,
             "factor_0": slot["factor_0"] @ ma**power,
             "factor_1": slot["factor_1"] @ mb**power,
-            # diag(T_A^T diag(m_w) T_B): the core's moment kept on its diagonal.
-            "weights": jnp.einsum("ri,r,ri->i", ta**power, slot["weights"], tb**power),
+            "weights": jnp.einsum("ji,jk,ki->i", ta**power, m, tb**power),
         }
 
     return new, slot_map
@@ -475,6 +532,11 @@ class SpectralTruncation(Algorithm):
 
     def reparametrize(self, params, inner_state, masks):
         """Rotates every target layer into its singular basis; maps the moments alike.
+
+        First moments (every slot of the inner state shaped like ``params``) follow the
+        gradients' linear map exactly; Adam's ``nu`` follows it with squared
+        coefficients, exact for orthonormal factors and an approximation otherwise
+        (see the module docstring).
 
         Args:
           params: the parameter tree.

@@ -103,6 +103,87 @@ def test_reparametrize_keeps_weights_and_maps_gradients():
     np.testing.assert_array_equal(new_state[0].mu["l1"]["weights"], grads["l1"]["weights"])
 
 
+def _adam_state_of(grads):
+    """An Adam state whose moments are one gradient: mu = g, nu = g**2."""
+    return optax.ScaleByAdamState(
+        jnp.zeros((), jnp.int32), mu=grads, nu=jax.tree.map(jnp.square, grads)
+    )
+
+
+@pytest.mark.parametrize("live", [10, 7])
+def test_low_rank_first_moments_map_exactly_for_every_leaf(live):
+    # mu = the gradient at the rotation point must become the gradient at the new point,
+    # the weights' too: dL/dw' = diag(T_A^T M T_B) needs the off-diagonal entries of
+    # M = A^T G B, which dL/dw does not hold (random factors, so T_A, T_B mix components).
+    net = _Net()
+    params = net.init(KEY)
+    rm = {"l0": {"rank": jnp.arange(10) < live}}
+    masks = R.param_masks(params, rm)
+    params = R.apply_rank_masks(params, rm)
+    grads = jax.grad(net.loss)(params)
+    algo = SpectralTruncation(tau=0.0, update_every_steps=1, layers=("l0",))
+    new_params, (new_state,) = algo.reparametrize(params, (_adam_state_of(grads),), masks)
+    new_grads = jax.grad(net.loss)(new_params)
+    for leaf in ("factor_0", "factor_1", "weights"):
+        # Components beyond the live ones have singular value 0 and are cut next.
+        np.testing.assert_allclose(
+            new_state.mu["l0"][leaf][..., :live],
+            new_grads["l0"][leaf][..., :live],
+            rtol=1e-3,
+            atol=2e-6,
+        )
+
+
+def test_low_rank_second_moments_map_exactly_for_orthonormal_factors():
+    # With orthonormal factors and distinct |w| the rotation only permutes (and flips)
+    # components, so the elementwise second moments map exactly too.
+    net = _Net()
+    params = net.init(KEY)
+    ka, kb = jax.random.split(jax.random.key(7, impl="rbg"))
+    qa, _ = jnp.linalg.qr(jax.random.normal(ka, (12, 10)))
+    qb, _ = jnp.linalg.qr(jax.random.normal(kb, (16, 10)))
+    w = jnp.array([0.3, -1.7, 0.9, 2.2, -0.5, 1.1, 0.05, -1.3, 0.7, 1.5])
+    params["l0"] = {**params["l0"], "factor_0": qa, "factor_1": qb, "weights": w}
+    masks = R.param_masks(params, {"l0": {"rank": jnp.ones(10, bool)}})
+    grads = jax.grad(net.loss)(params)
+    algo = SpectralTruncation(tau=0.0, update_every_steps=1, layers=("l0",))
+    new_params, (new_state,) = algo.reparametrize(params, (_adam_state_of(grads),), masks)
+    np.testing.assert_allclose(new_params["l0"]["weights"], np.sort(np.abs(w))[::-1], rtol=1e-5)
+    new_grads = jax.grad(net.loss)(new_params)
+    for leaf in ("factor_0", "factor_1", "weights"):
+        g = new_grads["l0"][leaf]
+        np.testing.assert_allclose(new_state.mu["l0"][leaf], g, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(new_state.nu["l0"][leaf], g**2, rtol=1e-4, atol=1e-10)
+
+
+def test_low_rank_second_moments_follow_the_squared_coefficients_of_the_first():
+    # The documented approximation for general factors: nu maps through every stage of
+    # the first moments' linear map with squared coefficients. Pinned on one-hot moments:
+    # a unit first moment at one entry maps to column c of the map; its square at that
+    # entry must map to c**2 (stage by stage, so it is c**2 exactly where one stage
+    # contributes: the factors, and the weights' own diagonal).
+    net = _Net()
+    params = net.init(KEY)
+    masks = R.param_masks(params, {"l0": {"rank": jnp.ones(10, bool)}})
+    algo = SpectralTruncation(tau=0.0, update_every_steps=1, layers=("l0",))
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for leaf, index in (("factor_0", (3, 2)), ("factor_1", (5, 7)), ("weights", (4,))):
+        one = {**zeros, "l0": {**zeros["l0"], leaf: zeros["l0"][leaf].at[index].set(1.0)}}
+        state = optax.ScaleByAdamState(jnp.zeros((), jnp.int32), mu=one, nu=one)
+        _, (mapped,) = algo.reparametrize(params, (state,), masks)
+        for out in ("factor_0", "factor_1", "weights"):
+            mu, nu = mapped.mu["l0"][out], mapped.nu["l0"][out]
+            assert np.all(np.asarray(nu) >= 0.0)
+            if out == "weights" and leaf != "weights":
+                # Two stages (M's cross terms from one factor entry, then T_A^T M T_B):
+                # mu' sums r - 1 terms and nu' their squares, so mu'^2 <= (r - 1) nu'
+                # (Cauchy-Schwarz), and a cross term is never missing from nu'.
+                assert np.any(np.abs(np.asarray(mu)) > 1e-3)
+                assert np.all(np.asarray(mu) ** 2 <= 9 * np.asarray(nu) * (1 + 1e-4) + 1e-12)
+                continue
+            np.testing.assert_allclose(nu, mu**2, rtol=1e-4, atol=1e-9)
+
+
 def _train(net, algo, steps, params=None, lr=1e-2):
     tx = transforms.masked(optax.adam(lr), algo)
     params = net.init(KEY) if params is None else params
