@@ -379,3 +379,79 @@ def test_missing_data_folder_in_a_config(previous_run):
         train.train_and_evaluate(config, previous_run)
     assert "data_dir" in str(info.value)
     assert _snapshot(previous_run) == before
+
+
+# Messages that named the wrong thing or came only at apply time: the factorized layers'
+# contraction and rank_dropout (checked when a layer is set up), rank masks that are not
+# boolean inside a layer (a float scales the factors), SNFS's prune_rate.
+def _apply_dense_with_rank_mask(mask):
+    module = layers.FactorizedDense(features=4, format="cp", rank=2)
+    x = jnp.ones((1, 16))
+    params = module.init(jax.random.key(0), x)["params"]
+    return module.apply({"params": params, "rank_masks": {"rank": mask}}, x)
+
+
+NAMING_CASES = [
+    (
+        "layer contraction",
+        lambda: _init_dense(features=4, format="cp", rank=2, contraction="fast"),
+        "contraction must be one of ('auto', 'factorized', 'dense')",
+        "'fast'",
+    ),
+    (
+        "low_rank layer contraction",
+        lambda: _init_dense(features=4, format="low_rank", rank=2, contraction="fast"),
+        "contraction must be one of ('auto', 'factorized', 'dense')",
+        "'fast'",
+    ),
+    (
+        "layer cost contraction",
+        lambda: layers.factorized_dense_cost(
+            layers.FactorizedDense(4, "tt_matrix", 2, contraction="fast"), 16
+        ),
+        "contraction",
+        "'fast'",
+    ),
+    (
+        "spec contraction",
+        lambda: layers.check_factorize_spec(
+            {"fc": {"format": "cp", "rank": 2, "contraction": "fast"}}
+        ),
+        "spec['fc']: contraction",
+        "'fast'",
+    ),
+    (
+        "layer rank_dropout at init",
+        lambda: _init_dense(features=4, format="cp", rank=2, rank_dropout=1.5),
+        "rank_dropout",
+        "1.5",
+    ),
+    (
+        "conv rank_dropout at init",
+        lambda: layers.FactorizedConv(4, (3,), "cp", 2, rank_dropout=-0.1).init(
+            jax.random.key(0), jnp.ones((1, 5, 3))
+        ),
+        "rank_dropout",
+        "-0.1",
+    ),
+    (
+        "float rank mask inside a layer",
+        lambda: _apply_dense_with_rank_mask(jnp.array([1.0, 0.5])),
+        "rank_masks of the top-level FactorizedDense['rank'] must be boolean",
+        "float32",
+    ),
+    (
+        "int rank mask inside a layer",
+        lambda: _apply_dense_with_rank_mask(jnp.array([1, 0], jnp.int32)),
+        "must be boolean",
+        "int32",
+    ),
+    ("snfs prune_rate > 1", lambda: algorithms.get("snfs", prune_rate=1.5), "prune_rate", "1.5"),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "name", "value"), [c[1:] for c in NAMING_CASES], ids=[c[0] for c in NAMING_CASES]
+)
+def test_entry_point_names_the_right_argument(call, name, value):
+    test_entry_point_rejects_bad_value(call, name, value)
