@@ -72,15 +72,44 @@ def num_kept(size: int, sparsity: Any) -> Any:
     return jnp.round((1.0 - sparsity) * size).astype(jnp.int32)
 
 
+def _descending_key(scores: jax.Array) -> jax.Array:
+    """A key whose ascending order is the descending order of ``scores``, exact for every dtype.
+
+    Floats are negated (exact; NaN stays NaN, which sorts last). Integers and
+    bools are bit-flipped instead: ``~x`` is ``-x - 1`` for signed and ``max - x``
+    for unsigned types, an order-reversing bijection that cannot overflow, where
+    negation wraps uint8 (0 would become the largest) and int8's -128.
+
+    Raises:
+      ValueError: for scores that are not real numbers (e.g. complex).
+    """
+    dtype = scores.dtype
+    if jnp.issubdtype(dtype, jnp.floating):
+        return -scores
+    if dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer):
+        return ~scores
+    raise ValueError(f"scores must be real (bool, integer or floating), got dtype {dtype}")
+
+
+def _magnitude(scores: jax.Array) -> jax.Array:
+    """``|scores|`` without overflow: signed integers come back unsigned (|-128| = 128 in uint8)."""
+    if jnp.issubdtype(scores.dtype, jnp.signedinteger):
+        # abs(INT_MIN) wraps to INT_MIN, whose two's complement bits read as unsigned are |INT_MIN|.
+        unsigned = jnp.dtype(f"uint{jnp.iinfo(scores.dtype).bits}")
+        return jnp.abs(scores).astype(unsigned)
+    return jnp.abs(scores)
+
+
 def _rank_descending(scores: jax.Array) -> jax.Array:
     """Rank of every entry of a flat array when sorted by descending score.
 
     Rank 0 is the largest score; equal scores are ordered by position (lower
     index first), which makes top-k selection deterministic. NaN ranks last.
+    Exact for every real dtype (see `_descending_key`).
     """
     flat = scores.reshape(-1)
-    # A stable argsort of the negated scores breaks ties by index.
-    order = jnp.argsort(-flat, stable=True)
+    # A stable argsort of the order-reversed key breaks ties by index.
+    order = jnp.argsort(_descending_key(flat), stable=True)
     return jnp.zeros_like(order).at[order].set(jnp.arange(flat.size, dtype=order.dtype))
 
 
@@ -192,7 +221,7 @@ def group_ranks(groups: jax.Array) -> jax.Array:
     """
     m = groups.shape[-1]
     if m > 16:
-        order = jnp.argsort(-groups, axis=-1, stable=True)
+        order = jnp.argsort(_descending_key(groups), axis=-1, stable=True)
         return jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32)
     # NaN is ordered below every number (and equal to another NaN) to rank last.
     nan = jnp.isnan(groups) if jnp.issubdtype(groups.dtype, jnp.floating) else None
@@ -354,7 +383,7 @@ def block_mask(scores: jax.Array, sparsity: Any, block_shape: Sequence[int]) -> 
     split = []
     for g, b in zip(grid, block_shape):
         split += [g, b]
-    blocked = jnp.abs(scores).reshape(split)
+    blocked = _magnitude(scores).reshape(split)
     block_scores = blocked.sum(axis=tuple(range(1, 2 * scores.ndim, 2)))
     keep_blocks = topk_mask(block_scores, sparsity)
     expanded = keep_blocks
@@ -384,7 +413,7 @@ def channel_mask(scores: jax.Array, sparsity: Any, axis: int = -1) -> jax.Array:
     axis = _normalize_axis(axis, scores.ndim)
     validate_sparsity(sparsity)
     other = tuple(a for a in range(scores.ndim) if a != axis)
-    channel_scores = jnp.abs(scores).sum(axis=other)
+    channel_scores = _magnitude(scores).sum(axis=other)
     keep = topk_mask(channel_scores, sparsity)
     shape = [1] * scores.ndim
     shape[axis] = scores.shape[axis]
@@ -490,11 +519,30 @@ def sparsity_of(params: PyTree, masks: PyTree) -> jax.Array:
     return (zeros / total).astype(jnp.float32)
 
 
+def _pooled_dtype(leaves: Sequence[Any]) -> Any:
+    """The dtype that holds every pooled score exactly (a float32 cast ties int32 2**30, 2**30+1).
+
+    Raises:
+      ValueError: if the leaves' dtypes have no common type that represents all of
+        them exactly under the current JAX config (int32 with float32, uint32 with
+        int32 without x64).
+    """
+    dtypes = sorted({jnp.result_type(s) for s in leaves}, key=str)
+    common = jnp.result_type(*dtypes)
+    if not all(np.can_cast(d, common, "safe") for d in dtypes):
+        raise ValueError(
+            f"scores of dtypes {[str(d) for d in dtypes]} have no common dtype holding them "
+            f"all exactly (JAX promotes them to {common}): give every pooled leaf one dtype"
+        )
+    return common
+
+
 def global_topk_masks(scores: PyTree, sparsity: Any, selected: PyTree) -> PyTree:
     """Keeps the round((1 - sparsity) * N) highest scores pooled over all selected leaves.
 
     Args:
-      scores: pytree of score arrays.
+      scores: pytree of score arrays, of one real dtype or of dtypes that promote
+        exactly (ranked without a float32 cast, so int32 2**30 + 1 beats 2**30).
       sparsity: fraction dropped over the pooled entries, in [0, 1); may be traced.
       selected: pytree with the structure of ``scores`` whose leaves are truthy
         for the leaves to pool and ``None`` for the others.
@@ -510,7 +558,7 @@ def global_topk_masks(scores: PyTree, sparsity: Any, selected: PyTree) -> PyTree
     chosen = [s for s, keep in zip(score_leaves, sel_leaves) if keep is not None]
     if not chosen:
         return jax.tree.unflatten(treedef, [None] * len(sel_leaves))
-    flat = jnp.concatenate([jnp.ravel(s).astype(jnp.float32) for s in chosen])
+    flat = jnp.concatenate([jnp.ravel(s).astype(_pooled_dtype(chosen)) for s in chosen])
     keep = topk_mask(flat, sparsity)
     out, offset = [], 0
     for s, sel in zip(score_leaves, sel_leaves):
