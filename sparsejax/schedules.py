@@ -80,7 +80,8 @@ def polynomial(
 
     s_t = s_f + (s_i - s_f) * (1 - (t - t_0) / (t_end - t_0)) ** power for
     t_0 <= t <= t_end, s_i before t_0 and s_f after; masks are updated every
-    ``update_every_steps`` steps from t_0 to t_end (inclusive of both ends).
+    ``update_every_steps`` steps from t_0, and at t_end (also when t_end - t_0 is
+    not a multiple of Δt), so the last update reaches s_f.
 
     Args:
       final_sparsity: s_f in [0, 1).
@@ -121,7 +122,10 @@ def polynomial(
 
     def is_update_step(t):
         t = jnp.asarray(t)
-        return (t >= begin) & (t <= end) & ((t - begin) % every == 0)
+        # t_end is an update step even off the grid: the grid's last step (900 for t_0 = 0,
+        # t_end = 1000, Δt = 300) is still short of s_f, and no update would follow it.
+        on_grid = (t - begin) % every == 0
+        return (t >= begin) & (t <= end) & (on_grid | (t == end))
 
     return SparsitySchedule(sparsity=sparsity, is_update_step=is_update_step)
 
