@@ -253,9 +253,7 @@ def training_flops(
     if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)):
         raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
     if total_steps < 1:
-        raise ValueError(
-            f"total_steps must be positive for gradual pruning, got {total_steps!r}"
-        )
+        raise ValueError(f"total_steps must be positive for gradual pruning, got {total_steps!r}")
     fractions = np.array([sparsity_fraction_by_step(t) for t in range(total_steps)], np.float64)
     forward = f_d - (f_d - f_s) * fractions
     if cost == "scheduled_dense_gradient":
