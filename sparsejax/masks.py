@@ -34,6 +34,7 @@ __all__ = [
     "topk_mask_by_count",
     "transposable_nm_mask",
     "transposable_nm_patterns",
+    "validate_masks",
     "validate_nm",
     "validate_sparsity",
 ]
@@ -366,6 +367,11 @@ def block_mask(scores: jax.Array, sparsity: Any, block_shape: Sequence[int]) -> 
         dividing the array shape; or a sparsity outside [0, 1).
     """
     scores = jnp.asarray(scores)
+    if isinstance(block_shape, (str, bytes)) or not isinstance(block_shape, Sequence):
+        raise ValueError(
+            f"block_shape must be a sequence with one block length per axis of scores "
+            f"(shape {tuple(scores.shape)}), got block_shape={block_shape!r}"
+        )
     block_shape = tuple(block_shape)
     if len(block_shape) != scores.ndim:
         raise ValueError(
@@ -420,6 +426,51 @@ def channel_mask(scores: jax.Array, sparsity: Any, axis: int = -1) -> jax.Array:
     return jnp.broadcast_to(keep.reshape(shape), scores.shape)
 
 
+def validate_masks(params: PyTree, masks: PyTree, name: str = "masks") -> None:
+    """Raises ValueError unless ``masks`` is a mask tree of ``params``.
+
+    A mask tree has the structure of ``params`` (the same keys, matched by key path,
+    never by position) with a boolean array of the parameter's shape, or ``None``, at
+    every leaf. Only structure, dtypes and shapes are read, so it works under jit.
+
+    Args:
+      params: the parameter pytree (arrays or `jax.ShapeDtypeStruct`).
+      masks: the candidate mask tree.
+      name: how the message names ``masks``.
+
+    Raises:
+      ValueError: naming the first offending entry: a parameter without a mask entry
+        or a mask entry without a parameter, a mask that is not boolean (0.3 is not
+        "keep"), or a mask of another shape.
+    """
+    param_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    mask_leaves = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)[0]
+    param_paths = [jax.tree_util.keystr(path) for path, _ in param_leaves]
+    mask_paths = [jax.tree_util.keystr(path) for path, _ in mask_leaves]
+    if param_paths != mask_paths or jax.tree.structure(params) != jax.tree.structure(
+        masks, is_leaf=is_none
+    ):
+        known_masks, known_params = set(mask_paths), set(param_paths)
+        missing = [p for p in param_paths if p not in known_masks]
+        extra = [p for p in mask_paths if p not in known_params]
+        detail = "; ".join(
+            [f"no entry for params{p}" for p in missing[:3]]
+            + [f"{name}{p} is not a parameter" for p in extra[:3]]
+        )
+        if not detail:
+            detail = f"{jax.tree.structure(masks, is_leaf=is_none)} vs {jax.tree.structure(params)}"
+        raise ValueError(f"{name} must have the structure of params: {detail}")
+    for (path, p), (_, m) in zip(param_leaves, mask_leaves):
+        if m is None:
+            continue
+        where = f"{name}{jax.tree_util.keystr(path)}"
+        dtype = m.dtype if hasattr(m, "dtype") else np.asarray(m).dtype
+        if dtype != np.bool_:
+            raise ValueError(f"{where} must be boolean, got dtype {dtype}")
+        if jnp.shape(m) != jnp.shape(p):
+            raise ValueError(f"{where} has shape {jnp.shape(m)}, its parameter {jnp.shape(p)}")
+
+
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     """Zeroes the masked-out entries of ``params``; leaves with a ``None`` mask pass through.
 
@@ -431,24 +482,17 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
       A pytree like ``params`` with ``where(mask, p, 0)`` on every masked leaf.
 
     Raises:
-      ValueError: if the structures differ or a mask's shape is not its leaf's
+      ValueError: as `validate_masks`: the structures differ, a mask is not boolean
+        (a float 0.3 would keep its entry), or a mask's shape is not its leaf's
         (broadcasting would silently zero the wrong entries).
     """
-
-    def apply(path, m, p):
-        if m is None:
-            return p
-        if jnp.shape(m) != jnp.shape(p):
-            raise ValueError(
-                f"masks{jax.tree_util.keystr(path)} has shape {jnp.shape(m)}, its parameter "
-                f"{jnp.shape(p)}"
-            )
-        return jnp.where(m, p, jnp.zeros_like(p))
-
-    want, got = jax.tree.structure(params), jax.tree.structure(masks, is_leaf=is_none)
-    if want != got:
-        raise ValueError(f"masks must have the structure of params: {got} vs {want}")
-    return jax.tree_util.tree_map_with_path(apply, masks, params, is_leaf=is_none)
+    validate_masks(params, masks)
+    return jax.tree.map(
+        lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
+        masks,
+        params,
+        is_leaf=is_none,
+    )
 
 
 def summary(tree: PyTree, masks: PyTree | None = None) -> dict[str, Any]:
@@ -464,7 +508,12 @@ def summary(tree: PyTree, masks: PyTree | None = None) -> dict[str, Any]:
       ``{"leaves": {path: {"size", "nonzeros", "density", "sparsity"}},
       "size", "nonzeros", "density", "sparsity"}`` with Python numbers; the
       global figures pool all counted leaves. Not jit-able (it reads values).
+
+    Raises:
+      ValueError: if ``masks`` is not a mask tree of ``tree`` (`validate_masks`).
     """
+    if masks is not None:
+        validate_masks(tree, masks)
     leaves = {}
     if masks is None:
         items = [
@@ -551,8 +600,18 @@ def global_topk_masks(scores: PyTree, sparsity: Any, selected: PyTree) -> PyTree
       Mask pytree: booleans on selected leaves (exactly N kept in total, ties by
       position in leaf order), ``None`` elsewhere. Layers may end up with very
       different densities; that is the point of global pruning.
+
+    Raises:
+      ValueError: for a sparsity outside [0, 1), or a ``selected`` leaf that is
+        ``False`` (it reads as "not pooled", but only ``None`` means that).
     """
     validate_sparsity(sparsity)
+    for path, sel in jax.tree_util.tree_flatten_with_path(selected, is_leaf=is_none)[0]:
+        if isinstance(sel, (bool, np.bool_)) and not sel:
+            raise ValueError(
+                f"selected{jax.tree_util.keystr(path)} is False: use None for a leaf that "
+                "is not pooled (every other value pools it)"
+            )
     sel_leaves, treedef = jax.tree.flatten(selected, is_leaf=is_none)
     score_leaves = treedef.flatten_up_to(scores)
     chosen = [s for s, keep in zip(score_leaves, sel_leaves) if keep is not None]
