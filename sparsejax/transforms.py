@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from sparsejax.masks import apply_masks, is_none
+from sparsejax.masks import apply_masks, is_none, validate_masks
 
 PyTree = Any
 
@@ -174,18 +174,49 @@ def _check_params(params: PyTree, masks: PyTree | None) -> None:
             raise ValueError(f"{name} must be floating point, got dtype {dtype}")
         if not isinstance(p, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(p))):
             raise ValueError(f"{name} contains NaN or inf values (got {p!r:.80})")
-    if masks is None:
-        return
-    try:
-        mask_leaves = jax.tree.structure(params).flatten_up_to(masks)
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"masks must have the structure of params: {error}") from None
-    for (path, p), m in zip(leaves, mask_leaves, strict=True):
-        if m is not None and jnp.shape(m) != jnp.shape(p):
+    if masks is not None:
+        validate_masks(params, masks)
+
+
+def _check_updates(updates: PyTree, params: PyTree) -> None:
+    """Fails, naming ``updates``, on gradients that do not mirror ``params``.
+
+    Structure and shapes are static, so this runs at trace time at no cost; without
+    it a missing or misshapen gradient leaf would be reported against the masks.
+    """
+    update_leaves, update_def = jax.tree_util.tree_flatten_with_path(updates)
+    param_leaves, param_def = jax.tree_util.tree_flatten_with_path(params)
+    if update_def != param_def:
+        have = {jax.tree_util.keystr(path) for path, _ in update_leaves}
+        want = {jax.tree_util.keystr(path) for path, _ in param_leaves}
+        detail = "; ".join(
+            [f"no entry for params{p}" for p in sorted(want - have)[:3]]
+            + [f"updates{p} is not a parameter" for p in sorted(have - want)[:3]]
+        )
+        raise ValueError(
+            "updates (the gradients) must have the structure of params: "
+            f"{detail or f'{update_def} vs {param_def}'}"
+        )
+    for (path, u), (_, p) in zip(update_leaves, param_leaves):
+        if jnp.shape(u) != jnp.shape(p):
             raise ValueError(
-                f"masks{jax.tree_util.keystr(path)} has shape {jnp.shape(m)}, "
-                f"its param {jnp.shape(p)}"
+                f"updates{jax.tree_util.keystr(path)} (a gradient) has shape {jnp.shape(u)}, "
+                f"its parameter {jnp.shape(p)}"
             )
+
+
+# The methods and flags of `sparsejax.algorithms.Algorithm` that `masked` uses.
+_ALGORITHM_API = (
+    "init_masks",
+    "init_state",
+    "update_state",
+    "update_masks",
+    "is_update_step",
+    "updates_masks",
+    "straight_through",
+    "skip_update_on_mask_step",
+    "reset_grown_moments",
+)
 
 
 def masked(
@@ -225,6 +256,12 @@ def masked(
     """
     if not isinstance(inner, optax.GradientTransformation):
         raise ValueError(f"inner must be an optax.GradientTransformation, got {type(inner)!r}")
+    missing = [a for a in _ALGORITHM_API if not hasattr(algorithm, a)]
+    if missing:
+        raise ValueError(
+            "algorithm must be a sparsejax.algorithms.Algorithm (a name goes through "
+            f"sparsejax.algorithms.get), got {algorithm!r}"
+        )
     base_key = jax.random.key(0) if key is None else key
     if not isinstance(base_key, jax.Array) or not jnp.issubdtype(
         base_key.dtype, jax.dtypes.prng_key
@@ -266,6 +303,7 @@ def masked(
             raise ValueError(
                 "masked(...).update needs params (the pruned weights are zeroed from them)"
             )
+        _check_updates(updates, params)
         step = state.count
         old_masks = unpack_masks(state.masks)
         algo_state = algorithm.update_state(state.algo_state, params, updates, step)
