@@ -20,7 +20,7 @@ from sparsejax.masks import validate_sparsity
 PyTree = Any
 FilterFn = Callable[[str, Any], bool]
 
-__all__ = ["default_filter", "er", "erk", "get", "path_name", "uniform"]
+__all__ = ["default_filter", "er", "erk", "get", "path_name", "uniform", "validate_keep_dense"]
 
 
 def path_name(path: tuple) -> str:
@@ -42,10 +42,30 @@ def default_filter(name: str, param: Any) -> bool:
     return np.ndim(param) >= 2
 
 
+def validate_keep_dense(keep_dense: Any) -> tuple[str, ...]:
+    """``keep_dense`` as a tuple of name substrings: one string, or a sequence of strings.
+
+    Raises:
+      ValueError: naming ``keep_dense`` and its value, for anything else (None, a number,
+        a sequence holding a non-string).
+    """
+    if isinstance(keep_dense, str):
+        return (keep_dense,)
+    if not isinstance(keep_dense, Sequence) or not all(isinstance(k, str) for k in keep_dense):
+        raise ValueError(
+            "keep_dense must be a string or a sequence of strings (substrings of leaf "
+            f"names such as 'conv1/kernel'), got keep_dense={keep_dense!r}"
+        )
+    return tuple(keep_dense)
+
+
 def _selected(params: PyTree, filter_fn: FilterFn | None, keep_dense: Sequence[str]):
     """(names, shapes, treedef, selected flags) of the leaves of ``params``."""
-    if isinstance(keep_dense, str):
-        keep_dense = (keep_dense,)
+    keep_dense = validate_keep_dense(keep_dense)
+    if filter_fn is not None and not callable(filter_fn):
+        raise ValueError(
+            f"filter_fn must be a callable (name, param) -> bool or None, got {filter_fn!r}"
+        )
     filter_fn = default_filter if filter_fn is None else filter_fn
     with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     names = [path_name(p) for p, _ in with_path]
@@ -192,10 +212,21 @@ def er(
     Args and returns as in `erk`; for a kernel (..., c_in, c_out) only the two
     channel dimensions enter the raw density (kernel dimensions do not).
 
+    Raises:
+      ValueError: as `erk`, and for a selected leaf with fewer than two axes (it has no
+        c_in and c_out), naming the leaf.
+
     Reference: Mocanu et al. 2018, "Scalable training of artificial neural
     networks with adaptive sparse connectivity inspired by network science";
     Evci et al. 2020.
     """
+    names, shapes, _, selected = _selected(params, filter_fn, keep_dense)
+    for name, shape, sel in zip(names, shapes, selected):
+        if sel and len(shape) < 2:
+            raise ValueError(
+                f"er needs leaves of rank >= 2 (..., c_in, c_out), but filter_fn selected "
+                f"{name!r} of shape {shape}; leave it dense"
+            )
     return _erk_like(
         params,
         sparsity,
@@ -209,8 +240,12 @@ _DISTRIBUTIONS = {"uniform": uniform, "erk": erk, "er": er}
 
 
 def get(name: str) -> Callable[..., PyTree]:
-    """Looks a distribution up by name ('uniform', 'er' or 'erk')."""
-    if name not in _DISTRIBUTIONS:
+    """Looks a distribution up by name ('uniform', 'er' or 'erk').
+
+    Raises:
+      ValueError: for an unknown name or one that is not a string.
+    """
+    if not isinstance(name, str) or name not in _DISTRIBUTIONS:
         raise ValueError(
             f"distribution={name!r} is unknown; known distributions: {sorted(_DISTRIBUTIONS)}"
         )

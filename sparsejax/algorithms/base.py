@@ -157,9 +157,7 @@ class SparseAlgorithm(Algorithm):
         masks.validate_sparsity(self.sparsity, "sparsity")
         if self.distribution != "global":
             distributions.get(self.distribution)
-        if isinstance(self.keep_dense, str):
-            object.__setattr__(self, "keep_dense", (self.keep_dense,))
-        object.__setattr__(self, "keep_dense", tuple(self.keep_dense))
+        object.__setattr__(self, "keep_dense", distributions.validate_keep_dense(self.keep_dense))
         if self.structure not in STRUCTURES:
             raise ValueError(f"structure must be one of {STRUCTURES}, got {self.structure!r}")
         block = tuple(self.block_shape)
