@@ -82,11 +82,13 @@ def _exact_allocation(densities: Sequence[float], sizes: Sequence[int], sparsity
 
     Largest-remainder rounding, never exceeding a layer's size, so the global
     count is exact and each layer is within one weight of its real-valued share.
+    Every layer keeps at least one weight (the rule of `masks.num_kept`); when
+    the target is below one weight a layer, the total is one weight a layer.
     """
     sizes = np.asarray(sizes, np.int64)
-    target = int(np.round((1.0 - sparsity) * sizes.sum()))
+    target = max(int(np.round((1.0 - sparsity) * sizes.sum())), len(sizes))
     ideal = np.minimum(np.asarray(densities, np.float64) * sizes, sizes)
-    counts = np.floor(ideal).astype(np.int64)
+    counts = np.maximum(np.floor(ideal), 1).astype(np.int64)
     remainder = target - counts.sum()
     frac = ideal - counts
     # Stable order: largest fractional part first, ties by layer order.
@@ -98,9 +100,9 @@ def _exact_allocation(densities: Sequence[float], sizes: Sequence[int], sparsity
             counts[j] += 1
             remainder -= 1
         i += 1
-    while remainder < 0:  # Floating error can only overshoot by a weight or two.
+    while remainder < 0:  # Overshoot: floating error, or layers raised to one weight.
         j = order[::-1][i % len(order)]
-        if counts[j] > 0:
+        if counts[j] > 1:
             counts[j] -= 1
             remainder += 1
         i += 1
@@ -138,6 +140,20 @@ def uniform(
     validate_sparsity(sparsity)
     _, shapes, treedef, selected = _selected(params, filter_fn, keep_dense)
     return jax.tree.unflatten(treedef, [float(sparsity) if s else None for s in selected])
+
+
+def _check_power_scale(power_scale: Any) -> None:
+    # A NaN or infinite exponent makes every raw density NaN, 0 or inf, which emptied layers.
+    if (
+        isinstance(power_scale, bool)
+        or not isinstance(power_scale, (int, float, np.integer, np.floating))
+        or not np.isfinite(power_scale)
+        or power_scale < 0
+    ):
+        raise ValueError(
+            "power_scale must be a finite number >= 0 (1 is ERK, 0 uniform), got "
+            f"power_scale={power_scale!r}"
+        )
 
 
 def _erk_like(params, sparsity, raw_density_fn, filter_fn, keep_dense):
@@ -185,13 +201,20 @@ def erk(
 
     Returns:
       Pytree of per-leaf sparsities (float) or None. The implied nonzero counts,
-      round((1 - s_l) * n_l), sum to exactly round((1 - sparsity) * sum_l n_l).
+      round((1 - s_l) * n_l) in float64, sum to exactly round((1 - sparsity) *
+      sum_l n_l), and each is at least one (a target below one weight a layer
+      gives every layer one weight).
+
+    Raises:
+      ValueError: for a sparsity outside [0, 1), or a ``power_scale`` that is not
+        a finite number >= 0 (NaN or inf would empty whole layers).
 
     Reference: Evci et al. 2020, "Rigging the Lottery: Making All Tickets
     Winners". A kernel of shape (k_1, ..., c_in, c_out) gets density
     eps * (sum_i dim_i / prod_i dim_i); eps is solved so the total matches the
     target, and layers whose density would exceed 1 are made dense first.
     """
+    _check_power_scale(power_scale)
     return _erk_like(
         params,
         sparsity,

@@ -60,17 +60,27 @@ def validate_sparsity(sparsity: Any, name: str = "sparsity") -> None:
 
 
 def num_kept(size: int, sparsity: Any) -> Any:
-    """Number of entries kept out of ``size`` at ``sparsity``: round((1 - sparsity) * size).
+    """Entries kept out of ``size`` at ``sparsity``: round((1 - sparsity) * size), at least one.
+
+    This is the one rule for degenerate layers: a non-empty array keeps at least
+    one entry, so no sparsity empties a layer (0.9999 of 64 weights keeps 1, a
+    (1, 1) kernel at 0.5 keeps its weight). Every per-layer count goes through
+    it (top-k, block and channel masks, the algorithms' layer targets).
 
     Works on Python floats (returns int) and on traced scalars (returns int32).
-    A Python float is rounded with the same float32 arithmetic a traced
-    sparsity gets, so eager and jit keep the same count (e.g. 0.9 of 5 entries:
-    float64 gives 0.4999... and float32 0.5000001).
+    A traced sparsity cannot be refused under jit, so the count is clipped to
+    [1, size] (1.5 keeps one entry, -0.5 all). A Python float is rounded with
+    the same float32 arithmetic a traced sparsity gets, so eager and jit keep
+    the same count (e.g. 0.9 of 5 entries: float64 gives 0.4999... and float32
+    0.5000001).
     """
+    lowest = min(1, size)
     if isinstance(sparsity, (int, float)):
         real = jax.dtypes.canonicalize_dtype(np.float64).type
-        return int(np.round((real(1.0) - real(sparsity)) * real(size)))
-    return jnp.round((1.0 - sparsity) * size).astype(jnp.int32)
+        kept = int(np.round((real(1.0) - real(sparsity)) * real(size)))
+        return min(max(kept, lowest), size)
+    kept = jnp.round((1.0 - sparsity) * size).astype(jnp.int32)
+    return jnp.clip(kept, lowest, size)
 
 
 def _descending_key(scores: jax.Array) -> jax.Array:
@@ -115,7 +125,7 @@ def _rank_descending(scores: jax.Array) -> jax.Array:
 
 
 def topk_mask(scores: jax.Array, sparsity: Any) -> jax.Array:
-    """Keeps the round((1 - sparsity) * size) highest-scoring entries.
+    """Keeps the round((1 - sparsity) * size) highest-scoring entries, at least one.
 
     Args:
       scores: array of any shape; larger means more important.
@@ -123,8 +133,9 @@ def topk_mask(scores: jax.Array, sparsity: Any) -> jax.Array:
         traced scalar (so schedules can drive it inside jit).
 
     Returns:
-      Boolean array of ``scores.shape`` with exactly round((1 - sparsity) * size)
-      True entries. Ties are broken by flat position (earlier entries win).
+      Boolean array of ``scores.shape`` with exactly `num_kept` (size, sparsity)
+      True entries: round((1 - sparsity) * size), and one if that rounds to zero.
+      Ties are broken by flat position (earlier entries win).
 
     Raises:
       ValueError: if a concrete ``sparsity`` is outside [0, 1).

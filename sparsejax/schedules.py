@@ -8,6 +8,8 @@ whether masks are recomputed at that step.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -89,7 +91,7 @@ def polynomial(
       end_step: t_end > t_0.
       update_every_steps: Δt, the pruning frequency.
       initial_sparsity: s_i in [0, 1).
-      power: the exponent (3 in the paper).
+      power: the exponent (3 in the paper), a finite number > 0.
 
     Reference: Zhu & Gupta 2017, "To prune, or not to prune: exploring the
     efficacy of pruning for model compression".
@@ -103,6 +105,9 @@ def polynomial(
     every = _check_step(update_every_steps, "update_every_steps")
     if every == 0:
         raise ValueError("update_every_steps must be positive, got 0")
+    if isinstance(power, bool) or not isinstance(power, numbers.Real) or not math.isfinite(power):
+        # NaN passed `power <= 0` and made every s_t NaN: layers were pruned entirely.
+        raise ValueError(f"power must be a finite number, got {power!r}")
     if power <= 0:
         raise ValueError(f"power must be positive, got {power!r}")
 
