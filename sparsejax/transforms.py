@@ -11,10 +11,17 @@ optimizer does (momentum, Adam moments, decoupled weight decay ...):
 
 There is no second call to forget. Use it as the outermost transform so it
 sees raw gradients (dynamic sparse training grows by gradient magnitude).
+The exact zeros need it outermost too: a transform applied after it (say
+``optax.chain(masked(adam, algo), optax.scale(0.5))``) rescales the -w that
+zeroes a pruned weight, which then keeps w / 2. optax gives a transform no
+view of what follows it, so `get_masks` and `sparsify` (called once after
+``init``) refuse an ``opt_state`` in which a chain has transforms after
+`masked`; put them inside instead: ``masked(optax.chain(adam, scale), algo)``.
 """
 
 from __future__ import annotations
 
+import collections
 from typing import Any, NamedTuple
 
 import jax
@@ -361,6 +368,55 @@ def masked(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _child(node: Any, key: Any) -> Any:
+    """The child of a pytree node at one key-path entry (None for custom nodes)."""
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return node[key.idx]
+    if isinstance(key, jax.tree_util.DictKey):
+        return node[key.key]
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return getattr(node, key.name)
+    return None
+
+
+def _masked_state(opt_state: optax.OptState) -> MaskedState:
+    """The first `MaskedState` in ``opt_state``, checking that no transform follows `masked`.
+
+    An ``optax.chain`` state is a plain tuple (``optax.named_chain``'s an
+    OrderedDict) with one entry per transform in order; every such container
+    on the way to the `MaskedState` must hold it in its last entry.
+    """
+    is_state = lambda x: isinstance(x, MaskedState)  # noqa: E731
+    found = [
+        (path, node)
+        for path, node in jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_state)[0]
+        if is_state(node)
+    ]
+    if not found:
+        raise ValueError(
+            "opt_state holds no MaskedState: was the optimizer built with masked(...)?"
+        )
+    path, state = found[0]
+    node = opt_state
+    for depth, key in enumerate(path):
+        if type(node) is tuple or type(node) is collections.OrderedDict:
+            entries = list(range(len(node))) if type(node) is tuple else list(node)
+            here = key.idx if isinstance(key, jax.tree_util.SequenceKey) else key.key
+            if here != entries[-1]:
+                raise ValueError(
+                    f"masked(...) must be the last transform of its chain, but its state at "
+                    f"opt_state{jax.tree_util.keystr(path[: depth + 1])} is followed by "
+                    f"{len(entries) - 1 - entries.index(here)} more transform(s), which would "
+                    "rescale the update -w that zeroes each pruned weight (optax.scale(0.5) "
+                    "leaves w / 2). "
+                    "Put them inside: masked(optax.chain(inner, ...), algorithm)"
+                )
+        node = _child(node, key)
+        if node is None:
+            break
+    return state
+
+
 def get_masks(opt_state: optax.OptState) -> PyTree:
     """The masks held by the (first) `MaskedState` inside ``opt_state``.
 
@@ -371,18 +427,11 @@ def get_masks(opt_state: optax.OptState) -> PyTree:
       The mask pytree of bool arrays (bit-packed masks are unpacked).
 
     Raises:
-      ValueError: if there is no `MaskedState` in ``opt_state``.
+      ValueError: if there is no `MaskedState` in ``opt_state``, or a chain in it
+        has transforms after `masked` (they would break the exact zeros of the
+        pruned weights; see the module docstring).
     """
-    found = [
-        node
-        for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, MaskedState))
-        if isinstance(node, MaskedState)
-    ]
-    if not found:
-        raise ValueError(
-            "opt_state holds no MaskedState: was the optimizer built with masked(...)?"
-        )
-    return unpack_masks(found[0].masks)
+    return unpack_masks(_masked_state(opt_state).masks)
 
 
 def sparsify(params: PyTree, opt_state: optax.OptState) -> PyTree:
@@ -390,6 +439,10 @@ def sparsify(params: PyTree, opt_state: optax.OptState) -> PyTree:
 
     Call it once after ``opt_state = tx.init(params)`` so the very first
     forward pass already sees the initial sparse network (every later step
-    keeps pruned weights at zero by itself).
+    keeps pruned weights at zero by itself, which needs `masked` to be the last
+    transform: this call refuses a chain with transforms after it).
+
+    Raises:
+      ValueError: as `get_masks`.
     """
     return apply_masks(params, get_masks(opt_state))
