@@ -493,9 +493,7 @@ class ViT1D(nn.Module):
             x = x[..., None]
         batch, length, channels = x.shape
         if length % self.patch_size:
-            raise ValueError(
-                f"patch_size={self.patch_size} must divide the input length {length}"
-            )
+            raise ValueError(f"patch_size={self.patch_size} must divide the input length {length}")
         tokens = length // self.patch_size
         x = x.reshape(batch, tokens, self.patch_size * channels)
         x = nn.Dense(self.width, name="embed")(x)

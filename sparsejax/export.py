@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import BSR, NM
+from sparsejax import masks as masks_lib
 from sparsejax import transforms
 from sparsejax.masks import path_name
 from sparsejax.nn import conv_kernel_matrix
@@ -86,21 +87,19 @@ def export(
       pytrees and other masked leaves are ``w * mask`` dense arrays.
 
     Raises:
-      ValueError: unknown ``format``; masks whose structure differs from params; a Dense
-        kernel whose shape the block shape does not divide, or whose mask is not N:M (the
-        message names the parameter path).
+      ValueError: unknown ``format``; masks that are not a mask tree of params
+        (`sparsejax.masks.validate_masks`: other keys, non-boolean or misshapen masks); a
+        Dense kernel whose shape the block shape does not divide, or whose mask is not N:M
+        (the message names the parameter path).
     """
     if format not in _FORMATS:
         raise ValueError(f"format must be one of {_FORMATS}, got {format!r}")
     if convs and format != "bsr":
         raise ValueError(f"convs=True needs format='bsr', got format={format!r}")
+    # Matched by key path, never by position: params {a, b} with masks {b, c} must fail.
+    masks_lib.validate_masks(params, masks)
     flat_params, treedef = jax.tree_util.tree_flatten_with_path(params)
     flat_masks = jax.tree.leaves(masks, is_leaf=lambda x: x is None)
-    if len(flat_masks) != len(flat_params):
-        raise ValueError(
-            f"masks must mirror params: {len(flat_masks)} mask leaves for "
-            f"{len(flat_params)} parameters"
-        )
     out = []
     for (path, leaf), mask in zip(flat_params, flat_masks):
         name = path_name(path)

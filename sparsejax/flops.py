@@ -6,12 +6,8 @@ FLOP per output; activations, normalizations and the loss are not counted. A
 layer whose kernel has density d costs d times its dense multiply-add FLOPs
 (plus its bias). One training step costs a forward pass f and a backward pass
 2f (gradients with respect to the activations and to the weights), so 3f; the
-algorithms that need dense gradients pay for them where they take them:
-
-    dense, static, SET, prune-at-init      3 f_S        (f_S = f_D for dense)
-    RigL (dense gradient every ΔT steps)   (3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1)
-    SNFS (dense gradient every step)       2 f_S + f_D
-    gradual pruning                        3 f(t), averaged over the schedule
+algorithms that need dense gradients pay for them where they take them (see
+`training_flops` for every registered algorithm).
 
 Layers are found by intercepting every `flax.linen.Dense` and `flax.linen.Conv`
 call while the model is traced with `jax.eval_shape` (nothing is computed).
@@ -134,6 +130,36 @@ def inference_flops(layers: list[LayerFlops], masks: PyTree | None = None) -> di
     return {"per_layer": per_layer, "total": sum(per_layer.values()), "dense_total": dense_total}
 
 
+# Registered algorithm name -> how its training step is paid for (see `training_flops`).
+_TRAINING_COST = {
+    "dense": "dense",
+    # Sparse from the first step; a pruning pass at initialization is a one-off, not counted.
+    "static": "sparse",
+    "set": "sparse",
+    "snip": "sparse",
+    "grasp": "sparse",
+    "synflow": "sparse",
+    # The dense gradient on mask-update steps only.
+    "rigl": "periodic_dense_gradient",
+    "srigl": "periodic_dense_gradient",
+    # The dense gradient every step: SNFS's momentum, and the straight-through family whose
+    # optimizer updates the dense weights (their weight gradient is a dense product).
+    "snfs": "dense_gradient",
+    "ste": "dense_gradient",
+    "nm_ste": "dense_gradient",
+    "sr_ste": "dense_gradient",
+    "s_ste": "dense_gradient",
+    "bimask": "dense_gradient",
+    # Dense at first, sparse later: the forward cost follows the schedule.
+    "magnitude": "scheduled",
+    "random": "scheduled",
+    "nm_oneshot": "scheduled",
+    "nm_decay": "scheduled_dense_gradient",
+}
+# Registered too, but trained through factor ranks whose cost is not a mask density.
+_RANK_ADAPTIVE = ("greedy_growth", "spectral_truncation")
+
+
 def training_flops(
     forward_sparse: float,
     forward_dense: float,
@@ -143,37 +169,91 @@ def training_flops(
     sparsity_fraction_by_step: Callable[[int], float] | None = None,
     total_steps: int | None = None,
 ) -> float:
-    """Average training FLOPs per example-batch step, following Evci et al. 2020.
+    """Average training FLOPs per step of a registered algorithm, after Evci et al. 2020.
+
+    With f_S the forward FLOPs of the sparse model (its final masks), f_D those
+    of the dense model, ΔT = ``update_every_steps`` and, for the algorithms that
+    start dense, f(t) = f_D - (f_D - f_S) * phi(t) with phi =
+    ``sparsity_fraction_by_step`` averaged over ``total_steps``:
+
+        dense                                    3 f_D
+        static, set, snip, grasp, synflow        3 f_S
+        rigl, srigl                              (3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1)
+        snfs                                     2 f_S + f_D
+        ste, nm_ste, sr_ste, s_ste, bimask       2 f_S + f_D
+        magnitude, random, nm_oneshot            mean_t 3 f(t)
+        nm_decay                                 mean_t 2 f(t) + f_D
+
+    A step is a forward pass, the gradient with respect to the activations
+    (another pass through the same weights) and the gradient with respect to
+    the weights; the last is a dense product, f_D, whenever the algorithm reads
+    the gradient of pruned weights: RigL and SRigL on their mask updates only
+    (Evci et al. 2020, Appendix H), SNFS every step (its momentum of the dense
+    gradient), and the straight-through family every step, since its optimizer
+    updates the dense weights (Zhou et al. 2021; Bi-Mask's backward mask makes
+    the activation gradient sparse, not the weight gradient). Gradual magnitude
+    or random pruning and one-shot N:M pruning train with the current mask;
+    N:M decay (Bambhaniya et al. 2024) takes straight-through dense weight
+    gradients and runs a dense forward while its pruned weights still count
+    (phi(t) = 0 while alpha_t > 0, 1 after ``end_step``; the N:M fraction of
+    its stepwise structure decay). One-off pruning passes at initialization
+    (SNIP, GraSP, SynFlow's rounds) are not counted.
 
     Args:
       forward_sparse: f_S, forward FLOPs of the sparse model (its final masks).
       forward_dense: f_D, forward FLOPs of the dense model.
-      algorithm: registry name ('dense', 'static', 'set', 'rigl', 'snfs',
-        'magnitude', 'snip', 'grasp', 'synflow', 'random', ...).
-      update_every_steps: ΔT for RigL.
-      sparsity_fraction_by_step: for gradual pruning, t -> s(t) / s_final, so
-        the forward cost at t is f_D - (f_D - f_S) * s(t)/s_final.
-      total_steps: steps to average over, for gradual pruning.
+      algorithm: a registered name (see the table; `sparsejax.algorithms.names`).
+      update_every_steps: ΔT of RigL and SRigL, a positive integer.
+      sparsity_fraction_by_step: phi(t) in [0, 1], how far step t's forward pass
+        has gone from dense to the final masks (s(t) / s_final for gradual
+        pruning); required by magnitude, random, nm_oneshot and nm_decay.
+      total_steps: steps to average phi over, with ``sparsity_fraction_by_step``.
 
     Returns:
       FLOPs per training step, averaged over training.
+
+    Raises:
+      ValueError: for a name that is not a registered algorithm (listing the
+        known ones), a rank-adaptive algorithm (its cost follows the ranks, not a
+        mask density), a missing schedule, or a non-positive interval.
     """
+    if algorithm in _RANK_ADAPTIVE:
+        raise ValueError(
+            f"algorithm={algorithm!r} adapts factor ranks: its training cost follows the "
+            "rank trajectory, which training_flops does not model"
+        )
+    if not isinstance(algorithm, str) or algorithm not in _TRAINING_COST:
+        raise ValueError(
+            f"algorithm={algorithm!r} is unknown; known algorithms: {sorted(_TRAINING_COST)}"
+        )
     f_s, f_d = float(forward_sparse), float(forward_dense)
-    if algorithm == "dense":
+    cost = _TRAINING_COST[algorithm]
+    if cost == "dense":
         return 3.0 * f_d
-    if algorithm == "rigl":
-        dt = update_every_steps
-        return (3.0 * f_s * dt + 2.0 * f_s + f_d) / (dt + 1)
-    if algorithm == "snfs":
+    if cost == "sparse":
+        return 3.0 * f_s
+    if cost == "dense_gradient":
         return 2.0 * f_s + f_d
-    if algorithm in ("magnitude", "random") and sparsity_fraction_by_step is not None:
-        if not total_steps:
-            raise ValueError(
-                f"total_steps must be positive for gradual pruning, got {total_steps!r}"
-            )
-        fractions = np.array([sparsity_fraction_by_step(t) for t in range(total_steps)])
-        return float(np.mean(3.0 * (f_d - (f_d - f_s) * fractions)))
-    return 3.0 * f_s
+    if cost == "periodic_dense_gradient":
+        dt = update_every_steps
+        if isinstance(dt, bool) or not isinstance(dt, (int, np.integer)) or dt < 1:
+            raise ValueError(f"update_every_steps must be a positive integer, got {dt!r}")
+        return (3.0 * f_s * dt + 2.0 * f_s + f_d) / (dt + 1)
+    # Starts dense: without the schedule, 3 f_S would understate the cost.
+    if sparsity_fraction_by_step is None:
+        raise ValueError(
+            f"algorithm={algorithm!r} trains dense before its masks reach f_S: pass "
+            "sparsity_fraction_by_step (t -> phi(t) in [0, 1]) and total_steps"
+        )
+    if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)):
+        raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be positive for gradual pruning, got {total_steps!r}")
+    fractions = np.array([sparsity_fraction_by_step(t) for t in range(total_steps)], np.float64)
+    forward = f_d - (f_d - f_s) * fractions
+    if cost == "scheduled_dense_gradient":
+        return float(np.mean(2.0 * forward + f_d))
+    return float(np.mean(3.0 * forward))
 
 
 def memory(params: PyTree, masks: PyTree | None = None) -> Mapping[str, int]:

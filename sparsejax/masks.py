@@ -41,6 +41,7 @@ __all__ = [
     "transposable_nm_mask",
     "transposable_nm_patterns",
     "unpack_masks",
+    "validate_masks",
     "validate_nm",
     "validate_sparsity",
 ]
@@ -88,17 +89,55 @@ def validate_sparsity(sparsity: Any, name: str = "sparsity") -> None:
 
 
 def num_kept(size: int, sparsity: Any) -> Any:
-    """Number of entries kept out of ``size`` at ``sparsity``: round((1 - sparsity) * size).
+    """Entries kept out of ``size`` at ``sparsity``: round((1 - sparsity) * size), at least one.
+
+    This is the one rule for degenerate layers: a non-empty array keeps at least
+    one entry, so no sparsity empties a layer (0.9999 of 64 weights keeps 1, a
+    (1, 1) kernel at 0.5 keeps its weight). Every per-layer count goes through
+    it (top-k, block and channel masks, the algorithms' layer targets).
 
     Works on Python floats (returns int) and on traced scalars (returns int32).
-    A Python float is rounded with the same float32 arithmetic a traced
-    sparsity gets, so eager and jit keep the same count (e.g. 0.9 of 5 entries:
-    float64 gives 0.4999... and float32 0.5000001).
+    A traced sparsity cannot be refused under jit, so the count is clipped to
+    [1, size] (1.5 keeps one entry, -0.5 all). A Python float is rounded with
+    the same float32 arithmetic a traced sparsity gets, so eager and jit keep
+    the same count (e.g. 0.9 of 5 entries: float64 gives 0.4999... and float32
+    0.5000001).
     """
+    lowest = min(1, size)
     if isinstance(sparsity, (int, float)):
         real = jax.dtypes.canonicalize_dtype(np.float64).type
-        return int(np.round((real(1.0) - real(sparsity)) * real(size)))
-    return jnp.round((1.0 - sparsity) * size).astype(jnp.int32)
+        kept = int(np.round((real(1.0) - real(sparsity)) * real(size)))
+        return min(max(kept, lowest), size)
+    kept = jnp.round((1.0 - sparsity) * size).astype(jnp.int32)
+    return jnp.clip(kept, lowest, size)
+
+
+def _descending_key(scores: jax.Array) -> jax.Array:
+    """A key whose ascending order is the descending order of ``scores``, exact for every dtype.
+
+    Floats are negated (exact; NaN stays NaN, which sorts last). Integers and
+    bools are bit-flipped instead: ``~x`` is ``-x - 1`` for signed and ``max - x``
+    for unsigned types, an order-reversing bijection that cannot overflow, where
+    negation wraps uint8 (0 would become the largest) and int8's -128.
+
+    Raises:
+      ValueError: for scores that are not real numbers (e.g. complex).
+    """
+    dtype = scores.dtype
+    if jnp.issubdtype(dtype, jnp.floating):
+        return -scores
+    if dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer):
+        return ~scores
+    raise ValueError(f"scores must be real (bool, integer or floating), got dtype {dtype}")
+
+
+def _magnitude(scores: jax.Array) -> jax.Array:
+    """``|scores|`` without overflow: signed integers come back unsigned (|-128| = 128 in uint8)."""
+    if jnp.issubdtype(scores.dtype, jnp.signedinteger):
+        # abs(INT_MIN) wraps to INT_MIN, whose two's complement bits read as unsigned are |INT_MIN|.
+        unsigned = jnp.dtype(f"uint{jnp.iinfo(scores.dtype).bits}")
+        return jnp.abs(scores).astype(unsigned)
+    return jnp.abs(scores)
 
 
 def _rank_descending(scores: jax.Array) -> jax.Array:
@@ -106,15 +145,16 @@ def _rank_descending(scores: jax.Array) -> jax.Array:
 
     Rank 0 is the largest score; equal scores are ordered by position (lower
     index first), which makes top-k selection deterministic. NaN ranks last.
+    Exact for every real dtype (see `_descending_key`).
     """
     flat = scores.reshape(-1)
-    # A stable argsort of the negated scores breaks ties by index.
-    order = jnp.argsort(-flat, stable=True)
+    # A stable argsort of the order-reversed key breaks ties by index.
+    order = jnp.argsort(_descending_key(flat), stable=True)
     return jnp.zeros_like(order).at[order].set(jnp.arange(flat.size, dtype=order.dtype))
 
 
 def topk_mask(scores: jax.Array, sparsity: Any) -> jax.Array:
-    """Keeps the round((1 - sparsity) * size) highest-scoring entries.
+    """Keeps the round((1 - sparsity) * size) highest-scoring entries, at least one.
 
     Args:
       scores: array of any shape; larger means more important.
@@ -122,8 +162,9 @@ def topk_mask(scores: jax.Array, sparsity: Any) -> jax.Array:
         traced scalar (so schedules can drive it inside jit).
 
     Returns:
-      Boolean array of ``scores.shape`` with exactly round((1 - sparsity) * size)
-      True entries. Ties are broken by flat position (earlier entries win).
+      Boolean array of ``scores.shape`` with exactly `num_kept` (size, sparsity)
+      True entries: round((1 - sparsity) * size), and one if that rounds to zero.
+      Ties are broken by flat position (earlier entries win).
 
     Raises:
       ValueError: if a concrete ``sparsity`` is outside [0, 1).
@@ -234,7 +275,7 @@ def group_ranks(groups: jax.Array) -> jax.Array:
     """
     m = groups.shape[-1]
     if m > 16:
-        order = jnp.argsort(-groups, axis=-1, stable=True)
+        order = jnp.argsort(_descending_key(groups), axis=-1, stable=True)
         return jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32)
     # NaN is ordered below every number (and equal to another NaN) to rank last.
     nan = jnp.isnan(groups) if jnp.issubdtype(groups.dtype, jnp.floating) else None
@@ -379,6 +420,11 @@ def block_mask(scores: jax.Array, sparsity: Any, block_shape: Sequence[int]) -> 
         dividing the array shape; or a sparsity outside [0, 1).
     """
     scores = jnp.asarray(scores)
+    if isinstance(block_shape, (str, bytes)) or not isinstance(block_shape, Sequence):
+        raise ValueError(
+            f"block_shape must be a sequence with one block length per axis of scores "
+            f"(shape {tuple(scores.shape)}), got block_shape={block_shape!r}"
+        )
     block_shape = tuple(block_shape)
     if len(block_shape) != scores.ndim:
         raise ValueError(
@@ -396,7 +442,7 @@ def block_mask(scores: jax.Array, sparsity: Any, block_shape: Sequence[int]) -> 
     split = []
     for g, b in zip(grid, block_shape):
         split += [g, b]
-    blocked = jnp.abs(scores).reshape(split)
+    blocked = _magnitude(scores).reshape(split)
     block_scores = blocked.sum(axis=tuple(range(1, 2 * scores.ndim, 2)))
     keep_blocks = topk_mask(block_scores, sparsity)
     expanded = keep_blocks
@@ -426,11 +472,56 @@ def channel_mask(scores: jax.Array, sparsity: Any, axis: int = -1) -> jax.Array:
     axis = normalize_axis(axis, scores.ndim)
     validate_sparsity(sparsity)
     other = tuple(a for a in range(scores.ndim) if a != axis)
-    channel_scores = jnp.abs(scores).sum(axis=other)
+    channel_scores = _magnitude(scores).sum(axis=other)
     keep = topk_mask(channel_scores, sparsity)
     shape = [1] * scores.ndim
     shape[axis] = scores.shape[axis]
     return jnp.broadcast_to(keep.reshape(shape), scores.shape)
+
+
+def validate_masks(params: PyTree, masks: PyTree, name: str = "masks") -> None:
+    """Raises ValueError unless ``masks`` is a mask tree of ``params``.
+
+    A mask tree has the structure of ``params`` (the same keys, matched by key path,
+    never by position) with a boolean array of the parameter's shape, or ``None``, at
+    every leaf. Only structure, dtypes and shapes are read, so it works under jit.
+
+    Args:
+      params: the parameter pytree (arrays or `jax.ShapeDtypeStruct`).
+      masks: the candidate mask tree.
+      name: how the message names ``masks``.
+
+    Raises:
+      ValueError: naming the first offending entry: a parameter without a mask entry
+        or a mask entry without a parameter, a mask that is not boolean (0.3 is not
+        "keep"), or a mask of another shape.
+    """
+    param_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    mask_leaves = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)[0]
+    param_paths = [jax.tree_util.keystr(path) for path, _ in param_leaves]
+    mask_paths = [jax.tree_util.keystr(path) for path, _ in mask_leaves]
+    if param_paths != mask_paths or jax.tree.structure(params) != jax.tree.structure(
+        masks, is_leaf=is_none
+    ):
+        known_masks, known_params = set(mask_paths), set(param_paths)
+        missing = [p for p in param_paths if p not in known_masks]
+        extra = [p for p in mask_paths if p not in known_params]
+        detail = "; ".join(
+            [f"no entry for params{p}" for p in missing[:3]]
+            + [f"{name}{p} is not a parameter" for p in extra[:3]]
+        )
+        if not detail:
+            detail = f"{jax.tree.structure(masks, is_leaf=is_none)} vs {jax.tree.structure(params)}"
+        raise ValueError(f"{name} must have the structure of params: {detail}")
+    for (path, p), (_, m) in zip(param_leaves, mask_leaves):
+        if m is None:
+            continue
+        where = f"{name}{jax.tree_util.keystr(path)}"
+        dtype = m.dtype if hasattr(m, "dtype") else np.asarray(m).dtype
+        if dtype != np.bool_:
+            raise ValueError(f"{where} must be boolean, got dtype {dtype}")
+        if jnp.shape(m) != jnp.shape(p):
+            raise ValueError(f"{where} has shape {jnp.shape(m)}, its parameter {jnp.shape(p)}")
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
@@ -444,24 +535,17 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
       A pytree like ``params`` with ``where(mask, p, 0)`` on every masked leaf.
 
     Raises:
-      ValueError: if the structures differ or a mask's shape is not its leaf's
+      ValueError: as `validate_masks`: the structures differ, a mask is not boolean
+        (a float 0.3 would keep its entry), or a mask's shape is not its leaf's
         (broadcasting would silently zero the wrong entries).
     """
-
-    def apply(path, m, p):
-        if m is None:
-            return p
-        if jnp.shape(m) != jnp.shape(p):
-            raise ValueError(
-                f"masks{jax.tree_util.keystr(path)} has shape {jnp.shape(m)}, its parameter "
-                f"{jnp.shape(p)}"
-            )
-        return jnp.where(m, p, jnp.zeros_like(p))
-
-    want, got = jax.tree.structure(params), jax.tree.structure(masks, is_leaf=is_none)
-    if want != got:
-        raise ValueError(f"masks must have the structure of params: {got} vs {want}")
-    return jax.tree_util.tree_map_with_path(apply, masks, params, is_leaf=is_none)
+    validate_masks(params, masks)
+    return jax.tree.map(
+        lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
+        masks,
+        params,
+        is_leaf=is_none,
+    )
 
 
 def summary(tree: PyTree, masks: PyTree | None = None) -> dict[str, Any]:
@@ -477,7 +561,12 @@ def summary(tree: PyTree, masks: PyTree | None = None) -> dict[str, Any]:
       ``{"leaves": {path: {"size", "nonzeros", "density", "sparsity"}},
       "size", "nonzeros", "density", "sparsity"}`` with Python numbers; the
       global figures pool all counted leaves. Not jit-able (it reads values).
+
+    Raises:
+      ValueError: if ``masks`` is not a mask tree of ``tree`` (`validate_masks`).
     """
+    if masks is not None:
+        validate_masks(tree, masks)
     leaves = {}
     if masks is None:
         items = [
@@ -532,11 +621,30 @@ def sparsity_of(params: PyTree, masks: PyTree) -> jax.Array:
     return (zeros / total).astype(jnp.float32)
 
 
+def _pooled_dtype(leaves: Sequence[Any]) -> Any:
+    """The dtype that holds every pooled score exactly (a float32 cast ties int32 2**30, 2**30+1).
+
+    Raises:
+      ValueError: if the leaves' dtypes have no common type that represents all of
+        them exactly under the current JAX config (int32 with float32, uint32 with
+        int32 without x64).
+    """
+    dtypes = sorted({jnp.result_type(s) for s in leaves}, key=str)
+    common = jnp.result_type(*dtypes)
+    if not all(np.can_cast(d, common, "safe") for d in dtypes):
+        raise ValueError(
+            f"scores of dtypes {[str(d) for d in dtypes]} have no common dtype holding them "
+            f"all exactly (JAX promotes them to {common}): give every pooled leaf one dtype"
+        )
+    return common
+
+
 def global_topk_masks(scores: PyTree, sparsity: Any, selected: PyTree) -> PyTree:
     """Keeps the round((1 - sparsity) * N) highest scores pooled over all selected leaves.
 
     Args:
-      scores: pytree of score arrays.
+      scores: pytree of score arrays, of one real dtype or of dtypes that promote
+        exactly (ranked without a float32 cast, so int32 2**30 + 1 beats 2**30).
       sparsity: fraction dropped over the pooled entries, in [0, 1); may be traced.
       selected: pytree with the structure of ``scores`` whose leaves are truthy
         for the leaves to pool and ``None`` for the others.
@@ -545,14 +653,24 @@ def global_topk_masks(scores: PyTree, sparsity: Any, selected: PyTree) -> PyTree
       Mask pytree: booleans on selected leaves (exactly N kept in total, ties by
       position in leaf order), ``None`` elsewhere. Layers may end up with very
       different densities; that is the point of global pruning.
+
+    Raises:
+      ValueError: for a sparsity outside [0, 1), or a ``selected`` leaf that is
+        ``False`` (it reads as "not pooled", but only ``None`` means that).
     """
     validate_sparsity(sparsity)
+    for path, sel in jax.tree_util.tree_flatten_with_path(selected, is_leaf=is_none)[0]:
+        if isinstance(sel, (bool, np.bool_)) and not sel:
+            raise ValueError(
+                f"selected{jax.tree_util.keystr(path)} is False: use None for a leaf that "
+                "is not pooled (every other value pools it)"
+            )
     sel_leaves, treedef = jax.tree.flatten(selected, is_leaf=is_none)
     score_leaves = treedef.flatten_up_to(scores)
     chosen = [s for s, keep in zip(score_leaves, sel_leaves) if keep is not None]
     if not chosen:
         return jax.tree.unflatten(treedef, [None] * len(sel_leaves))
-    flat = jnp.concatenate([jnp.ravel(s).astype(jnp.float32) for s in chosen])
+    flat = jnp.concatenate([jnp.ravel(s).astype(_pooled_dtype(chosen)) for s in chosen])
     keep = topk_mask(flat, sparsity)
     out, offset = [], 0
     for s, sel in zip(score_leaves, sel_leaves):

@@ -203,16 +203,21 @@ def _conv_padding(padding: Any, nd: int) -> Any:
 
 def _sparse_conv(module: nn.Conv, x: jax.Array, kernel: BSR, impl: str) -> jax.Array:
     """``module(x)`` for an ``nn.Conv`` whose kernel is the BSR of its im2col matrix."""
-    nd = len(module.kernel_size)
+    # As in nn.Conv: an int kernel_size is a 1-D window (nn.Conv(features, 3)).
+    size = module.kernel_size
+    kernel_size = (int(size),) if isinstance(size, (int, np.integer)) else tuple(size)
+    nd = len(kernel_size)
     if nd not in _CONV_SPECS:
-        raise ValueError(f"sparse conv supports 1 to 3 spatial dims, got kernel_size={nd}")
+        raise ValueError(
+            f"sparse conv supports 1 to 3 spatial dims, got kernel_size={module.kernel_size!r}"
+        )
     if module.feature_group_count != 1:
         raise ValueError(
             f"sparse conv needs feature_group_count=1, got {module.feature_group_count}"
         )
     if x.ndim != nd + 2:
         raise ValueError(f"sparse conv needs a batched input of rank {nd + 2}, got {x.shape}")
-    window = int(np.prod(module.kernel_size))
+    window = int(np.prod(kernel_size))
     if kernel.shape != (x.shape[-1] * window, module.features):
         raise ValueError(
             f"BSR kernel shape {kernel.shape} does not match (in_channels * window, features)"
@@ -220,7 +225,7 @@ def _sparse_conv(module: nn.Conv, x: jax.Array, kernel: BSR, impl: str) -> jax.A
         )
     patches = lax.conv_general_dilated_patches(
         x,
-        filter_shape=tuple(module.kernel_size),
+        filter_shape=kernel_size,
         window_strides=_per_dim(module.strides, nd, "strides"),
         padding=_conv_padding(module.padding, nd),
         lhs_dilation=_per_dim(module.input_dilation, nd, "input_dilation"),

@@ -8,6 +8,8 @@ whether masks are recomputed at that step.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -80,7 +82,8 @@ def polynomial(
 
     s_t = s_f + (s_i - s_f) * (1 - (t - t_0) / (t_end - t_0)) ** power for
     t_0 <= t <= t_end, s_i before t_0 and s_f after; masks are updated every
-    ``update_every_steps`` steps from t_0 to t_end (inclusive of both ends).
+    ``update_every_steps`` steps from t_0, and at t_end (also when t_end - t_0 is
+    not a multiple of Δt), so the last update reaches s_f.
 
     Args:
       final_sparsity: s_f in [0, 1).
@@ -88,7 +91,7 @@ def polynomial(
       end_step: t_end > t_0.
       update_every_steps: Δt, the pruning frequency.
       initial_sparsity: s_i in [0, 1).
-      power: the exponent (3 in the paper).
+      power: the exponent (3 in the paper), a finite number > 0.
 
     Reference: Zhu & Gupta 2017, "To prune, or not to prune: exploring the
     efficacy of pruning for model compression".
@@ -102,6 +105,9 @@ def polynomial(
     every = _check_step(update_every_steps, "update_every_steps")
     if every == 0:
         raise ValueError("update_every_steps must be positive, got 0")
+    if isinstance(power, bool) or not isinstance(power, numbers.Real) or not math.isfinite(power):
+        # NaN passed `power <= 0` and made every s_t NaN: layers were pruned entirely.
+        raise ValueError(f"power must be a finite number, got {power!r}")
     if power <= 0:
         raise ValueError(f"power must be positive, got {power!r}")
 
@@ -121,7 +127,10 @@ def polynomial(
 
     def is_update_step(t):
         t = jnp.asarray(t)
-        return (t >= begin) & (t <= end) & ((t - begin) % every == 0)
+        # t_end is an update step even off the grid: the grid's last step (900 for t_0 = 0,
+        # t_end = 1000, Δt = 300) is still short of s_f, and no update would follow it.
+        on_grid = (t - begin) % every == 0
+        return (t >= begin) & (t <= end) & (on_grid | (t == end))
 
     return SparsitySchedule(sparsity=sparsity, is_update_step=is_update_step)
 

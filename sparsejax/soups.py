@@ -75,24 +75,46 @@ def check_shared_mask(stacked_params: PyTree, mask: PyTree) -> None:
     Args:
       stacked_params: params with a leading ingredient axis.
       mask: one mask tree (no ingredient axis), None for leaves that are not sparse.
+
+    Raises:
+      ValueError: if ``mask`` is not a mask tree of one ingredient (matched by key path;
+        `sparsejax.masks.validate_masks`) or an ingredient has a nonzero weight off it.
     """
+    one = jax.tree.map(
+        lambda p: jax.ShapeDtypeStruct(np.shape(p)[1:], jnp.result_type(p)), stacked_params
+    )
+    masks_lib.validate_masks(one, mask, "mask")
     flat_masks = jax.tree.leaves(mask, is_leaf=masks_lib.is_none)
     flat_params, _ = jax.tree_util.tree_flatten_with_path(stacked_params)
-    if len(flat_masks) != len(flat_params):
-        raise ValueError(f"mask has {len(flat_masks)} leaves but params have {len(flat_params)}")
     for (path, p), m in zip(flat_params, flat_masks):
         if m is None:
             continue
         p, m = np.asarray(p), np.asarray(m, bool)
-        if p.shape[1:] != m.shape:
-            raise ValueError(
-                f"mask at {jax.tree_util.keystr(path)} has shape {m.shape}, params {p.shape[1:]}"
-            )
         off = np.abs(p[:, ~m]).max(initial=0.0)
         if off != 0:
             raise ValueError(
                 f"an ingredient has nonzero weights off the shared mask at "
                 f"{jax.tree_util.keystr(path)} (max |w| = {off:g})"
+            )
+
+
+def _check_same_zeros(stacked_params: PyTree) -> None:
+    """Raises ValueError, naming the leaf, where the ingredients' exact zeros differ.
+
+    Sparse ingredients sharing a mask are zero at the same entries, and dense ones are
+    zero nowhere; ingredients with different masks are not, and their soup would fill
+    the union of their supports. A shared mask whose live weights may also be exactly
+    zero is passed as ``mask`` instead.
+    """
+    for path, p in jax.tree_util.tree_flatten_with_path(stacked_params)[0]:
+        zero = np.asarray(p) == 0
+        differ = np.any(zero != zero[:1], axis=tuple(range(1, zero.ndim)))
+        if differ.any():
+            raise ValueError(
+                f"stacked_params{jax.tree_util.keystr(path)}: ingredient "
+                f"{int(np.argmax(differ))} is zero at other entries than ingredient 0, so "
+                "the ingredients have different masks and their average would be denser "
+                "than each; a soup averages models that share one mask (pass it as mask=)"
             )
 
 
@@ -114,7 +136,9 @@ def average(
       Params without the ingredient axis: Σ_i a_i θ_i with Σ a_i = 1.
 
     Raises:
-      ValueError: for inconsistent leading axes, bad weights, or ingredients off the mask.
+      ValueError: for inconsistent leading axes, bad weights, or ingredients off the mask;
+        without a mask, for ingredients that are zero at different entries of a leaf
+        (models with different masks, whose average would be denser than each).
 
     Reference: Zimmer et al. 2024, "Sparse Model Soups: A Recipe for Improved Pruning via
     Model Averaging" (the uniform soup of m models retrained from one pruned model; the
@@ -133,6 +157,8 @@ def average(
         a = a / jnp.sum(a)
     if mask is not None:
         check_shared_mask(stacked_params, mask)
+    else:
+        _check_same_zeros(stacked_params)
     soup = jax.tree.map(lambda p: jnp.tensordot(a.astype(p.dtype), p, axes=1), stacked_params)
     if mask is not None:
         soup = masks_lib.apply_masks(soup, mask)
@@ -186,11 +212,21 @@ def swa_update(swa_params: PyTree, params: PyTree, count: jax.Array) -> PyTree:
 
     Returns:
       The average of ``count + 1`` snapshots. Zeros shared by all snapshots stay exactly 0.
+      At ``count == 0`` it is ``params`` itself: ``swa_params`` is not read, so a NaN or
+      uninitialized start cannot leak into the average.
+
+    Raises:
+      ValueError: for a concrete negative ``count``.
 
     Reference: Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima and Better
     Generalization" (SWA); Choi et al. 2023, "SWAMP: Sparse Weight Averaging with Multiple
     Particles for Iterative Magnitude Pruning" (each particle is trained with SWA, the
     particles are averaged, and IMP prunes the average by magnitude).
     """
+    if not isinstance(count, jax.core.Tracer) and np.any(np.asarray(count) < 0):
+        raise ValueError(f"count must be >= 0 (snapshots already averaged), got {count!r}")
     count = jnp.asarray(count, jnp.float32)
-    return jax.tree.map(lambda s, p: (count * s + p) / (count + 1.0), swa_params, params)
+    # where, not arithmetic: 0 * NaN is NaN, so the first snapshot must replace the start.
+    return jax.tree.map(
+        lambda s, p: jnp.where(count > 0, (count * s + p) / (count + 1.0), p), swa_params, params
+    )

@@ -11,10 +11,17 @@ optimizer does (momentum, Adam moments, decoupled weight decay ...):
 
 There is no second call to forget. Use it as the outermost transform so it
 sees raw gradients (dynamic sparse training grows by gradient magnitude).
+The exact zeros need it outermost too: a transform applied after it (say
+``optax.chain(masked(adam, algo), optax.scale(0.5))``) rescales the -w that
+zeroes a pruned weight, which then keeps w / 2. optax gives a transform no
+view of what follows it, so `get_masks` and `sparsify` (called once after
+``init``) refuse an ``opt_state`` in which a chain has transforms after
+`masked`; put them inside instead: ``masked(optax.chain(adam, scale), algo)``.
 """
 
 from __future__ import annotations
 
+import collections
 from typing import Any, NamedTuple
 
 import jax
@@ -22,7 +29,14 @@ import jax.numpy as jnp
 import optax
 
 # The packer lives in `sparsejax.masks`; re-exported here for `masked(..., packed=True)`.
-from sparsejax.masks import PackedMask, apply_masks, is_none, pack_masks, unpack_masks
+from sparsejax.masks import (
+    PackedMask,
+    apply_masks,
+    is_none,
+    pack_masks,
+    unpack_masks,
+    validate_masks,
+)
 
 PyTree = Any
 
@@ -118,18 +132,49 @@ def _check_params(params: PyTree, masks: PyTree | None) -> None:
             raise ValueError(f"{name} must be floating point, got dtype {dtype}")
         if not isinstance(p, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(p))):
             raise ValueError(f"{name} contains NaN or inf values (got {p!r:.80})")
-    if masks is None:
-        return
-    try:
-        mask_leaves = jax.tree.structure(params).flatten_up_to(masks)
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"masks must have the structure of params: {error}") from None
-    for (path, p), m in zip(leaves, mask_leaves, strict=True):
-        if m is not None and jnp.shape(m) != jnp.shape(p):
+    if masks is not None:
+        validate_masks(params, masks)
+
+
+def _check_updates(updates: PyTree, params: PyTree) -> None:
+    """Fails, naming ``updates``, on gradients that do not mirror ``params``.
+
+    Structure and shapes are static, so this runs at trace time at no cost; without
+    it a missing or misshapen gradient leaf would be reported against the masks.
+    """
+    update_leaves, update_def = jax.tree_util.tree_flatten_with_path(updates)
+    param_leaves, param_def = jax.tree_util.tree_flatten_with_path(params)
+    if update_def != param_def:
+        have = {jax.tree_util.keystr(path) for path, _ in update_leaves}
+        want = {jax.tree_util.keystr(path) for path, _ in param_leaves}
+        detail = "; ".join(
+            [f"no entry for params{p}" for p in sorted(want - have)[:3]]
+            + [f"updates{p} is not a parameter" for p in sorted(have - want)[:3]]
+        )
+        raise ValueError(
+            "updates (the gradients) must have the structure of params: "
+            f"{detail or f'{update_def} vs {param_def}'}"
+        )
+    for (path, u), (_, p) in zip(update_leaves, param_leaves):
+        if jnp.shape(u) != jnp.shape(p):
             raise ValueError(
-                f"masks{jax.tree_util.keystr(path)} has shape {jnp.shape(m)}, "
-                f"its param {jnp.shape(p)}"
+                f"updates{jax.tree_util.keystr(path)} (a gradient) has shape {jnp.shape(u)}, "
+                f"its parameter {jnp.shape(p)}"
             )
+
+
+# The methods and flags of `sparsejax.algorithms.Algorithm` that `masked` uses.
+_ALGORITHM_API = (
+    "init_masks",
+    "init_state",
+    "update_state",
+    "update_masks",
+    "is_update_step",
+    "updates_masks",
+    "straight_through",
+    "skip_update_on_mask_step",
+    "reset_grown_moments",
+)
 
 
 def masked(
@@ -182,6 +227,12 @@ def masked(
     """
     if not isinstance(inner, optax.GradientTransformation):
         raise ValueError(f"inner must be an optax.GradientTransformation, got {type(inner)!r}")
+    missing = [a for a in _ALGORITHM_API if not hasattr(algorithm, a)]
+    if missing:
+        raise ValueError(
+            "algorithm must be a sparsejax.algorithms.Algorithm (a name goes through "
+            f"sparsejax.algorithms.get), got {algorithm!r}"
+        )
     base_key = jax.random.key(0) if key is None else key
     if not isinstance(base_key, jax.Array) or not jnp.issubdtype(
         base_key.dtype, jax.dtypes.prng_key
@@ -283,6 +334,7 @@ def masked(
             raise ValueError(
                 "masked(...).update needs params (the pruned weights are zeroed from them)"
             )
+        _check_updates(updates, params)
         if not algorithm.reparametrizes:
             return masked_update(updates, state, params)
         # The basis change comes first, so the masks are chosen in the new basis.
@@ -308,6 +360,55 @@ def masked(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _child(node: Any, key: Any) -> Any:
+    """The child of a pytree node at one key-path entry (None for custom nodes)."""
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return node[key.idx]
+    if isinstance(key, jax.tree_util.DictKey):
+        return node[key.key]
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return getattr(node, key.name)
+    return None
+
+
+def _masked_state(opt_state: optax.OptState) -> MaskedState:
+    """The first `MaskedState` in ``opt_state``, checking that no transform follows `masked`.
+
+    An ``optax.chain`` state is a plain tuple (``optax.named_chain``'s an
+    OrderedDict) with one entry per transform in order; every such container
+    on the way to the `MaskedState` must hold it in its last entry.
+    """
+    is_state = lambda x: isinstance(x, MaskedState)  # noqa: E731
+    found = [
+        (path, node)
+        for path, node in jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_state)[0]
+        if is_state(node)
+    ]
+    if not found:
+        raise ValueError(
+            "opt_state holds no MaskedState: was the optimizer built with masked(...)?"
+        )
+    path, state = found[0]
+    node = opt_state
+    for depth, key in enumerate(path):
+        if type(node) is tuple or type(node) is collections.OrderedDict:
+            entries = list(range(len(node))) if type(node) is tuple else list(node)
+            here = key.idx if isinstance(key, jax.tree_util.SequenceKey) else key.key
+            if here != entries[-1]:
+                raise ValueError(
+                    f"masked(...) must be the last transform of its chain, but its state at "
+                    f"opt_state{jax.tree_util.keystr(path[: depth + 1])} is followed by "
+                    f"{len(entries) - 1 - entries.index(here)} more transform(s), which would "
+                    "rescale the update -w that zeroes each pruned weight (optax.scale(0.5) "
+                    "leaves w / 2). "
+                    "Put them inside: masked(optax.chain(inner, ...), algorithm)"
+                )
+        node = _child(node, key)
+        if node is None:
+            break
+    return state
+
+
 def get_masks(opt_state: optax.OptState) -> PyTree:
     """The masks held by the (first) `MaskedState` inside ``opt_state``.
 
@@ -318,18 +419,11 @@ def get_masks(opt_state: optax.OptState) -> PyTree:
       The mask pytree of bool arrays (bit-packed masks are unpacked).
 
     Raises:
-      ValueError: if there is no `MaskedState` in ``opt_state``.
+      ValueError: if there is no `MaskedState` in ``opt_state``, or a chain in it
+        has transforms after `masked` (they would break the exact zeros of the
+        pruned weights; see the module docstring).
     """
-    found = [
-        node
-        for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, MaskedState))
-        if isinstance(node, MaskedState)
-    ]
-    if not found:
-        raise ValueError(
-            "opt_state holds no MaskedState: was the optimizer built with masked(...)?"
-        )
-    return unpack_masks(found[0].masks)
+    return unpack_masks(_masked_state(opt_state).masks)
 
 
 def sparsify(params: PyTree, opt_state: optax.OptState) -> PyTree:
@@ -337,6 +431,10 @@ def sparsify(params: PyTree, opt_state: optax.OptState) -> PyTree:
 
     Call it once after ``opt_state = tx.init(params)`` so the very first
     forward pass already sees the initial sparse network (every later step
-    keeps pruned weights at zero by itself).
+    keeps pruned weights at zero by itself, which needs `masked` to be the last
+    transform: this call refuses a chain with transforms after it).
+
+    Raises:
+      ValueError: as `get_masks`.
     """
     return apply_masks(params, get_masks(opt_state))

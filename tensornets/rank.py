@@ -202,6 +202,56 @@ def _check_layer_mask(node: Mapping, mask: Mapping, where: str = "") -> None:
             )
 
 
+def _check_rank_masks(params: PyTree, rank_masks: PyTree) -> None:
+    """Fails, naming the entry, on rank masks that do not fit ``params``.
+
+    Every entry must lead to a factorized layer of ``params`` (a mask for a layer that
+    does not exist would otherwise be ignored), with the layer's axes and shapes, and
+    boolean vectors: a float would scale the factors instead of masking them (float
+    multipliers, e.g. tensor dropout, go through `mask_layer`). Only structure, shapes
+    and dtypes are read, so traced masks are checked too.
+    """
+
+    def walk(node, rm, where):
+        if rm is None:
+            return
+        if _is_layer(node):
+            if not isinstance(rm, Mapping):
+                raise ValueError(
+                    f"rank_masks{where} must map the layer's rank axes to bool vectors, got "
+                    f"{type(rm).__name__}"
+                )
+            _check_layer_mask(node, rm, where)
+            for name, vec in rm.items():
+                dtype = jnp.result_type(vec)
+                if dtype != jnp.bool_:
+                    raise ValueError(
+                        f"rank_masks{where}[{name!r}] must be boolean, got dtype {dtype} (a "
+                        "float would scale the factors; multipliers go through mask_layer)"
+                    )
+            return
+        if not isinstance(rm, Mapping):
+            raise ValueError(
+                f"rank_masks{where} must be a nested dict down to factorized layers, got "
+                f"{type(rm).__name__}"
+            )
+        for k, sub in rm.items():
+            if not isinstance(node, Mapping) or k not in node:
+                keys = sorted(node) if isinstance(node, Mapping) else []
+                raise ValueError(
+                    f"rank_masks{where}[{k!r}] names no factorized layer of params "
+                    f"(params{where} has keys {keys})"
+                )
+            if not isinstance(node[k], Mapping):
+                raise ValueError(
+                    f"rank_masks{where}[{k!r}] names params{where}[{k!r}], which is not a "
+                    "factorized layer"
+                )
+            walk(node[k], sub, f"{where}[{k!r}]")
+
+    walk(params, rank_masks, "")
+
+
 def _broadcast(vec: jax.Array, ndim: int, axis: int) -> jax.Array:
     axis = axis % ndim
     return vec.reshape((1,) * axis + (-1,) + (1,) * (ndim - axis - 1))
@@ -258,7 +308,12 @@ def param_masks(params: PyTree, rank_masks: PyTree, *, gate_only: bool = False) 
     Returns:
       A tree with the structure of ``params``: bool arrays on masked factor leaves,
       None elsewhere (biases, dense layers): the masks of `sparsejax.transforms.masked`.
+
+    Raises:
+      ValueError: for rank masks of a layer ``params`` does not have, or of the wrong
+        axes, shapes or dtype (not boolean).
     """
+    _check_rank_masks(params, rank_masks)
 
     def walk(node, rm):
         if _is_layer(node) and rm is not None:
@@ -298,7 +353,13 @@ def rank_masks_from_param_masks(param_mask_tree: PyTree, params: PyTree) -> dict
 
 
 def apply_rank_masks(params: PyTree, rank_masks: PyTree, *, gate_only: bool = False) -> PyTree:
-    """``params`` with the dead components of every masked layer set to exactly zero."""
+    """``params`` with the dead components of every masked layer set to exactly zero.
+
+    Raises:
+      ValueError: for rank masks of a layer ``params`` does not have, or of the wrong
+        axes, shapes or dtype (not boolean).
+    """
+    _check_rank_masks(params, rank_masks)
 
     def walk(node, rm):
         if _is_layer(node) and rm is not None:
@@ -321,7 +382,11 @@ def num_live_params(params: PyTree, rank_masks: PyTree) -> jax.Array:
 
     Returns:
       int32 scalar.
+
+    Raises:
+      ValueError: for rank masks that do not fit ``params`` (as `apply_rank_masks`).
     """
+    _check_rank_masks(params, rank_masks)
     total = jnp.zeros((), jnp.int32)
 
     def walk(node, rm):
@@ -364,7 +429,12 @@ def compact(params: PyTree, rank_masks: PyTree) -> PyTree:
 
     Returns:
       A new tree: masked layers' factors with smaller rank axes; everything else as is.
+
+    Raises:
+      ValueError: for rank masks of a layer ``params`` does not have (``compact({}, rm)``
+        must not return ``{}``), or of the wrong axes, shapes or dtype.
     """
+    _check_rank_masks(params, rank_masks)
 
     def one(node, rm):
         _check_layer_mask(node, rm)
@@ -395,8 +465,28 @@ def compact_ranks(rank_masks: PyTree) -> dict:
 
     Paths are "/"-joined module names (``"hidden_1"``). CP and tubal give an int; Tucker
     (one per factor) and TT / TT-matrix (one per bond) give tuples. Host-side.
+
+    Raises:
+      ValueError: naming the layer, for a layer mask whose axes are not ``rank`` or
+        ``rank_0 .. rank_{n-1}`` / ``bond_0 .. bond_{n-1}``, or whose vectors are not 1-D
+        booleans.
     """
     out = {}
+
+    def check(node, prefix):
+        keys = sorted(node, key=str)
+        numbered = [[f"{p}_{k}" for k in range(len(node))] for p in ("rank", "bond")]
+        if keys != ["rank"] and not any(sorted(n) == keys for n in numbered):
+            raise ValueError(
+                f"rank_masks[{prefix!r}] has axes {keys}; a layer's rank mask has 'rank', "
+                "or 'rank_0'.. (Tucker) or 'bond_0'.. (TT) numbered from 0"
+            )
+        for k, v in node.items():
+            if jnp.result_type(v) != jnp.bool_ or jnp.ndim(v) != 1:
+                raise ValueError(
+                    f"rank_masks[{prefix!r}][{k!r}] must be a 1-D bool vector, got dtype "
+                    f"{jnp.result_type(v)} and shape {jnp.shape(v)}"
+                )
 
     def walk(node, prefix):
         if (
@@ -404,6 +494,7 @@ def compact_ranks(rank_masks: PyTree) -> dict:
             and node
             and all(not isinstance(v, Mapping) for v in node.values())
         ):
+            check(node, prefix)
             counts = {k: max(int(np.sum(np.asarray(v))), 1) for k, v in node.items()}
             if set(counts) == {"rank"}:
                 out[prefix] = counts["rank"]

@@ -98,7 +98,8 @@ def random_support(shape: tuple[int, int], density: float, seed: Any) -> np.ndar
     density = _check_density(density)
     rows, cols = (_check_positive_int(d, "shape") for d in shape)
     size = rows * cols
-    nnz = masks_lib.num_kept(size, 1.0 - density) if density < 1.0 else size
+    # Density 0 has no sparse entry (num_kept would keep one: it never empties a layer).
+    nnz = masks_lib.num_kept(size, 1.0 - density) if 0.0 < density < 1.0 else round(density * size)
     chosen = np.random.default_rng(seed).choice(size, size=nnz, replace=False)
     return np.sort(chosen).astype(np.int32)
 
@@ -280,7 +281,8 @@ def sltrain_cost(layer: SLTrainDense, in_features: int) -> dict[str, int]:
     rank = _check_positive_int(layer.rank, "rank")
     density = _check_density(layer.density)
     size = in_features * features
-    nnz = masks_lib.num_kept(size, 1.0 - density) if density < 1.0 else size
+    # Density 0 has no sparse entry (num_kept would keep one: it never empties a layer).
+    nnz = masks_lib.num_kept(size, 1.0 - density) if 0.0 < density < 1.0 else round(density * size)
     bias = features if layer.use_bias else 0
     params = rank * (in_features + features) + nnz + bias
     flops = 2 * (rank * (in_features + features) + nnz) + bias

@@ -1,11 +1,12 @@
 """The bad-input catalogue: each wrong value users pass is a ValueError naming argument and value.
 
 Every public entry point (masks, distributions, schedules, scores, algorithms,
-transforms, tensornets formats and layers, pallas_kernels formats and ops,
-experiments data, models, train, reproduce, distributed, launch) and every
-config key gets the mistakes people make: sparsity < 0 or >= 1, N > M, shapes
-or blocks that do not divide, rank <= 0, unknown names, a missing data folder,
-NaN weights, wrong dtypes and types. For config keys the run is started on a
+transforms, export, soups, post-training pruners, tensornets formats, rank masks
+and layers, pallas_kernels formats and ops, experiments data, models, train,
+reproduce, distributed, launch) and every config key gets the mistakes people
+make: sparsity < 0 or >= 1, N > M, shapes or blocks that do not divide, rank <= 0,
+unknown names, a missing data folder, NaN weights or inputs, mask trees of other
+keys or dtypes, wrong dtypes and types. For config keys the run is started on a
 workdir that already holds a run, and nothing in it may change.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 
+import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,8 +27,19 @@ from configs import quickstart
 from experiments import checkpoints, data, distributed, launch, models, optim, reproduce, train
 from pallas_kernels import formats as pallas_formats
 from pallas_kernels import ops
-from sparsejax import algorithms, distributions, masks, schedules, scores, transforms
+from sparsejax import (
+    algorithms,
+    distributions,
+    export,
+    masks,
+    posttrain,
+    schedules,
+    scores,
+    soups,
+    transforms,
+)
 from tensornets import layers
+from tensornets import rank as rank_lib
 from tensornets.formats import CP, TT, TTMatrix, Tubal, Tucker
 
 W = jnp.ones((8, 16))
@@ -274,6 +287,233 @@ API_CASES = [
         lambda: launch.process_env(0, 1, 1, devices_per_process=0),
         "devices_per_process",
         "0",
+    ),
+]
+
+
+# Inputs that used to give a silent wrong result or an exception of the wrong kind.
+TWO = {"a": jnp.ones((4, 4)), "b": jnp.ones((4, 4))}
+CP_PARAMS = {"l": CP.from_dense(T3, 2).to_params()}
+CP_RANK_MASK = {"rank": jnp.ones(2, bool)}
+NAN_T3 = T3.at[1, 2, 3].set(jnp.nan)
+KERNEL = jax.random.normal(jax.random.key(0), (16, 8))
+CALIBRATION = jax.random.normal(jax.random.key(1), (64, 16))
+
+
+class _MLP(flax_nn.Module):
+    @flax_nn.compact
+    def __call__(self, x):
+        return flax_nn.Dense(4, name="out")(flax_nn.relu(flax_nn.Dense(8, name="hidden")(x)))
+
+
+MLP_PARAMS = _MLP().init(jax.random.key(0), jnp.ones((1, 16)))["params"]
+
+
+def _prune_mlp(x, params=MLP_PARAMS, method="wanda"):
+    return posttrain.prune_model(_MLP().apply, params, x, method=method, sparsity=0.5)
+
+
+def _masked_update(grads):
+    tx = transforms.masked(optax.sgd(1.0), algorithms.get("static", sparsity=0.5))
+    return tx.update(grads, tx.init(TWO), TWO)
+
+
+API_CASES += [
+    # masks and mask trees
+    (
+        "global_topk_masks selected False",
+        lambda: masks.global_topk_masks(PARAMS, 0.5, {"dense": {"kernel": True, "bias": False}}),
+        "selected['dense']['bias']",
+        "False",
+    ),
+    (
+        "apply_masks float mask",
+        lambda: masks.apply_masks({"w": jnp.ones(3)}, {"w": jnp.array([0.3, 0.0, 1.0])}),
+        "masks['w']",
+        "float32",
+    ),
+    (
+        "masked float masks",
+        lambda: transforms.masked(
+            optax.sgd(1.0), algorithms.get("dense"), masks={"w": jnp.full((4, 4), 0.3)}
+        ).init({"w": jnp.ones((4, 4))}),
+        "masks['w']",
+        "float32",
+    ),
+    (
+        "summary with the masks of another tree",
+        lambda: masks.summary({"a": jnp.ones(3)}, {"b": jnp.ones(3, bool)}),
+        "masks",
+        "['b']",
+    ),
+    (
+        "export masks named differently",
+        lambda: export.export(TWO, {"b": jnp.ones((4, 4), bool), "c": None}, block_shape=(2, 2)),
+        "masks",
+        "['c']",
+    ),
+    ("block_mask int block", lambda: masks.block_mask(W, 0.5, 4), "block_shape", "4"),
+    # rank masks and formats
+    (
+        "compact of params without the layer",
+        lambda: rank_lib.compact({}, {"l": CP_RANK_MASK}),
+        "rank_masks",
+        "['l']",
+    ),
+    (
+        "apply_rank_masks unknown layer",
+        lambda: rank_lib.apply_rank_masks(CP_PARAMS, {"zz": CP_RANK_MASK}),
+        "rank_masks",
+        "['zz']",
+    ),
+    (
+        "param_masks unknown layer",
+        lambda: rank_lib.param_masks(CP_PARAMS, {"zz": CP_RANK_MASK}),
+        "rank_masks",
+        "['zz']",
+    ),
+    (
+        "apply_rank_masks float mask",
+        lambda: rank_lib.apply_rank_masks(CP_PARAMS, {"l": {"rank": jnp.full(2, 0.5)}}),
+        "rank_masks['l']['rank']",
+        "float32",
+    ),
+    (
+        "compact_ranks bonds not numbered from 0",
+        lambda: rank_lib.compact_ranks(
+            {"l": {"bond_0": jnp.ones(2, bool), "bond_2": jnp.ones(2, bool)}}
+        ),
+        "rank_masks['l']",
+        "bond_2",
+    ),
+    ("CP NaN input", lambda: CP.from_dense(NAN_T3, 2), "x", "nan"),
+    ("Tucker NaN input", lambda: Tucker.from_dense(NAN_T3, 2), "x", "nan"),
+    ("Tubal NaN input", lambda: Tubal.from_dense(NAN_T3, 2), "a", "nan"),
+    ("TT NaN input", lambda: TT.from_dense(NAN_T3, 2), "x", "nan"),
+    ("CP int32 input", lambda: CP.from_dense(jnp.ones((4, 5, 6), jnp.int32), 2), "x", "int32"),
+    ("CP n_iter_max < 0", lambda: CP.from_dense(T3, 2, n_iter_max=-1), "n_iter_max", "-1"),
+    ("Tucker n_iter_max < 0", lambda: Tucker.from_dense(T3, 2, n_iter_max=-1), "n_iter_max", "-1"),
+    ("CP fraction rank > 1", lambda: CP.from_dense(T3, 1.5), "rank", "1.5"),
+    (
+        "layer fraction rank > 1",
+        lambda: _init_dense(features=8, format="cp", rank=1.5),
+        "rank",
+        "1.5",
+    ),
+    # post-training pruning
+    (
+        "sparsegpt without dampening on too few tokens",
+        lambda: posttrain.sparsegpt(KERNEL, CALIBRATION[:4], sparsity=0.5, dampening=0.0),
+        "dampening",
+        "0.0",
+    ),
+    (
+        "sparsegpt NaN calibration",
+        lambda: posttrain.sparsegpt(KERNEL, CALIBRATION.at[3, 2].set(jnp.nan), sparsity=0.5),
+        "x",
+        "nan",
+    ),
+    (
+        "wanda inf calibration",
+        lambda: posttrain.wanda(KERNEL, CALIBRATION.at[3, 2].set(jnp.inf), sparsity=0.5),
+        "x",
+        "inf",
+    ),
+    (
+        "wanda empty calibration",
+        lambda: posttrain.wanda(KERNEL, CALIBRATION[:0], sparsity=0.5),
+        "x",
+        "(0, 16)",
+    ),
+    (
+        "wanda all-zero calibration",
+        lambda: posttrain.wanda(KERNEL, jnp.zeros_like(CALIBRATION), sparsity=0.5),
+        "x",
+        "zero on every token",
+    ),
+    (
+        "magnitude NaN weight",
+        lambda: posttrain.magnitude(KERNEL.at[0, 0].set(jnp.nan), sparsity=0.5),
+        "kernel",
+        "nan",
+    ),
+    (
+        "dsnot variance_power NaN",
+        lambda: posttrain.dsnot(KERNEL, CALIBRATION, KERNEL > 0, variance_power=float("nan")),
+        "variance_power",
+        "nan",
+    ),
+    (
+        "dsnot N:M on a mask that is not N:M",
+        lambda: posttrain.dsnot(KERNEL, CALIBRATION, jnp.ones((16, 8), bool), n=2, m=4),
+        "mask",
+        "n=2",
+    ),
+    (
+        "prune_model all-zero batch",
+        lambda: _prune_mlp(jnp.zeros((8, 16)), method="magnitude"),
+        "x",
+        "zero on every token",
+    ),
+    ("prune_model empty batch", lambda: _prune_mlp(jnp.zeros((0, 16))), "x", "(0, 16)"),
+    ("prune_model wrong width", lambda: _prune_mlp(jnp.ones((8, 12))), "x", "(8, 12)"),
+    ("prune_model empty params", lambda: _prune_mlp(jnp.ones((8, 16)), params={}), "params", "{}"),
+    # soups
+    (
+        "soup of different masks without a mask",
+        lambda: soups.average({"w": jnp.array([[1.0, 0.0, 2.0], [0.0, 3.0, 2.0]])}),
+        "stacked_params['w']",
+        "ingredient 1",
+    ),
+    (
+        "swa_update negative count",
+        lambda: soups.swa_update({"w": jnp.ones(3)}, {"w": jnp.ones(3)}, -1),
+        "count",
+        "-1",
+    ),
+    # exceptions of the wrong kind, messages naming the wrong thing
+    (
+        "erk keep_dense None",
+        lambda: distributions.erk(PARAMS, 0.5, keep_dense=None),
+        "keep_dense",
+        "None",
+    ),
+    ("distribution name a list", lambda: distributions.get(["erk"]), "distribution", "['erk']"),
+    (
+        "er filter selecting a bias",
+        lambda: distributions.er(PARAMS, 0.5, filter_fn=lambda name, p: True),
+        "filter_fn",
+        "'dense/bias'",
+    ),
+    (
+        "algorithm keep_dense int",
+        lambda: algorithms.get("static", keep_dense=5),
+        "keep_dense",
+        "5",
+    ),
+    (
+        "masked algorithm by name",
+        lambda: transforms.masked(optax.adam(1e-3), "rigl"),
+        "algorithm",
+        "'rigl'",
+    ),
+    (
+        "rigl drop_fraction > 1",
+        lambda: algorithms.get("rigl", drop_fraction=1.5),
+        "drop_fraction",
+        "1.5",
+    ),
+    (
+        "gradient leaf missing",
+        lambda: _masked_update({"a": jnp.ones((4, 4))}),
+        "updates",
+        "params['b']",
+    ),
+    (
+        "gradient leaf misshapen",
+        lambda: _masked_update({"a": jnp.ones((4, 4)), "b": jnp.ones((4, 3))}),
+        "updates['b']",
+        "(4, 3)",
     ),
 ]
 

@@ -36,13 +36,30 @@ __all__ = [
 STRUCTURES = ("unstructured", "block", "channel")
 
 
-def _layer_topk(scores: jax.Array, sparsity: Any) -> jax.Array:
-    """`masks.topk_mask` that also takes a layer sparsity of exactly 1.
+def _target_count(size: int, sparsity: float) -> int:
+    """round((1 - sparsity) * size) in float64, kept in [1, size] (`masks.num_kept`'s rule).
 
-    ER/ERK round a tiny layer's share to zero weights at high targets (one (1, 1)
-    kernel at 0.5 already), and such a layer's sparsity 1.0 is valid here.
+    float64 gives back a distribution's integer count exactly (ER and ERK return
+    s = 1 - c / n); the float32 of `masks.num_kept` misses c by one on layers of
+    more than 2**24 entries.
     """
-    return masks.topk_mask_by_count(scores, masks.num_kept(jnp.size(scores), sparsity))
+    return min(max(int(np.round((1.0 - float(sparsity)) * size)), min(1, size)), size)
+
+
+def _layer_topk(scores: jax.Array, sparsity: float, fraction: Any = 1.0) -> jax.Array:
+    """Top-k of one layer's ``scores`` at ``fraction`` (possibly traced) of its ``sparsity``.
+
+    From fraction 1 on the count is the layer's exact target (`_target_count`);
+    below it, a schedule's intermediate count, `masks.num_kept` of
+    sparsity * fraction (float32, as under jit). At least one entry is kept.
+    """
+    size = int(np.size(scores))
+    target = _target_count(size, sparsity)
+    if isinstance(fraction, (int, float)):
+        count = target if fraction >= 1 else masks.num_kept(size, sparsity * fraction)
+    else:
+        count = jnp.where(fraction >= 1, target, masks.num_kept(size, sparsity * fraction))
+    return masks.topk_mask_by_count(scores, count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,9 +267,14 @@ class SparseAlgorithm(Algorithm):
         masks.validate_sparsity(self.sparsity, "sparsity")
         if self.distribution != "global":
             distributions.get(self.distribution)
-        if isinstance(self.keep_dense, str):
-            object.__setattr__(self, "keep_dense", (self.keep_dense,))
-        object.__setattr__(self, "keep_dense", tuple(self.keep_dense))
+        # Refused here, at construction, not when the first masks are drawn: NaN or inf
+        # would make ERK empty whole layers.
+        power = self.power_scale
+        if isinstance(power, bool) or not isinstance(power, (int, float, np.integer, np.floating)):
+            raise ValueError(f"power_scale must be a finite number >= 0, got power_scale={power!r}")
+        if not np.isfinite(power) or power < 0:
+            raise ValueError(f"power_scale must be a finite number >= 0, got power_scale={power!r}")
+        object.__setattr__(self, "keep_dense", distributions.validate_keep_dense(self.keep_dense))
         if self.structure not in STRUCTURES:
             raise ValueError(f"structure must be one of {STRUCTURES}, got {self.structure!r}")
         block = tuple(self.block_shape)
@@ -326,6 +348,20 @@ class SparseAlgorithm(Algorithm):
             kwargs["power_scale"] = self.power_scale
         return fn(params, self.sparsity, **kwargs)
 
+    def target_counts(self, params: PyTree) -> PyTree:
+        """Per-leaf kept weights at the target (Python ints, None where not sparsified).
+
+        Exact: round((1 - s_l) * n_l) in float64, the distribution's own integer
+        count, at least one (`masks.num_kept`'s rule). For 'global' these are the
+        uniform counts (the pooled ranking decides each layer's real count).
+        """
+        return jax.tree.map(
+            lambda s, p: None if s is None else _target_count(int(np.size(p)), s),
+            self.layer_sparsities(params),
+            params,
+            is_leaf=masks.is_none,
+        )
+
     def dense_masks(self, params: PyTree) -> PyTree:
         """All-True masks on the sparsified leaves, None elsewhere."""
         return jax.tree.map(
@@ -339,7 +375,10 @@ class SparseAlgorithm(Algorithm):
         """Top-k masks of ``score_tree`` at ``fraction`` of each target sparsity.
 
         Per leaf for uniform/ER/ERK, pooled over leaves for 'global'. ``fraction``
-        (possibly traced) scales the targets, for schedules.
+        (possibly traced) scales the targets, for schedules; from 1 on a layer
+        keeps exactly its `target_counts`. Every layer keeps at least one weight
+        (unit) under uniform/ER/ERK; the pooled 'global' ranking keeps at least
+        one in total and may empty a layer (layer collapse, Tanaka et al. 2020).
         """
         sparsities = self.layer_sparsities(params)
         if self.distribution == "global":
@@ -349,7 +388,7 @@ class SparseAlgorithm(Algorithm):
             if s is None:
                 return None
             unit = self.unit_shape(jnp.shape(sc))
-            return self.expand(_layer_topk(self.pool(sc, unit), s * fraction), unit)
+            return self.expand(_layer_topk(self.pool(sc, unit), s, fraction), unit)
 
         return jax.tree.map(leaf_mask, sparsities, score_tree, is_leaf=masks.is_none)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import jax
@@ -64,6 +65,12 @@ class SET(SparseAlgorithm):
     def __post_init__(self):
         super().__post_init__()
         schedules.periodic(self.update_every_steps, self.end_step)
+        # Checked here so the message names this field, not the schedule's argument.
+        fraction = self.drop_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
+            raise ValueError(f"drop_fraction must be a number in [0, 1], got {fraction!r}")
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"drop_fraction must be in [0, 1], got {fraction!r}")
         schedules.cosine_drop_fraction(self.drop_fraction, self.end_step)
 
     def init_masks(self, params: PyTree, key: jax.Array) -> PyTree:

@@ -31,9 +31,11 @@ class Prune(SparseAlgorithm):
     With ``schedule='polynomial'`` this is gradual magnitude pruning (Zhu &
     Gupta 2017, "To prune, or not to prune"): s(t) = s * (1 - (1 - p)^power),
     p = (t - begin_step) / (end_step - begin_step), pruning every
-    ``update_every_steps``. With ``schedule='one_shot'`` everything is pruned at
-    ``begin_step``. ``score='saliency'`` at step 0 is SNIP (Lee et al. 2019,
-    "SNIP: Single-shot Network Pruning based on Connection Sensitivity"): the
+    ``update_every_steps`` from ``begin_step`` and at ``end_step`` (on the grid
+    or not), so the last update reaches the target. With
+    ``schedule='one_shot'`` everything is pruned at ``begin_step``.
+    ``score='saliency'`` at step 0 is SNIP (Lee et al. 2019, "SNIP:
+    Single-shot Network Pruning based on Connection Sensitivity"): the
     gradient of the first batch scores |w * g|. ``score='random'`` prunes a
     random subset (Liu et al. 2022).
 

@@ -44,7 +44,9 @@ def dsnot(
       as many entries per output (and per N:M group) as ``mask``.
 
     Raises:
-      ValueError: for mismatched shapes, bad (n, m) or non-positive cycle counts.
+      ValueError: for mismatched shapes, bad (n, m), a mask that keeps more than ``n`` of
+        some ``m`` consecutive inputs, non-positive cycle counts, a negative or non-finite
+        threshold or variance power, or NaN/inf or all-zero inputs.
 
     Reference: Zhang et al. 2024, "Dynamic Sparse No Training: Training-Free Fine-tuning for
     Sparse LLMs". For output r, removing weight W_ri changes its expected output by
@@ -69,6 +71,16 @@ def dsnot(
         raise ValueError(f"max_cycles must be a positive int, got {max_cycles!r}")
     if not float(update_threshold) >= 0:
         raise ValueError(f"update_threshold must be >= 0, got {update_threshold!r}")
+    if not 0 <= float(variance_power) < np.inf:
+        raise ValueError(f"variance_power must be a finite number >= 0, got {variance_power!r}")
+    if pattern.is_nm and not isinstance(mask, jax.core.Tracer):
+        # Swaps stay inside a group, so a mask that is not N:M would stay not N:M.
+        groups = np.asarray(mask).reshape(-1, pattern.m, mask.shape[1]).sum(axis=1)
+        if groups.max(initial=0) > pattern.n:
+            raise ValueError(
+                f"mask keeps up to {int(groups.max())} of {pattern.m} consecutive inputs, so it "
+                f"is not the n:m = {pattern.n}:{pattern.m} pattern given by n={n!r}, m={m!r}"
+            )
     new_mask = _dsnot(
         kernel.astype(jnp.float32),
         x.astype(jnp.float32),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import flax.errors
 import jax
 import jax.numpy as jnp
 
@@ -132,8 +133,10 @@ def prune_model(
       A `PruneResult`. Biases and other parameters are unchanged.
 
     Raises:
-      ValueError: for an unknown method or skipped name, a bad pattern, or a layer whose
-        input size ``m`` does not divide.
+      ValueError: for an unknown method or skipped name, a bad pattern, empty ``params``, an
+        ``x`` that is empty or does not fit the model, or a layer (named in the message)
+        whose input size ``m`` does not divide or whose calibration inputs are NaN/inf or
+        zero on every token.
 
     The calibration input of layer l is captured (`calibration.capture_input`) from the model
     whose layers before l are already pruned; a Conv's input becomes im2col patches
@@ -141,9 +144,18 @@ def prune_model(
     ``[window * in, out]``.
     """
     _get_method(method)
-    pattern_lib.make_pattern(sparsity, n, m)
+    pattern = pattern_lib.make_pattern(sparsity, n, m)
+    if not jax.tree.leaves(params):
+        raise ValueError(f"params must hold the model's parameters, got an empty tree {params!r}")
     x = jnp.asarray(x)
-    calls = calibration.layer_calls(apply_fn, {"params": params}, x)
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(f"x must be a batch of at least one example, got shape {x.shape}")
+    try:
+        calls = calibration.layer_calls(apply_fn, {"params": params}, x)
+    except flax.errors.ScopeParamShapeError as error:
+        raise ValueError(f"x of shape {x.shape} does not fit the model's params: {error}") from None
+    except flax.errors.FlaxError as error:
+        raise ValueError(f"params do not fit the model: {error}") from None
     names = [c.name for c in calls]
     unknown = sorted(set(skip) - set(names))
     if unknown:
@@ -159,9 +171,14 @@ def prune_model(
         matrix = calibration.input_matrix(call.module, inputs).astype(jnp.float32)
         kernel = _get(params, call.path)["kernel"]
         flat = kernel.reshape(-1, kernel.shape[-1])
-        pruned, mask = prune_layer(
-            method, flat, matrix, sparsity=sparsity, n=n, m=m, dsnot=dsnot, **options
-        )
+        try:
+            # Every method, magnitude too: the reported error is measured on these inputs.
+            pattern_lib.check_layer(flat, matrix, pattern)
+            pruned, mask = prune_layer(
+                method, flat, matrix, sparsity=sparsity, n=n, m=m, dsnot=dsnot, **options
+            )
+        except ValueError as error:
+            raise ValueError(f"layer {call.name!r}: {error}") from None
         dense_out = matrix @ flat.astype(jnp.float32)
         diff = dense_out - matrix @ pruned.astype(jnp.float32)
         errors[call.name] = float(

@@ -56,14 +56,44 @@ def make_pattern(sparsity: Any = 0.0, n: Any = None, m: Any = None) -> Pattern:
 
 
 def check_layer(kernel: jax.Array, x: jax.Array | None, pattern: Pattern) -> None:
-    """A 2D kernel ``[in, out]``, inputs ``[tokens, in]`` and an N:M group that divides ``in``."""
+    """A 2D kernel ``[in, out]``, inputs ``[tokens, in]`` and an N:M group that divides ``in``.
+
+    Concrete values are checked too (a traced call checks shapes only): a NaN or inf
+    weight would be ranked as if it were small and pruned to 0, and NaN/inf inputs turn
+    every score of their feature into NaN; calibration inputs with no token, or zero on
+    every token, carry no information, so every score ties and the mask would follow
+    position.
+    """
     if jnp.ndim(kernel) != 2:
         raise ValueError(f"kernel must be 2D [in, out], got shape {jnp.shape(kernel)}")
     if x is not None and (jnp.ndim(x) != 2 or jnp.shape(x)[1] != jnp.shape(kernel)[0]):
         raise ValueError(f"x must be [tokens, in={jnp.shape(kernel)[0]}], got shape {jnp.shape(x)}")
+    _check_values(kernel, "kernel")
+    if x is not None:
+        if jnp.shape(x)[0] == 0:
+            raise ValueError(f"x must hold at least one calibration token, got shape {x.shape}")
+        _check_values(x, "x")
+        if not isinstance(x, jax.core.Tracer) and not bool(jnp.any(x != 0)):
+            raise ValueError(
+                f"x (calibration inputs of shape {jnp.shape(x)}) is zero on every token: "
+                "nothing to calibrate the layer on"
+            )
     if pattern.is_nm and jnp.shape(kernel)[0] % pattern.m:
         raise ValueError(
             f"m={pattern.m} must divide the input dimension {jnp.shape(kernel)[0]} of the kernel"
+        )
+
+
+def _check_values(array: jax.Array, name: str) -> None:
+    """ValueError naming ``name`` if a concrete ``array`` holds NaN or inf."""
+    if isinstance(array, jax.core.Tracer):
+        return
+    finite = np.isfinite(np.asarray(array))
+    if not finite.all():
+        first = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise ValueError(
+            f"{name} holds NaN or inf values (first at index {first}: "
+            f"{float(np.asarray(array)[first])})"
         )
 
 

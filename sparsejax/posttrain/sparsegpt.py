@@ -66,8 +66,9 @@ def sparsegpt(
       updates. ``mask`` is the boolean ``[in, out]`` pattern.
 
     Raises:
-      ValueError: for a bad sparsity, (n, m), block size or dampening, mismatched shapes, or
-        ``m`` not dividing ``in``.
+      ValueError: for a bad sparsity, (n, m), block size or dampening, mismatched shapes,
+        ``m`` not dividing ``in``, NaN/inf or all-zero calibration inputs, or a Hessian that
+        the dampening leaves singular (e.g. ``dampening=0`` with fewer tokens than inputs).
 
     Reference: Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately
     Pruned in One-Shot". Per output row w (over the inputs), the layer-wise problem
@@ -93,6 +94,14 @@ def sparsegpt(
     if not 0.0 <= float(dampening) < np.inf:
         raise ValueError(f"dampening must be a non-negative float, got {dampening!r}")
     factor = hessian_inverse_factor(x, float(dampening))
+    if not isinstance(factor, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(factor))):
+        # H = XᵀX has rank <= tokens, so with fewer tokens than inputs only the dampening
+        # makes it invertible; without it the Cholesky factors are NaN.
+        raise ValueError(
+            f"H = XᵀX + λI is singular or ill-conditioned at dampening={dampening!r} for x "
+            f"of shape {tuple(jnp.shape(x))} ({jnp.shape(x)[0]} tokens for "
+            f"{jnp.shape(x)[1]} inputs): use a positive dampening or more calibration tokens"
+        )
     pruned, mask = _sparsegpt(kernel.astype(jnp.float32), factor, pattern, int(block_size))
     return pruned.astype(kernel.dtype), mask
 

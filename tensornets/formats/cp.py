@@ -153,11 +153,15 @@ class CP:
           A `CP` with unit-norm factor columns and the norms in ``weights``.
 
         Raises:
-          ValueError: if ``rank`` is not valid for ``x.shape``.
+          ValueError: if ``rank`` is not valid for ``x.shape`` (a float above 1.0 included),
+            ``x`` is not real floating or holds NaN/inf (checked when concrete),
+            ``n_iter_max`` is negative or ``tol`` is not a finite number >= 0.
         """
         x = jnp.asarray(x)
         if x.ndim > len(_MODES):
             raise ValueError(f"x.ndim must be <= {len(_MODES)}, got {x.ndim}")
+        validation.check_dense_input(x)
+        n_iter_max = validation.check_iterations(n_iter_max, tol)
         rank = cls.resolve_rank(x.shape, rank)
         weights, factors = _cp_als(x, rank, int(n_iter_max), tol)
         return cls(weights=weights, factors=tuple(factors))

@@ -208,6 +208,7 @@ class TT:
         x = jnp.asarray(x)
         if not 0 < x.ndim <= _MAX_CORES:
             raise ValueError(f"x.ndim must be in [1, {_MAX_CORES}], got {x.ndim}")
+        validation.check_dense_input(x)
         bonds = cls.resolve_ranks(x.shape, rank)
         return cls(cores=tuple(_tt_svd(x, bonds)))
 
@@ -334,6 +335,7 @@ class TTMatrix:
         w = jnp.asarray(w)
         if w.ndim != 2:
             raise ValueError(f"w must be a matrix, got shape {w.shape}")
+        validation.check_dense_input(w, "w")
         in_shape = validation.check_factorization(in_shape, w.shape[0], "in_shape")
         out_shape = validation.check_factorization(out_shape, w.shape[1], "out_shape")
         bonds = cls.resolve_ranks(in_shape, out_shape, rank)

@@ -246,9 +246,14 @@ class Tubal:
 
         Args:
           a: (n1, n2, n3) real.
-          rank: int k in [1, min(n1, n2)], or a float fraction of a.size.
+          rank: int k in [1, min(n1, n2)], or a float fraction (0, 1] of a.size.
+
+        Raises:
+          ValueError: for a rank out of range, or an ``a`` that is not real floating or
+            holds NaN/inf (checked when concrete).
         """
         a = jnp.asarray(a)
+        validation.check_dense_input(a, "a")
         rank = cls.resolve_rank(a.shape, rank)
         u, s, v = _truncated_t_svd(a, rank)
         return cls(u=u, s=s, v=v)

@@ -211,10 +211,17 @@ class Tucker:
 
         Returns:
           A `Tucker` with orthonormal factors.
+
+        Raises:
+          ValueError: for ranks or modes not valid for ``x.shape``, an ``x`` that is not
+            real floating or holds NaN/inf (checked when concrete), a negative
+            ``n_iter_max`` or a ``tol`` that is not a finite number >= 0.
         """
         x = jnp.asarray(x)
         if x.ndim > len(_MODES):
             raise ValueError(f"x.ndim must be <= {len(_MODES)}, got {x.ndim}")
+        validation.check_dense_input(x)
+        n_iter_max = validation.check_iterations(n_iter_max, tol)
         modes = _check_modes(modes, x.ndim)
         ranks = cls.resolve_ranks(x.shape, rank, modes)
         core, factors = _hooi(x, ranks, modes, int(n_iter_max), tol)

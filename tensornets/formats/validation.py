@@ -12,6 +12,10 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 Rank = Any  # int | float | Sequence[int]
 
 
@@ -56,13 +60,54 @@ def check_int_rank(value: Any, name: str) -> int:
 
 
 def check_fraction(rank: float, name: str = "rank") -> float:
-    """Returns a float rank (a fraction of the dense parameter count) after checking it is > 0."""
-    if not math.isfinite(rank) or rank <= 0:
+    # Above 1 the "fraction" would buy more parameters than the dense tensor has.
+    if not math.isfinite(rank) or not 0 < rank <= 1:
         raise ValueError(
-            f"{name} as a float is a fraction of the dense parameter count and must be > 0, "
-            f"got {rank!r}"
+            f"{name} as a float is a fraction of the dense parameter count and must be in "
+            f"(0, 1], got {rank!r}"
         )
     return float(rank)
+
+
+def check_dense_input(x: Any, name: str = "x") -> None:
+    """The tensor a ``from_dense`` fits: real floating, and finite where values are concrete.
+
+    NaN or inf would turn every factor into NaN, and an integer or complex input is not
+    the documented real floating array (integers: convert with ``x.astype(jnp.float32)``).
+    Under jit only the dtype can be checked.
+
+    Raises:
+      ValueError: naming ``name``, its dtype, or the first non-finite entry.
+    """
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name} must be a real floating array, got dtype {dtype}")
+    if isinstance(x, jax.core.Tracer):
+        return
+    finite = np.isfinite(np.asarray(x))
+    if not finite.all():
+        first = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise ValueError(
+            f"{name} holds NaN or inf values (first at index {first}: "
+            f"{float(np.asarray(x)[first])})"
+        )
+
+
+def check_iterations(n_iter_max: Any, tol: Any) -> int:
+    """A non-negative int ``n_iter_max`` and a finite ``tol >= 0``; returns ``n_iter_max``.
+
+    Raises:
+      ValueError: naming the argument and value.
+    """
+    if (
+        isinstance(n_iter_max, bool)
+        or not isinstance(n_iter_max, numbers.Integral)
+        or n_iter_max < 0
+    ):
+        raise ValueError(f"n_iter_max must be a non-negative int, got {n_iter_max!r}")
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < math.inf:
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    return int(n_iter_max)
 
 
 def uniform_rank_for_budget(budget: float, num_params: Callable[[int], int], max_rank: int) -> int:

@@ -128,7 +128,7 @@ def test_get_unknown_argument_raises_naming_it(name):
         ("magnitude", {"begin_step": 100, "end_step": 100}, "end_step must be > begin_step"),
         ("magnitude", {"update_every_steps": 0}, "update_every_steps must be positive, got 0"),
         ("snip", {"begin_step": -1}, "step must be a non-negative integer, got -1"),
-        ("set", {"drop_fraction": 1.5}, "initial_fraction must be in [0, 1], got 1.5"),
+        ("set", {"drop_fraction": 1.5}, "drop_fraction must be in [0, 1], got 1.5"),
         ("rigl", {"end_step": 0}, "end_step must be positive, got 0"),
         ("rigl", {"update_every_steps": 0}, "update_every_steps must be positive, got 0"),
     ],

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
-from sparsejax import flops, masks
+from sparsejax import algorithms, flops, masks
 
 
 class _MLP(nn.Module):
@@ -77,6 +79,73 @@ def test_training_flops_follow_evci_et_al():
         f_s, f_d, "magnitude", sparsity_fraction_by_step=lambda t: t / 9, total_steps=10
     )
     assert gradual == pytest.approx(3 * (100 - 90 * 0.5))
+
+
+@pytest.mark.parametrize("name", ["ste", "nm_ste", "sr_ste", "s_ste", "bimask"])
+def test_straight_through_training_pays_the_dense_weight_gradient(name):
+    # Forward and activation gradient through the sparse weights, weight gradient dense.
+    assert flops.training_flops(10.0, 100.0, name) == 2 * 10 + 100
+
+
+def test_srigl_training_costs_rigls_formula():
+    # The dense gradient once every ΔT steps: 3.089 f_S at f_D / f_S = 10, ΔT = 100.
+    got = flops.training_flops(10.0, 100.0, "srigl", update_every_steps=100)
+    assert got == flops.training_flops(10.0, 100.0, "rigl", update_every_steps=100)
+    assert got / 10.0 == pytest.approx(312 / 101)
+
+
+@pytest.mark.parametrize("name", ["static", "set", "snip", "grasp", "synflow"])
+def test_sparse_from_the_start_costs_three_sparse_passes(name):
+    assert flops.training_flops(10.0, 100.0, name) == 30.0
+
+
+def test_nm_decay_pays_the_dense_weight_gradient_on_top_of_its_forward_trajectory():
+    # Dense forward while the pruned weights still count (phi = 0), N:M after (phi = 1).
+    got = flops.training_flops(
+        10.0, 100.0, "nm_decay", sparsity_fraction_by_step=lambda t: float(t >= 5), total_steps=10
+    )
+    assert got == pytest.approx(0.5 * (3 * 100) + 0.5 * (2 * 10 + 100))
+
+
+def test_nm_oneshot_is_dense_until_it_prunes():
+    got = flops.training_flops(
+        10.0, 100.0, "nm_oneshot", sparsity_fraction_by_step=lambda t: float(t >= 2), total_steps=4
+    )
+    assert got == pytest.approx(0.5 * 300 + 0.5 * 30)
+
+
+@pytest.mark.parametrize("name", ["magnitude", "random", "nm_oneshot", "nm_decay"])
+def test_algorithms_that_start_dense_need_their_schedule(name):
+    # They start dense: 3 f_S would understate their cost.
+    with pytest.raises(ValueError, match="sparsity_fraction_by_step"):
+        flops.training_flops(10.0, 100.0, name)
+
+
+def test_every_registered_sparsejax_algorithm_has_a_formula():
+    for name in algorithms.names():
+        if not type(algorithms.get(name)).__module__.startswith("sparsejax."):
+            continue  # rank-adaptive algorithms of tensornets: their cost follows the ranks
+        schedule = {"sparsity_fraction_by_step": lambda t: 1.0, "total_steps": 3}
+        got = flops.training_flops(10.0, 100.0, name, **schedule)
+        assert 30.0 <= got <= 300.0, name
+
+
+@pytest.mark.parametrize("name", ["RigL", "rigl ", "unknown", "", None])
+def test_unknown_algorithm_names_are_refused_listing_the_known_ones(name):
+    with pytest.raises(ValueError, match=r"algorithm=.* known algorithms: \[.*'srigl'"):
+        flops.training_flops(10.0, 100.0, name)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"update_every_steps": 0}, "update_every_steps must be a positive integer, got 0"),
+        ({"update_every_steps": 2.5}, "update_every_steps must be a positive integer, got 2.5"),
+    ],
+)
+def test_bad_update_interval_raises_naming_it(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        flops.training_flops(10.0, 100.0, "rigl", **kwargs)
 
 
 def test_memory_counts_params_and_the_packed_masks_of_the_one_packer():

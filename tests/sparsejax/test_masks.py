@@ -34,10 +34,15 @@ def _scores(shape, seed, ties=False) -> np.ndarray:
     return rng.standard_normal(shape).astype(np.float32)
 
 
-def _num_kept_reference(size: int, sparsity: float) -> int:
+def _rounded_reference(size: int, sparsity: float) -> int:
     """round-half-even((1 - s) * size) in float32, the dtype a sparsity has under jit."""
     one = np.float32(1.0)
     return int(np.round((one - np.float32(sparsity)) * np.float32(size)))
+
+
+def _num_kept_reference(size: int, sparsity: float) -> int:
+    """The rounded count, and one entry when it rounds to none: no array is emptied."""
+    return max(_rounded_reference(size, sparsity), min(1, size))
 
 
 def _topk_reference(scores: np.ndarray, k: int) -> np.ndarray:
@@ -69,7 +74,9 @@ def test_topk_mask_keeps_exactly_the_best_round_one_minus_s_times_size(shape, sp
     assert keep.shape == shape and keep.dtype == bool
     assert keep.sum() == k
     # float32 rounding moves (1 - s) * size by at most a few ulps of size.
-    assert abs(k - (1.0 - sparsity) * size) <= 0.5 + 4 * size * np.finfo(np.float32).eps
+    rounded = _rounded_reference(size, sparsity)
+    assert abs(rounded - (1.0 - sparsity) * size) <= 0.5 + 4 * size * np.finfo(np.float32).eps
+    assert k == max(rounded, min(1, size))
     np.testing.assert_array_equal(keep, _topk_reference(scores, k))
     _assert_separates(scores, keep)
 

@@ -133,21 +133,23 @@ def test_sparse_dense_calls_routes_plain_dense():
         ((5,), 1, "SAME", 2),
         ((3, 2), (2, 1), "VALID", 1),
         ((3, 3), 1, 1, 1),
+        (3, 1, "SAME", 1),  # an int is a 1-D window, as nn.Conv reads it
     ],
 )
 def test_sparse_conv_equals_masked_conv(kernel_size, strides, padding, dilation):
     """An nn.Conv whose kernel is the BSR of its masked im2col matrix gives the conv's output,
     values and gradients to the input."""
-    rng = np.random.default_rng(len(kernel_size))
-    spatial = (13,) * len(kernel_size)
+    window = (kernel_size,) if isinstance(kernel_size, int) else kernel_size
+    rng = np.random.default_rng(len(window))
+    spatial = (13,) * len(window)
     x = jnp.asarray(rng.standard_normal((3, *spatial, 4)).astype(np.float32))
     conv = nn.Conv(6, kernel_size, strides=strides, padding=padding, kernel_dilation=dilation)
     params = conv.init(jax.random.key(0), x)["params"]
     matrix_mask = masks.block_mask(
-        jax.random.uniform(jax.random.key(1), (4 * int(np.prod(kernel_size)), 6)), 0.5, (2, 3)
+        jax.random.uniform(jax.random.key(1), (4 * int(np.prod(window)), 6)), 0.5, (2, 3)
     )
     # The mask in the kernel's own layout: invert conv_kernel_matrix's channel-major order.
-    kernel_mask = jnp.moveaxis(matrix_mask.reshape(4, *kernel_size, 6), 0, -2)
+    kernel_mask = jnp.moveaxis(matrix_mask.reshape(4, *window, 6), 0, -2)
     np.testing.assert_array_equal(snn.conv_kernel_matrix(kernel_mask), matrix_mask)
     dense = {"kernel": params["kernel"] * kernel_mask, "bias": params["bias"]}
     sparse = {

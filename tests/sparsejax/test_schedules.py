@@ -69,11 +69,21 @@ def test_polynomial_is_monotone_from_initial_to_final(args):
 
 @_SETTINGS
 @given(args=polynomial_args())
-def test_polynomial_updates_exactly_at_begin_plus_multiples_of_every_up_to_end(args):
+def test_polynomial_updates_at_begin_plus_multiples_of_every_and_at_end(args):
     update = np.asarray(schedules.polynomial(**args).is_update_step(STEPS))
     begin, end, every = args["begin_step"], args["end_step"], args["update_every_steps"]
-    expected = set(range(begin, end + 1, every))
+    # Both ends are update steps, also when end_step is off the grid: the last update
+    # is the one that sets s_f.
+    expected = set(range(begin, end + 1, every)) | {end}
     assert set(STEPS[update].tolist()) == expected
+
+
+def test_polynomial_end_step_off_the_update_grid_is_an_update_step():
+    schedule = schedules.polynomial(0.9, begin_step=0, end_step=1000, update_every_steps=300)
+    steps = np.arange(1200)
+    updates = steps[np.asarray(schedule.is_update_step(steps))].tolist()
+    assert updates == [0, 300, 600, 900, 1000]
+    assert float(schedule.sparsity(updates[-1])) == np.float32(0.9)
 
 
 @_SETTINGS

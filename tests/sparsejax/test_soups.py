@@ -80,6 +80,35 @@ def test_swa_update_is_the_running_mean_and_keeps_zeros():
     np.testing.assert_allclose(jitted, snapshots[:2].mean(0), rtol=1e-6)
 
 
+def test_swa_update_starts_from_the_first_snapshot_whatever_the_initial_average():
+    """At count 0 the average is the snapshot: a NaN (uninitialized) start must not stay."""
+    snapshot = {"w": jnp.arange(3.0)}
+    for start in (jnp.full(3, jnp.nan), jnp.full(3, jnp.inf)):
+        np.testing.assert_array_equal(soups.swa_update({"w": start}, snapshot, 0)["w"], [0, 1, 2])
+        jitted = jax.jit(soups.swa_update)({"w": start}, snapshot, jnp.asarray(0))
+        np.testing.assert_array_equal(jitted["w"], [0, 1, 2])
+
+
+def test_soup_without_a_mask_refuses_ingredients_with_different_masks():
+    stacked, mask = _ingredients(3)
+    other = masks_lib.topk_mask(jax.random.uniform(jax.random.key(9), (6, 5)), 0.7)
+    kernel = stacked["dense"]["kernel"].at[2].set(jnp.where(other, 1.0, 0.0))
+    bad = {"dense": {"kernel": kernel, "bias": stacked["dense"]["bias"]}}
+    with pytest.raises(ValueError, match=r"stacked_params\['dense'\]\['kernel'\]: ingredient 2"):
+        soups.average(bad)
+    # Sharing a mask (or dense), the soup without a mask is the plain mean.
+    np.testing.assert_allclose(
+        soups.average(stacked)["dense"]["kernel"], stacked["dense"]["kernel"].mean(0), rtol=1e-6
+    )
+
+
+def test_check_shared_mask_matches_leaves_by_name_not_position():
+    stacked, mask = _ingredients(2)
+    renamed = {"dense": {"bias": None, "kernel_": mask["dense"]["kernel"]}}
+    with pytest.raises(ValueError, match=r"mask\['dense'\]\['kernel_'\] is not a parameter"):
+        soups.check_shared_mask(stacked, renamed)
+
+
 def test_greedy_soup_never_scores_below_its_best_ingredient():
     stacked, mask = _ingredients(4, seed=3)
     target = stacked["dense"]["kernel"][2]

@@ -542,9 +542,7 @@ def test_snip_prunes_at_step_zero_by_abs_w_times_g_then_holds(seed):
 
 def test_get_masks_finds_the_masked_state_inside_a_chain():
     algo = algorithms.get("static", sparsity=SPARSITY)
-    tx = optax.chain(
-        optax.clip_by_global_norm(1.0), transforms.masked(optax.adam(1e-2), algo), optax.scale(1.0)
-    )
+    tx = optax.chain(optax.clip_by_global_norm(1.0), transforms.masked(optax.adam(1e-2), algo))
     params = _params()
     state = tx.init(params)
     assert transforms.get_masks(state) is state[1].masks
@@ -554,6 +552,71 @@ def test_get_masks_finds_the_masked_state_inside_a_chain():
         assert (np.asarray(sparse[name]["kernel"])[~m] == 0.0).all()
         np.testing.assert_array_equal(sparse[name]["kernel"][m], params[name]["kernel"][m])
     assert sparse["dense2"]["bias"] is params["dense2"]["bias"]
+
+
+_AFTER_MASKED = {
+    "chain": lambda m: optax.chain(m, optax.scale(0.5)),
+    "nested": lambda m: optax.chain(optax.chain(optax.clip(1.0), m, optax.scale(0.5))),
+    "identity after": lambda m: optax.chain(m, optax.identity()),
+    "named_chain": lambda m: optax.named_chain(("sparse", m), ("half", optax.scale(0.5))),
+}
+
+
+@pytest.mark.parametrize("build", list(_AFTER_MASKED.values()), ids=list(_AFTER_MASKED))
+def test_a_transform_after_masked_is_refused_as_it_would_unzero_pruned_weights(build):
+    tx = build(transforms.masked(optax.adam(1e-2), algorithms.get("static", sparsity=SPARSITY)))
+    params = _params()
+    state = tx.init(params)
+    with pytest.raises(ValueError, match=r"masked\(\.\.\.\) must be the last transform"):
+        transforms.sparsify(params, state)
+    with pytest.raises(ValueError, match=r"Put them inside: masked\(optax.chain"):
+        transforms.get_masks(state)
+
+
+def test_a_scale_after_masked_does_leave_pruned_weights_nonzero():
+    # Why the composition is refused: masked emits -w for a pruned weight, the scale halves it.
+    algo = algorithms.get("static", sparsity=SPARSITY)
+    inner = transforms.masked(optax.adam(1e-2), algo)
+    tx = optax.chain(inner, optax.scale(0.5))
+    params = _params()
+    state = tx.init(params)
+    mask_tree = inner.init(params).masks
+    updates, _ = tx.update(jax.grad(loss_fn)(params), state, params)
+    after = optax.apply_updates(params, updates)
+    pruned = ~np.asarray(mask_tree["dense1"]["kernel"])
+    np.testing.assert_allclose(
+        np.asarray(after["dense1"]["kernel"])[pruned],
+        0.5 * np.asarray(params["dense1"]["kernel"])[pruned],
+    )
+
+
+_MASKED_LAST = {
+    "alone": lambda m: m,
+    "after a clip": lambda m: optax.chain(optax.clip_by_global_norm(1.0), m),
+    "nested last": lambda m: optax.chain(optax.clip(1.0), optax.chain(optax.identity(), m)),
+    "multi steps": lambda m: optax.MultiSteps(m, every_k_schedule=2),
+}
+
+
+@pytest.mark.parametrize("build", list(_MASKED_LAST.values()), ids=list(_MASKED_LAST))
+def test_masked_last_keeps_pruned_weights_exactly_zero(build):
+    algo = algorithms.get("rigl", sparsity=SPARSITY, update_every_steps=2, end_step=8)
+    # A scale belongs inside masked, where it cannot touch the update that zeroes.
+    tx = build(transforms.masked(optax.chain(optax.adam(1e-2), optax.scale(0.5)), algo))
+    params = _params()
+    state = tx.init(params)
+    params = transforms.sparsify(params, state)
+    step = jax.jit(
+        lambda p, s: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(
+            tx.update(jax.grad(loss_fn)(p), s, p)
+        )
+    )
+    for _ in range(10):
+        params, state = step(params, state)
+        kept = transforms.get_masks(state)
+        for name, _ in KERNELS:
+            m = np.asarray(kept[name]["kernel"])
+            assert (np.asarray(params[name]["kernel"])[~m] == 0.0).all(), name
 
 
 @pytest.mark.parametrize("inner", [optax.adam(1e-2), optax.chain(optax.sgd(0.1)), optax.identity()])
