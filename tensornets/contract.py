@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -208,36 +208,3 @@ def factorized_apply(
         return contract(factorized, x, *factors, precision=precision)
     w = contract(reconstruct, *factors, precision=precision)
     return contract(matmul, x, w, precision=precision)
-
-
-def apply_modes(
-    x: jax.Array,
-    shape: tuple[int, ...],
-    n_in: int,
-    subscripts: Callable[[int], tuple],
-    operands: list,
-    method: str = "auto",
-    precision=None,
-) -> jax.Array:
-    """Applies a factorized tensor of ``shape`` as a linear map from its first ``n_in`` modes.
-
-    The shared body of the formats' ``apply``: checks that ``x`` (..., I_1, ..., I_n)
-    ends with the input modes, flattens the batch, contracts with `factorized_apply`
-    and restores the batch in front of the output modes (..., I_{n+1}, ..., I_N).
-
-    Args:
-      x: the input.
-      shape: the full tensor shape (I_1, ..., I_N).
-      n_in: number of leading input modes.
-      subscripts: ndim of the flattened input -> (x_sub, operand_subs, w_sub, out_sub).
-      operands: the format's factors, in the order of ``operand_subs``.
-      method, precision: as in `factorized_apply`.
-    """
-    in_shape = tuple(shape[:n_in])
-    batch = x.shape[: x.ndim - n_in]
-    if tuple(x.shape[x.ndim - n_in :]) != in_shape:
-        raise ValueError(f"x.shape={x.shape} must end with the input modes {in_shape}")
-    xb = x.reshape((-1, *in_shape))
-    x_sub, subs, w_sub, out_sub = subscripts(xb.ndim)
-    y = factorized_apply(xb, x_sub, subs, operands, w_sub, out_sub, method, precision)
-    return y.reshape(batch + tuple(shape[n_in:]))

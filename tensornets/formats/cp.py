@@ -36,6 +36,7 @@ import numpy as np
 
 from tensornets import contract as contract_lib
 from tensornets.formats import validation
+from tensornets.formats.operator import ModeOperator
 
 __all__ = ["CP"]
 
@@ -54,7 +55,7 @@ def _compute_dtype(dtype) -> jnp.dtype:
 
 
 @flax.struct.dataclass
-class CP:
+class CP(ModeOperator):
     """A tensor in CP format.
 
     Attributes:
@@ -106,21 +107,14 @@ class CP:
           ValueError: for a rank <= 0 or above `max_rank`, naming the value.
         """
         shape = validation.check_shape(shape)
-        bound = cls.max_rank(shape)
-        if validation.is_fraction(rank):
-            budget = validation.check_fraction(rank) * math.prod(shape)
-            return validation.uniform_rank_for_budget(
-                budget, lambda r: cls.num_params_for(shape, r), bound
-            )
-        if not isinstance(rank, int | np.integer):
-            (rank,) = validation.check_rank_tuple(rank, 1, "rank")
-        rank = validation.check_int_rank(rank, "rank")
-        if rank > bound:
-            raise ValueError(
-                f"rank={rank} is larger than allowed for a CP of shape {shape}: at most "
-                f"prod(shape) / max(shape) = {bound}"
-            )
-        return rank
+        return validation.resolve_single_rank(
+            shape,
+            rank,
+            cls.max_rank(shape),
+            lambda r: cls.num_params_for(shape, r),
+            what=f"a CP of shape {shape}",
+            bound_name="prod(shape) / max(shape)",
+        )
 
     # ------------------------------------------------------------ conversion
     def to_dense(self) -> jax.Array:
@@ -179,51 +173,14 @@ class CP:
         return cls(weights=params["weights"], factors=factors)
 
     # ------------------------------------------------------------- operator
-    def _subscripts(self, n_in: int, x_ndim: int):
-        if not 0 < n_in < self.ndim:
-            raise ValueError(f"n_in must be in [1, {self.ndim - 1}], got {n_in}")
+    def _subscripts(self, n_in: int):
         modes = _MODES[: self.ndim]
         x_sub = _BATCH + modes[:n_in]
         factor_subs = [_RANK] + [m + _RANK for m in modes]
         return x_sub, factor_subs, modes, _BATCH + modes[n_in:]
 
-    def apply(self, x: jax.Array, n_in: int, method: str = "auto", precision=None) -> jax.Array:
-        """Applies the tensor as a linear map from its first ``n_in`` modes to the rest.
-
-        y[..., i_{n+1}, ..., i_N] = sum_{i_1..i_n} x[..., i_1, ..., i_n] X[i_1, ..., i_N],
-        contracted through the factors along an optimal path (``method="factorized"``),
-        or by reconstruction and matmul (``"dense"``), or whichever has fewer FLOPs
-        (``"auto"``).
-
-        Args:
-          x: (..., I_1, ..., I_n).
-          n_in: number of leading modes that are inputs.
-
-        Returns:
-          (..., I_{n+1}, ..., I_N).
-        """
-        return contract_lib.apply_modes(
-            x,
-            self.shape,
-            n_in,
-            lambda ndim: self._subscripts(n_in, ndim),
-            [self.weights, *self.factors],
-            method,
-            precision,
-        )
-
-    def apply_costs(self, batch: int, n_in: int) -> dict[str, int]:
-        """FLOPs of `apply` on a batch of ``batch`` inputs, factorized and dense."""
-        x_sub, factor_subs, w_sub, out_sub = self._subscripts(n_in, n_in + 1)
-        shapes = [self.weights.shape] + [f.shape for f in self.factors]
-        return contract_lib.factorized_apply_costs(
-            (batch, *self.shape[:n_in]), x_sub, factor_subs, shapes, w_sub, out_sub
-        )
-
-    def flops(self, batch: int, n_in: int, method: str = "auto") -> int:
-        """FLOPs of `apply` with ``method`` ("auto" = the cheaper one)."""
-        costs = self.apply_costs(batch, n_in)
-        return costs[contract_lib.choose_method(costs["factorized"], costs["dense"], method)]
+    def _operands(self) -> list[jax.Array]:
+        return [self.weights, *self.factors]
 
 
 # ---------------------------------------------------------------------- ALS

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import string
-from typing import Any
+from typing import Any, Self
 
 import flax.struct
 import jax
@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from tensornets import contract as contract_lib
 from tensornets.formats import validation
+from tensornets.formats.operator import ModeOperator
 
 __all__ = ["TT", "TTMatrix"]
 
@@ -148,8 +149,20 @@ def _check_cores(cores, ndim: int, what: str):
             raise ValueError(f"{what} core {k} must be {ndim}-d, got shape {c.shape}")
 
 
+class _CoreChain:
+    """Mixin: the flat parameter dict ``{"core_k": core k}`` of a chain of cores (TT, TT-matrix)."""
+
+    def to_params(self) -> dict[str, jax.Array]:
+        """Flat parameter dict, as the factorized layers store it."""
+        return {f"core_{k}": c for k, c in enumerate(self.cores)}
+
+    @classmethod
+    def from_params(cls, params: dict[str, jax.Array]) -> Self:
+        return cls(cores=tuple(params[f"core_{k}"] for k in range(len(params))))
+
+
 @flax.struct.dataclass
-class TT:
+class TT(_CoreChain, ModeOperator):
     """A tensor in tensor-train format.
 
     Attributes:
@@ -212,53 +225,16 @@ class TT:
         bonds = cls.resolve_ranks(x.shape, rank)
         return cls(cores=tuple(_tt_svd(x, bonds)))
 
-    def to_params(self) -> dict[str, jax.Array]:
-        return {f"core_{k}": c for k, c in enumerate(self.cores)}
-
-    @classmethod
-    def from_params(cls, params: dict[str, jax.Array]) -> TT:
-        return cls(cores=tuple(params[f"core_{k}"] for k in range(len(params))))
-
     def _subscripts(self, n_in: int):
         d = self.ndim
-        if not 0 < n_in < d:
-            raise ValueError(f"n_in must be in [1, {d - 1}], got {n_in}")
         return _BATCH + _IN[:n_in], self._reconstruct_subscripts(), _IN[:d], _BATCH + _IN[n_in:d]
 
-    def apply(self, x: jax.Array, n_in: int, method: str = "auto", precision=None) -> jax.Array:
-        """Applies the tensor as a linear map from its first ``n_in`` modes to the rest.
-
-        Args:
-          x: (..., I_1, ..., I_n).
-          n_in: number of leading input modes.
-          method: "auto" | "factorized" | "dense" (see `tensornets.contract`).
-
-        Returns:
-          (..., I_{n+1}, ..., I_d).
-        """
-        return contract_lib.apply_modes(
-            x,
-            self.shape,
-            n_in,
-            lambda ndim: self._subscripts(n_in),
-            list(self.cores),
-            method,
-            precision,
-        )
-
-    def apply_costs(self, batch: int, n_in: int) -> dict[str, int]:
-        x_sub, subs, w_sub, out_sub = self._subscripts(n_in)
-        return contract_lib.factorized_apply_costs(
-            (batch, *self.shape[:n_in]), x_sub, subs, [c.shape for c in self.cores], w_sub, out_sub
-        )
-
-    def flops(self, batch: int, n_in: int, method: str = "auto") -> int:
-        costs = self.apply_costs(batch, n_in)
-        return costs[contract_lib.choose_method(costs["factorized"], costs["dense"], method)]
+    def _operands(self) -> list[jax.Array]:
+        return list(self.cores)
 
 
 @flax.struct.dataclass
-class TTMatrix:
+class TTMatrix(_CoreChain):
     """A matrix of shape (prod m_k, prod n_k) in TT-matrix format.
 
     Used as a dense kernel: ``y = x @ W`` maps (..., prod m_k) to (..., prod n_k).
@@ -353,13 +329,6 @@ class TTMatrix:
                 for k, c in enumerate(cores)
             )
         )
-
-    def to_params(self) -> dict[str, jax.Array]:
-        return {f"core_{k}": c for k, c in enumerate(self.cores)}
-
-    @classmethod
-    def from_params(cls, params: dict[str, jax.Array]) -> TTMatrix:
-        return cls(cores=tuple(params[f"core_{k}"] for k in range(len(params))))
 
     def _apply_subscripts(self, transpose: bool):
         d = len(self.cores)

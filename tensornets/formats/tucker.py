@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from tensornets import contract as contract_lib
 from tensornets.formats import validation
+from tensornets.formats.operator import ModeOperator
 
 __all__ = ["Tucker"]
 
@@ -62,7 +63,7 @@ def _core_dims(shape, ranks, modes):
 
 
 @flax.struct.dataclass
-class Tucker:
+class Tucker(ModeOperator):
     """A tensor in (partial) Tucker format.
 
     Attributes:
@@ -240,43 +241,12 @@ class Tucker:
 
     # ------------------------------------------------------------- operator
     def _subscripts(self, n_in: int):
-        if not 0 < n_in < self.ndim:
-            raise ValueError(f"n_in must be in [1, {self.ndim - 1}], got {n_in}")
         core_sub, factor_subs = self._reconstruct_subscripts()
         modes = _MODES[: self.ndim]
         return _BATCH + modes[:n_in], [core_sub, *factor_subs], modes, _BATCH + modes[n_in:]
 
-    def apply(self, x: jax.Array, n_in: int, method: str = "auto", precision=None) -> jax.Array:
-        """Applies the tensor as a linear map from its first ``n_in`` modes to the rest.
-
-        Args:
-          x: (..., I_1, ..., I_n).
-          n_in: number of leading input modes.
-          method: "auto" | "factorized" | "dense" (see `tensornets.contract`).
-
-        Returns:
-          (..., I_{n+1}, ..., I_N).
-        """
-        return contract_lib.apply_modes(
-            x,
-            self.shape,
-            n_in,
-            lambda ndim: self._subscripts(n_in),
-            [self.core, *self.factors],
-            method,
-            precision,
-        )
-
-    def apply_costs(self, batch: int, n_in: int) -> dict[str, int]:
-        x_sub, factor_subs, w_sub, out_sub = self._subscripts(n_in)
-        shapes = [self.core.shape] + [f.shape for f in self.factors]
-        return contract_lib.factorized_apply_costs(
-            (batch, *self.shape[:n_in]), x_sub, factor_subs, shapes, w_sub, out_sub
-        )
-
-    def flops(self, batch: int, n_in: int, method: str = "auto") -> int:
-        costs = self.apply_costs(batch, n_in)
-        return costs[contract_lib.choose_method(costs["factorized"], costs["dense"], method)]
+    def _operands(self) -> list[jax.Array]:
+        return [self.core, *self.factors]
 
 
 def _project(x: jax.Array, factors: dict[int, jax.Array], skip: int | None = None) -> jax.Array:
