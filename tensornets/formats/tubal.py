@@ -213,21 +213,14 @@ class Tubal:
         shape = validation.check_shape(shape)
         if len(shape) != 3:
             raise ValueError(f"a tubal tensor is 3-d (n1, n2, n3), got shape {shape}")
-        bound = min(shape[0], shape[1])
-        if validation.is_fraction(rank):
-            budget = validation.check_fraction(rank) * math.prod(shape)
-            return validation.uniform_rank_for_budget(
-                budget, lambda r: cls.num_params_for(shape, r), bound
-            )
-        if not isinstance(rank, int):
-            (rank,) = validation.check_rank_tuple(rank, 1, "rank")
-        rank = validation.check_int_rank(rank, "rank")
-        if rank > bound:
-            raise ValueError(
-                f"rank={rank} is larger than allowed for shape {shape}: "
-                f"at most min(n1, n2) = {bound}"
-            )
-        return rank
+        return validation.resolve_single_rank(
+            shape,
+            rank,
+            min(shape[0], shape[1]),
+            lambda r: cls.num_params_for(shape, r),
+            what=f"shape {shape}",
+            bound_name="min(n1, n2)",
+        )
 
     def _hat(self):
         return _faces(self.u), jnp.fft.rfft(self.s, axis=-1).T, _faces(self.v)

@@ -134,3 +134,43 @@ def check_rank_tuple(rank: Any, length: int, name: str) -> tuple[int, ...]:
     if len(rank) != length:
         raise ValueError(f"{name} must have {length} entries, got {len(rank)}: {tuple(rank)!r}")
     return tuple(check_int_rank(r, f"{name}[{i}]") for i, r in enumerate(rank))
+
+
+def resolve_single_rank(
+    shape: tuple[int, ...],
+    rank: Any,
+    bound: int,
+    num_params: Callable[[int], int],
+    *,
+    what: str,
+    bound_name: str,
+) -> int:
+    """A format's one rank (CP's R, the tubal k) from an int, a 1-tuple or a float fraction.
+
+    Args:
+      shape: the dense shape, already checked (`check_shape`).
+      rank: an int (or numpy integer), a 1-sequence of one, or a float fraction of
+        prod(shape): the largest rank whose ``num_params(rank)`` fits that budget.
+      bound: the largest rank allowed.
+      num_params: rank -> parameter count, non-decreasing.
+      what, bound_name: complete the message for a rank above ``bound``: "rank=... is larger
+        than allowed for {what}: at most {bound_name} = {bound}".
+
+    Returns:
+      The rank, an int in [1, bound].
+
+    Raises:
+      ValueError: for a fraction outside (0, 1], a rank that is not a positive int or a
+        1-sequence of one, or a rank above ``bound``, naming the value.
+    """
+    if is_fraction(rank):
+        budget = check_fraction(rank) * math.prod(shape)
+        return uniform_rank_for_budget(budget, num_params, bound)
+    if not isinstance(rank, numbers.Integral):
+        (rank,) = check_rank_tuple(rank, 1, "rank")
+    rank = check_int_rank(rank, "rank")
+    if rank > bound:
+        raise ValueError(
+            f"rank={rank} is larger than allowed for {what}: at most {bound_name} = {bound}"
+        )
+    return rank
