@@ -68,15 +68,20 @@ def _check_weights(w: np.ndarray, mask: np.ndarray) -> None:
         )
 
 
-def _check_block_shape(block_shape: Any, shape: tuple[int, int]) -> tuple[int, int]:
+def _positive_int_pair(value: Any, name: str) -> tuple[int, int]:
+    """``value`` as two positive Python ints, or a ValueError naming ``name`` and the value."""
     if (
-        not isinstance(block_shape, Sequence)
-        or len(block_shape) != 2
-        or any(isinstance(b, bool) or not isinstance(b, numbers.Integral) for b in block_shape)
-        or any(b < 1 for b in block_shape)
+        not isinstance(value, Sequence)
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value)
+        or any(v < 1 for v in value)
     ):
-        raise ValueError(f"block_shape must be two positive ints, got {block_shape!r}")
-    bk, bn = int(block_shape[0]), int(block_shape[1])
+        raise ValueError(f"{name} must be two positive ints, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _check_block_shape(block_shape: Any, shape: tuple[int, int]) -> tuple[int, int]:
+    bk, bn = _positive_int_pair(block_shape, "block_shape")
     if shape[0] % bk or shape[1] % bn:
         raise ValueError(
             f"block_shape={(bk, bn)} must divide the weight shape {shape} "
@@ -172,15 +177,7 @@ class BSRLayout:
     transpose_perm: np.ndarray
 
     def __post_init__(self) -> None:
-        shape = self.shape
-        if (
-            not isinstance(shape, Sequence)
-            or len(shape) != 2
-            or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) for d in shape)
-            or any(d < 1 for d in shape)
-        ):
-            raise ValueError(f"shape must be two positive ints, got {shape!r}")
-        shape = (int(shape[0]), int(shape[1]))
+        shape = _positive_int_pair(self.shape, "shape")
         bk, bn = _check_block_shape(self.block_shape, shape)
         kb, nb = shape[0] // bk, shape[1] // bn
         nnz = int(np.size(self.row_indices))  # a wrong rank is refused below
