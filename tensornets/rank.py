@@ -46,6 +46,7 @@ PyTree = Any
 __all__ = [
     "RANK_COLLECTION",
     "apply_rank_masks",
+    "check_boolean_rank_mask",
     "compact",
     "compact_ranks",
     "init_rank_masks",
@@ -191,6 +192,25 @@ def init_rank_masks(params: PyTree, live: int | None = None) -> dict:
     return _map_layers(one, params)
 
 
+def _map_masked_layers(on_layer, on_other, params: PyTree, rank_masks: PyTree) -> PyTree:
+    """Rebuilds ``params``: ``on_layer(node, mask)`` for each layer that has a rank mask.
+
+    Every other leaf (biases, dense layers, the leaves of unmasked factorized layers)
+    becomes ``on_other(leaf)``, so the result has the structure of ``params``.
+    """
+
+    def walk(node, rm):
+        if _is_layer(node) and rm is not None:
+            return on_layer(node, rm)
+        if isinstance(node, Mapping):
+            return {
+                k: walk(v, rm.get(k) if isinstance(rm, Mapping) else None) for k, v in node.items()
+            }
+        return on_other(node)
+
+    return walk(params, rank_masks)
+
+
 def _check_layer_mask(node: Mapping, mask: Mapping, where: str = "") -> None:
     sizes = _axis_sizes(node)
     if set(mask) != set(sizes):
@@ -199,6 +219,28 @@ def _check_layer_mask(node: Mapping, mask: Mapping, where: str = "") -> None:
         if jnp.shape(mask[name]) != (s,):
             raise ValueError(
                 f"rank mask{where}[{name!r}] must have shape ({s},), got {jnp.shape(mask[name])}"
+            )
+
+
+def check_boolean_rank_mask(mask: Mapping, where: str, remedy: str) -> None:
+    """Refuses a layer's rank mask that is not boolean: a float would scale the factors.
+
+    Only dtypes are read, so traced masks are checked as well.
+
+    Args:
+      mask: ``{axis name: vector}``, one layer's rank mask.
+      where: how the message names the mask, e.g. ``"rank_masks['dense']"``.
+      remedy: what to use for float multipliers instead, ending the message.
+
+    Raises:
+      ValueError: "{where}[axis] must be boolean, got dtype ..." for the first float axis.
+    """
+    for name, vec in mask.items():
+        dtype = jnp.result_type(vec)
+        if dtype != jnp.bool_:
+            raise ValueError(
+                f"{where}[{name!r}] must be boolean, got dtype {dtype} (a float would scale "
+                f"the factors; {remedy})"
             )
 
 
@@ -222,13 +264,7 @@ def _check_rank_masks(params: PyTree, rank_masks: PyTree) -> None:
                     f"{type(rm).__name__}"
                 )
             _check_layer_mask(node, rm, where)
-            for name, vec in rm.items():
-                dtype = jnp.result_type(vec)
-                if dtype != jnp.bool_:
-                    raise ValueError(
-                        f"rank_masks{where}[{name!r}] must be boolean, got dtype {dtype} (a "
-                        "float would scale the factors; multipliers go through mask_layer)"
-                    )
+            check_boolean_rank_mask(rm, f"rank_masks{where}", "multipliers go through mask_layer")
             return
         if not isinstance(rm, Mapping):
             raise ValueError(
@@ -315,18 +351,12 @@ def param_masks(params: PyTree, rank_masks: PyTree, *, gate_only: bool = False) 
     """
     _check_rank_masks(params, rank_masks)
 
-    def walk(node, rm):
-        if _is_layer(node) and rm is not None:
-            _check_layer_mask(node, rm)
-            leaf_masks = _layer_leaf_masks(node, rm, gate_only)
-            return {k: leaf_masks.get(k) for k in node}
-        if isinstance(node, Mapping):
-            return {
-                k: walk(v, rm.get(k) if isinstance(rm, Mapping) else None) for k, v in node.items()
-            }
-        return None
+    def layer_masks(node, rm):
+        _check_layer_mask(node, rm)
+        leaf_masks = _layer_leaf_masks(node, rm, gate_only)
+        return {k: leaf_masks.get(k) for k in node}
 
-    return walk(params, rank_masks)
+    return _map_masked_layers(layer_masks, lambda leaf: None, params, rank_masks)
 
 
 def rank_masks_from_param_masks(param_mask_tree: PyTree, params: PyTree) -> dict:
@@ -360,17 +390,12 @@ def apply_rank_masks(params: PyTree, rank_masks: PyTree, *, gate_only: bool = Fa
         axes, shapes or dtype (not boolean).
     """
     _check_rank_masks(params, rank_masks)
-
-    def walk(node, rm):
-        if _is_layer(node) and rm is not None:
-            return mask_layer(node, rm, gate_only=gate_only)
-        if isinstance(node, Mapping):
-            return {
-                k: walk(v, rm.get(k) if isinstance(rm, Mapping) else None) for k, v in node.items()
-            }
-        return node
-
-    return walk(params, rank_masks)
+    return _map_masked_layers(
+        lambda node, rm: mask_layer(node, rm, gate_only=gate_only),
+        lambda leaf: leaf,
+        params,
+        rank_masks,
+    )
 
 
 # -------------------------------------------------------------- parameters

@@ -170,14 +170,9 @@ def masked_factors(module: nn.Module, params: dict, rank_dropout: float) -> dict
         )
     if present:
         mask = {a: module.get_variable(rank_lib.RANK_COLLECTION, a) for a in axes}
-        for name, vec in mask.items():
-            # Only the dtype is read, so traced masks are checked as well.
-            dtype = jnp.result_type(vec)
-            if dtype != jnp.bool_:
-                raise ValueError(
-                    f"rank_masks of {layer}[{name!r}] must be boolean, got dtype {dtype} (a "
-                    "float would scale the factors; tensor dropout is the layer's rank_dropout)"
-                )
+        rank_lib.check_boolean_rank_mask(
+            mask, f"rank_masks of {layer}", "tensor dropout is the layer's rank_dropout"
+        )
         params = rank_lib.mask_layer(params, mask)
     if rank_dropout:
         fmt = rank_lib.layer_format(params)
