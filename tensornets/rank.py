@@ -473,16 +473,7 @@ def compact(params: PyTree, rank_masks: PyTree) -> PyTree:
                 out[leaf] = np.take(out[leaf], keep, axis=ax)
         return {k: jnp.asarray(v) for k, v in out.items()}
 
-    def walk(node, rm):
-        if _is_layer(node) and rm is not None:
-            return one(node, rm)
-        if isinstance(node, Mapping):
-            return {
-                k: walk(v, rm.get(k) if isinstance(rm, Mapping) else None) for k, v in node.items()
-            }
-        return node
-
-    return walk(params, rank_masks)
+    return _map_masked_layers(one, lambda leaf: leaf, params, rank_masks)
 
 
 def compact_ranks(rank_masks: PyTree) -> dict:
