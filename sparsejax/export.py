@@ -149,7 +149,9 @@ def export_trained(
 
     Straight-through algorithms keep dense weights in ``params``; the model runs on
     ``algorithm.forward_params_with_state(params, masks, algo_state)`` (``w * mask``,
-    or S-STE's rescaled soft-thresholded weights), and that is what is exported. For
+    or S-STE's rescaled soft-thresholded weights), and that is what is exported, under
+    the masks that forward pass applies (``algorithm.forward_masks``: straight-through
+    methods take them from the current weights, not the stored ones). For
     N:M algorithms (``algorithm.nm_pattern()`` is not None) ``format='nm'`` takes
     the pattern from the algorithm, so a trained N:M model converts in one call:
 
@@ -177,6 +179,9 @@ def export_trained(
         )
         if isinstance(node, transforms.MaskedState)
     ][0]
+    # The masks the forward pass applies to these params (straight-through methods
+    # recompute them from the current weights), so values and mask agree.
+    masks = algorithm.forward_masks(params, masks, state.algo_state)
     forward = algorithm.forward_params_with_state(params, masks, state.algo_state)
     pattern = algorithm.nm_pattern()
     if format == "nm" and pattern is not None:

@@ -97,8 +97,16 @@ class Algorithm:
         with the model before training (GraSP, SynFlow, SNIP), or None: use
         ``init_masks``. The trainer passes them as ``masked(..., masks=...)``.
       forward_params_with_state(params, masks, algo_state) -> the weights the model
-        computes with (``forward_params(params, masks)`` for callers without the
-        state; both the params themselves unless ``straight_through``).
+        computes with at this step: ``forward_params`` of ``params`` and
+        ``forward_masks(params, masks, algo_state)`` (both the params themselves
+        unless ``straight_through``).
+      forward_masks(params, masks, algo_state) -> the masks that forward pass
+        applies: the stored ``masks`` by default; straight-through methods recompute
+        them from the current ``params`` (Zhou et al. 2021 rebuild the N:M mask from
+        the weights at every forward pass), so the model never runs on a mask built
+        from the previous step's weights.
+      forward_params(params, masks) -> the weights the model computes with under
+        the given ``masks`` (for callers without the state).
       model_context(params, masks, algo_state) -> a context manager held while the
         model runs (e.g. a Flax method interceptor changing a layer's backward pass).
       metrics(algo_state) -> scalars worth logging.
@@ -154,18 +162,41 @@ class Algorithm:
         return None
 
     def forward_params(self, params: PyTree, masks: PyTree) -> PyTree:
-        """The weights the model computes with; pruned weights are already zero by default."""
+        """The weights the model computes with under ``masks``; by default ``params``.
+
+        Pruned weights are already zero in ``params`` unless the algorithm is
+        ``straight_through``. A training step calls `forward_params_with_state`.
+        """
         del masks
         return params
 
-    def forward_params_with_state(self, params: PyTree, masks: PyTree, algo_state: PyTree):
-        """`forward_params` for algorithms whose forward pass also reads their own state.
+    def forward_masks(self, params: PyTree, masks: PyTree, algo_state: PyTree) -> PyTree:
+        """The masks the forward pass applies to ``params`` at the state's step.
 
-        The training step calls this one (e.g. N:M mask decay needs its step,
-        S-STE its frozen scales); the default ignores the state.
+        The default is the stored ``masks``. Straight-through methods override it to
+        recompute the mask from ``params``, the weights the forward pass runs on (the
+        optimizer updates them after the stored masks were made); what they store in
+        their state is the mask this returned in the last step's forward pass.
+
+        Args:
+          params: the current parameters.
+          masks: the stored masks (`sparsejax.transforms.get_masks`).
+          algo_state: the algorithm's state (`MaskedState.algo_state`).
+
+        Returns:
+          A mask pytree of the structure of ``masks``.
         """
-        del algo_state
-        return self.forward_params(params, masks)
+        del params, algo_state
+        return masks
+
+    def forward_params_with_state(self, params: PyTree, masks: PyTree, algo_state: PyTree):
+        """The weights the model computes with at the state's step: what a training step calls.
+
+        ``forward_params(params, forward_masks(params, masks, algo_state))`` by
+        default; algorithms whose forward pass reads more of their state override it
+        (N:M mask decay needs its step, S-STE its frozen scales).
+        """
+        return self.forward_params(params, self.forward_masks(params, masks, algo_state))
 
     def model_context(self, params: PyTree, masks: PyTree, algo_state: PyTree):
         """A context manager the training step holds while it runs the model.

@@ -62,15 +62,17 @@ class BiMask(NMSTE):
     """Bi-Mask: separate N:M masks for the forward weight and the transposed backward weight.
 
     Forward: y = x (W ⊙ E_f), E_f the magnitude N:M mask along the input axis
-    (as `NMSTE`). Backward to the activations: dX = dY (W ⊙ E_b)^T, E_b the
-    magnitude N:M mask along the *output* axis, so that product is N:M along
-    its own reduction axis and can run on sparse tensor cores too, without the
-    accuracy cost of a single transposable mask. The weight gradient
-    dW = X^T dY is dense (straight through), as in the paper.
+    of the current weights (as `NMSTE`, `forward_masks`). Backward to the
+    activations: dX = dY (W ⊙ E_b)^T, E_b the magnitude N:M mask along the
+    *output* axis, so that product is N:M along its own reduction axis and can
+    run on sparse tensor cores too, without the accuracy cost of a single
+    transposable mask. The weight gradient dW = X^T dY is dense (straight
+    through), as in the paper.
 
-    Both masks follow |W| every step. The paper also searches over row
-    permutations of W for the backward mask that keeps the most forward
-    weights; that search is not done here (E_b is the plain magnitude mask).
+    Both masks are recomputed from the current |W| in every forward pass. The
+    paper also searches over row permutations of W for the backward mask that
+    keeps the most forward weights; that search is not done here (E_b is the
+    plain magnitude mask).
 
     Only ``flax.linen.Dense`` layers get the bidirectional backward pass, through
     `model_context` (a Flax method interceptor the training step enables);
@@ -100,8 +102,9 @@ class BiMask(NMSTE):
         return jax.tree.map(one, self.selected(params), params, is_leaf=masks.is_none)
 
     def model_context(self, params: PyTree, masks_tree: PyTree, algo_state: PyTree):
-        del algo_state
-        backward = self.backward_masks(params)
+        # Both masks of the weights the model runs on now, as `forward_params_with_state`.
+        forward = self.forward_masks(params, masks_tree, algo_state)
+        backward = self.backward_masks(jax.lax.stop_gradient(params))
 
         def lookup(tree, path):
             node = tree
@@ -115,7 +118,7 @@ class BiMask(NMSTE):
             module = context.module
             if context.method_name != "__call__" or not isinstance(module, nn.Dense):
                 return next_fun(*args, **kwargs)
-            forward_mask = lookup(masks_tree, module.path)
+            forward_mask = lookup(forward, module.path)
             backward_mask = lookup(backward, module.path)
             if forward_mask is None or backward_mask is None:
                 return next_fun(*args, **kwargs)

@@ -33,8 +33,10 @@ class NMDecay(NMSTE):
     before ``begin_step`` it trains dense, after ``end_step`` it is plain N:M.
     Two families (``decay_schedule``):
 
-    * mask decay (MDGF): the N:M magnitude mask E is recomputed every step and
-      the forward weights are W ⊙ (E + alpha_t (1 - E)). Pruned weights take part
+    * mask decay (MDGF): the N:M magnitude mask E is recomputed in every forward
+      pass from the current weights W_t (`NMSTE.forward_masks`, as in the
+      SR-STE code the paper builds on) and the forward weights are
+      W_t ⊙ (E + alpha_t (1 - E)). Pruned weights take part
       in the forward pass scaled by alpha_t and, through autodiff, receive the
       gradient alpha_t * dL/dW~: the gradient flow to them fades with alpha_t.
       ``mask_linear``: alpha_t falls linearly from 1 to 0.
@@ -42,7 +44,7 @@ class NMDecay(NMSTE):
       equal intervals k = 0, 1, ... (then 0 after ``end_step``).
     * ``structure`` (SDGF): binary masks whose N shrinks stepwise from M to n,
       halving at each of equal stages (1:8 goes 8:8 -> 4:8 -> 2:8 -> 1:8), trained
-      with the straight-through estimator.
+      with the straight-through estimator; the mask of step t is N_t:M of W_t.
 
     The decay uses the step count of `NMState`, so training must call
     `forward_params_with_state`; the stateless `forward_params` gives the final
@@ -142,8 +144,9 @@ class NMDecay(NMSTE):
         return self._forward(params, masks_tree, None)
 
     def forward_params_with_state(self, params, masks_tree, algo_state) -> PyTree:
-        """The forward pass at the state's step (``NMState.num_steps``)."""
-        return self._forward(params, masks_tree, algo_state.num_steps)
+        """The forward pass at the state's step (``NMState.num_steps``), on the current mask."""
+        current = self.forward_masks(params, masks_tree, algo_state)
+        return self._forward(params, current, algo_state.num_steps)
 
     def metrics(self, algo_state: NMState) -> dict[str, jax.Array]:
         out = super().metrics(algo_state)

@@ -1,12 +1,14 @@
 """N:M training with straight-through estimators: NMSTE, SR-STE and S-STE.
 
 The straight-through methods keep dense weights in the optimizer and recompute
-the magnitude N:M mask from them before every step (the N:M fields and masks are
-those of `sparsejax.algorithms.base.NMAlgorithm`); the model runs on
-``forward_params_with_state(params, masks, state)`` and the backward pass goes
-straight through the mask to every dense weight. Their state (`NMState`) records
-how many mask entries flip from one step to the next: the *sparse architecture
-divergence* of Zhou et al. 2021, logged as ``mask_flip_rate``.
+the magnitude N:M mask from them in every forward pass (the N:M fields and masks
+are those of `sparsejax.algorithms.base.NMAlgorithm`): the model runs on
+``forward_params_with_state(params, masks, state)``, whose mask
+(``forward_masks``) is that of the weights ``params`` the step starts from, and the
+backward pass goes straight through the mask to every dense weight. Their state
+(`NMState`) keeps the mask that forward pass used and records how many mask
+entries flip from one step to the next: the *sparse architecture divergence* of
+Zhou et al. 2021, logged as ``mask_flip_rate``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class NMState(NamedTuple):
     """State of the straight-through N:M methods (`MaskedState.algo_state`).
 
     Attributes:
-      masks: the masks of the current step (the ones ``update_masks`` returns).
+      masks: the masks the last step's forward pass applied: the magnitude N:M
+        mask of the weights that step started from (``update_masks`` returns them).
       flip_sum: float32 scalar, sum over steps of the fraction of mask entries
         that changed since the previous step.
       flip_ema: float32 scalar, exponential moving average (decay 0.99) of the
@@ -168,10 +171,12 @@ def _ste(w: jax.Array, forward: jax.Array) -> jax.Array:
 class NMSTE(NMAlgorithm):
     """N:M training with the straight-through estimator.
 
-    The optimizer updates dense weights W. Before every step the mask E keeps
-    the ``n`` largest |W| of every group of ``m``; the forward pass uses
-    W~ = E ⊙ W and the backward pass copies dL/dW~ to dL/dW for every weight,
-    pruned or not, so pruned weights keep learning and may return.
+    The optimizer updates dense weights W. Every forward pass computes the mask
+    E = E(W_t) from the current weights W_t, keeping the ``n`` largest |W_t| of
+    every group of ``m`` (`forward_masks`); it uses W~ = E ⊙ W_t and the backward
+    pass copies dL/dW~ to dL/dW for every weight, pruned or not, so pruned weights
+    keep learning and may return. The state keeps E(W_t) after step t (for the
+    flip rate, export and the masks `sparsejax.transforms.get_masks` returns).
 
     Reference: Zhou et al. 2021, "Learning N:M Fine-grained Structured Sparse
     Neural Networks From Scratch" (the STE baseline, Eq. (3)); Bengio et al.
@@ -202,13 +207,24 @@ class NMSTE(NMAlgorithm):
         )
 
     def step_masks(self, params: PyTree, step: jax.Array) -> PyTree:
-        """The masks used at ``step``, from the current dense weights."""
+        """The masks of the dense weights ``params`` at ``step`` (the step matters to decay)."""
         del step
         return self.magnitude_masks(params)
 
+    def forward_masks(self, params: PyTree, masks_tree: PyTree, algo_state: NMState) -> PyTree:
+        """E(W_t): the magnitude N:M masks of the current weights ``params``.
+
+        Recomputed in every forward pass, as in Zhou et al. 2021 (the stored
+        ``masks_tree`` come from the previous step's weights and are not used); at
+        the state's step ``algo_state.num_steps`` for methods whose N changes.
+        """
+        del masks_tree
+        return self.step_masks(jax.lax.stop_gradient(params), algo_state.num_steps)
+
     def update_state(self, state: NMState, params, grads, step) -> NMState:
-        del grads
-        new = self.step_masks(params, step)
+        # ``params`` are the weights this step's forward pass ran on: keep its mask.
+        del grads, step
+        new = self.forward_masks(params, state.masks, state)
         rate = nm_flip_rate(state.masks, new)
         return state._replace(
             masks=new,
@@ -226,7 +242,7 @@ class NMSTE(NMAlgorithm):
         return algo_state.masks
 
     def forward_params(self, params: PyTree, masks_tree: PyTree) -> PyTree:
-        """E ⊙ W forward, identity backward."""
+        """E ⊙ W forward (E = ``masks_tree``), identity backward."""
         return jax.tree.map(
             lambda m, w: w if m is None else _ste(w, jnp.where(m, w, jnp.zeros_like(w))),
             masks_tree,
