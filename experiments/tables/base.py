@@ -170,3 +170,30 @@ def compare(
     """
     check = stats.better if strict else stats.at_least
     return check(sentence, a[0], results[(a[1], col)], b[0], results[(b[1], col)])
+
+
+def grows(results: dict, cols: list, row: str, sentence: str) -> list[stats.Claim]:
+    """Claims that ``row`` is better in the last column than in the first (`stats.better`).
+
+    For tables whose columns are one setting in increasing order (sparsity, parameter
+    budget), where the paper's accuracy grows from the lowest setting to the highest.
+
+    Args:
+      results: ``results[(row, col)]`` = per-seed values, as `Table.claims` receives them.
+      cols: the columns, lowest first; both ends are compared, as percents.
+      row: the row label.
+      sentence: the claim as printed; ``{low}`` and ``{high}`` stand for the first and last
+        columns as `percent` strings.
+
+    Returns:
+      ``[claim]``, or ``[]`` when there is a single column (nothing to compare).
+    """
+    low, high = cols[0], cols[-1]
+    if low == high:
+        return []
+    lo, hi = percent(low), percent(high)
+    return [
+        stats.better(
+            sentence.format(low=lo, high=hi), hi, results[(row, high)], lo, results[(row, low)]
+        )
+    ]

@@ -100,7 +100,7 @@ def _extras(cell: base.Cell, result: sweep.SweepResult) -> dict:
 
 def _claims(results: dict, cols: list) -> list[stats.Claim]:
     claims = []
-    pct = lambda s: f"{100 * s:g}%"  # noqa: E731
+    pct = base.percent
     for s in cols:
         dense = results[("dense", s)]
         claims.append(
@@ -125,18 +125,14 @@ def _claims(results: dict, cols: list) -> list[stats.Claim]:
                     dense,
                 )
             )
-    low, high = cols[0], cols[-1]
-    if low != high:
-        claims.append(
-            stats.better(
-                f"Sparse Wide gains with sparsity: {pct(high)} beats {pct(low)} at equal FLOPs "
-                "(the paper's accuracy grows with sparsity)",
-                pct(high),
-                results[("Sparse Wide", high)],
-                pct(low),
-                results[("Sparse Wide", low)],
-            )
-        )
+    claims += base.grows(
+        results,
+        cols,
+        "Sparse Wide",
+        "Sparse Wide gains with sparsity: {high} beats {low} at equal FLOPs "
+        "(the paper's accuracy grows with sparsity)",
+    )
+    high = cols[-1]
     if ("Sparse Doped", high) not in results:
         return claims
     claims.append(

@@ -240,18 +240,13 @@ def _claims(results: dict, cols: list) -> list[stats.Claim]:
                 before,
             )
         )
-    low, high = cols[0], cols[-1]
-    if low != high:
-        claims.append(
-            stats.better(
-                f"TT-matrix accuracy grows with the parameter budget: {base.percent(high)} beats "
-                f"{base.percent(low)}, from scratch (Novikov et al. 2015, accuracy vs TT-rank)",
-                base.percent(high),
-                r("TT-matrix", _SCRATCH, high),
-                base.percent(low),
-                r("TT-matrix", _SCRATCH, low),
-            )
-        )
+    claims += base.grows(
+        results,
+        cols,
+        f"TT-matrix ({_SCRATCH})",
+        "TT-matrix accuracy grows with the parameter budget: {high} beats {low}, from scratch "
+        "(Novikov et al. 2015, accuracy vs TT-rank)",
+    )
     return claims
 
 
