@@ -8,19 +8,13 @@ import numpy as np
 import pytest
 import tensorly as tl
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from jax.test_util import check_grads
 from tensorly.decomposition import parafac
 
 from tensornets.formats import CP
+from tests.tensornets.conftest import RTOL, add_noise, gaussian_tensors, rel_err
 
 _SETTINGS = settings(max_examples=6, deadline=None, derandomize=True)
-RTOL = 1e-4  # relative Frobenius error allowed for float32 "exact" reconstructions
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def low_rank_plus_noise(shape, rank, noise, seed):
@@ -29,19 +23,14 @@ def low_rank_plus_noise(shape, rank, noise, seed):
     factors = [rng.standard_normal((d, rank)) for d in shape]
     letters = "abcdefgh"[: len(shape)]
     x = np.einsum(",".join(c + "r" for c in letters) + "->" + letters, *factors)
-    x = x + noise * np.linalg.norm(x) / np.sqrt(x.size) * rng.standard_normal(shape)
-    return x.astype(np.float32)
+    return add_noise(x, noise, rng)
 
 
 @_SETTINGS
-@given(
-    shape=st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple),
-    seed=st.integers(0, 2**16),
-)
-def test_full_rank_reconstructs_exactly(shape, seed):
-    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-    cp = CP.from_dense(x, CP.max_rank(shape))
-    assert cp.shape == shape
+@given(x=gaussian_tensors(max_dim=4, max_ndim=3))
+def test_full_rank_reconstructs_exactly(x):
+    cp = CP.from_dense(x, CP.max_rank(x.shape))
+    assert cp.shape == x.shape
     assert rel_err(cp.to_dense(), x) < RTOL
 
 

@@ -14,34 +14,23 @@ from tensorly.decomposition import tensor_train, tensor_train_matrix
 
 from tensornets.formats import TT, TTMatrix
 from tensornets.formats.tt import bond_limits
+from tests.tensornets.conftest import RTOL, add_noise, gaussian_tensors, rel_err
 
 _SETTINGS = settings(max_examples=8, deadline=None, derandomize=True)
-RTOL = 1e-4
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def tt_plus_noise(shape, rank, noise, seed):
     rng = np.random.default_rng(seed)
     full = [1] + [rank] * (len(shape) - 1) + [1]
     cores = [rng.standard_normal((full[k], d, full[k + 1])) for k, d in enumerate(shape)]
-    x = tl.tt_to_tensor(cores)
-    x = x + noise * np.linalg.norm(x) / np.sqrt(x.size) * rng.standard_normal(shape)
-    return x.astype(np.float32)
+    return add_noise(tl.tt_to_tensor(cores), noise, rng)
 
 
 @_SETTINGS
-@given(
-    shape=st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple),
-    seed=st.integers(0, 2**16),
-)
-def test_full_rank_reconstructs_exactly(shape, seed):
-    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-    t = TT.from_dense(x, max((*bond_limits(shape), 1)))
-    assert t.shape == shape and t.ranks == bond_limits(shape)
+@given(x=gaussian_tensors(max_dim=5, max_ndim=4))
+def test_full_rank_reconstructs_exactly(x):
+    t = TT.from_dense(x, max((*bond_limits(x.shape), 1)))
+    assert t.shape == x.shape and t.ranks == bond_limits(x.shape)
     assert rel_err(t.to_dense(), x) < RTOL
 
 

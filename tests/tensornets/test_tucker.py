@@ -8,38 +8,27 @@ import numpy as np
 import pytest
 import tensorly as tl
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from jax.test_util import check_grads
 from tensorly.decomposition import partial_tucker, tucker
 
 from tensornets.formats import Tucker
+from tests.tensornets.conftest import RTOL, add_noise, gaussian_tensors, rel_err
 
 _SETTINGS = settings(max_examples=6, deadline=None, derandomize=True)
-RTOL = 1e-4
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def tucker_plus_noise(shape, ranks, noise, seed):
     rng = np.random.default_rng(seed)
     core = rng.standard_normal(ranks)
     x = tl.tucker_to_tensor((core, [rng.standard_normal((d, r)) for d, r in zip(shape, ranks)]))
-    x = x + noise * np.linalg.norm(x) / np.sqrt(x.size) * rng.standard_normal(shape)
-    return x.astype(np.float32)
+    return add_noise(x, noise, rng)
 
 
 @_SETTINGS
-@given(
-    shape=st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple),
-    seed=st.integers(0, 2**16),
-)
-def test_full_rank_reconstructs_exactly(shape, seed):
-    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-    t = Tucker.from_dense(x, max(shape))
-    assert t.shape == shape
+@given(x=gaussian_tensors(max_dim=5, max_ndim=4))
+def test_full_rank_reconstructs_exactly(x):
+    t = Tucker.from_dense(x, max(x.shape))
+    assert t.shape == x.shape
     assert rel_err(t.to_dense(), x) < RTOL
 
 
