@@ -264,7 +264,7 @@ def memory(params: PyTree, masks: PyTree | None = None) -> Mapping[str, int]:
       ``sparse_params``: nonzero values of masked leaves plus an int32 index
       each (COO-like), unmasked leaves dense;
       ``masks_bool``: masks stored as one byte an entry;
-      ``masks_packed``: masks bit-packed by `sparsejax.masks.pack_mask` (one bit an
+      ``masks_packed``: masks bit-packed by `sparsejax.packing.pack_mask` (one bit an
       entry along the last axis, each row padded to whole bytes), what
       ``masked(..., packed=True)`` keeps in the optimizer state.
     """

@@ -389,25 +389,6 @@ def test_apply_masks_refuses_a_mask_of_another_shape_or_structure():
         masks.apply_masks(params, {"a": None})
 
 
-@settings(max_examples=30, deadline=None)
-@given(
-    shape=st.lists(st.integers(1, 19), min_size=0, max_size=3).map(tuple),
-    seed=st.integers(0, 2**16),
-)
-def test_packed_masks_round_trip_with_one_bit_an_entry_along_the_last_axis(shape, seed):
-    mask = np.random.default_rng(seed).random(shape) < 0.4
-    packed = masks.pack_mask(mask)
-    assert packed.bits.dtype == jnp.uint8 and packed.shape == shape
-    want = (*shape[:-1], -(-shape[-1] // 8)) if shape else (1,)
-    assert packed.bits.shape == want  # leading axes kept: shardable like the kernel
-    np.testing.assert_array_equal(packed.unpack(), mask)
-    tree = masks.pack_masks({"m": mask, "none": None})
-    assert tree["none"] is None and isinstance(tree["m"], masks.PackedMask)
-    np.testing.assert_array_equal(masks.unpack_masks(tree)["m"], mask)
-    plain = {"m": jnp.asarray(mask)}
-    assert masks.unpack_masks(plain) is plain  # nothing packed: the very same tree
-
-
 def test_path_name_joins_dict_keys_attribute_names_and_indices():
     tree = {"conv1": {"kernel": 1}, "blocks": [{"w": 2}]}
     names = [masks.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
