@@ -308,26 +308,36 @@ def test_bad_hyperparameters_raise():
         GreedyGrowth().init_masks(params, KEY)
 
 
-def test_tucker_hosvd_rotation_keeps_the_tensor_and_maps_gradients_exactly():
-    layer = FactorizedDense(10, "tucker", (4, 3, 3), in_shape=(4, 3), out_shape=(10,))
-    params = {"t": layer.init(KEY, X)["params"]}
-    labels = Y % 10
+def _reparametrize_one_layer(layer, x, tau):
+    """Spectral truncation's basis change of one factorized layer ``t`` under Adam moments.
+
+    The moments are one gradient of a cross-entropy on ``(x, Y % 10)`` (`_adam_state_of`).
+
+    Returns:
+      ``(algo, masks, params, new params, new Adam state, loss)``.
+    """
+    params = {"t": layer.init(KEY, x)["params"]}
 
     def loss(p):
-        logits = layer.apply({"params": p["t"]}, X)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        logits = layer.apply({"params": p["t"]}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, Y % 10).mean()
 
-    def dense(p):
-        return Tucker.from_params({k: v for k, v in p["t"].items() if k != "bias"}).to_dense()
-
-    algo = SpectralTruncation(tau=0.3)
+    algo = SpectralTruncation(tau=tau)
     masks = algo.init_masks(params, KEY)
-    grads = jax.grad(loss)(params)
-    state = optax.ScaleByAdamState(
-        jnp.zeros((), jnp.int32), mu=grads, nu=jax.tree.map(jnp.square, grads)
-    )
+    state = _adam_state_of(jax.grad(loss)(params))
     new, (new_state,) = algo.reparametrize(params, (state,), masks)
-    np.testing.assert_allclose(dense(new), dense(params), atol=1e-5)
+    return algo, masks, params, new, new_state, loss
+
+
+def _dense_of(fmt, params):
+    """The kernel of layer ``t`` as a dense tensor, through the format class ``fmt``."""
+    return fmt.from_params({k: v for k, v in params["t"].items() if k != "bias"}).to_dense()
+
+
+def test_tucker_hosvd_rotation_keeps_the_tensor_and_maps_gradients_exactly():
+    layer = FactorizedDense(10, "tucker", (4, 3, 3), in_shape=(4, 3), out_shape=(10,))
+    algo, masks, params, new, new_state, loss = _reparametrize_one_layer(layer, X, tau=0.3)
+    np.testing.assert_allclose(_dense_of(Tucker, new), _dense_of(Tucker, params), atol=1e-5)
     for k in range(3):
         u = new["t"][f"factor_{k}"]
         np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-5)
@@ -389,24 +399,9 @@ def test_tau_zero_keeps_the_weight_whatever_the_layout_of_the_live_components():
 def test_tt_rounding_sweeps_give_bond_singular_values_and_exact_moment_maps():
     x = jax.random.normal(KEY, (32, 24))
     layer = FactorizedDense(10, "tt", (2, 5, 4), in_shape=(2, 3, 4), out_shape=(10,))
-    params = {"t": layer.init(KEY, x)["params"]}
-
-    def loss(p):
-        logits = layer.apply({"params": p["t"]}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, Y % 10).mean()
-
-    def dense(p):
-        return TT.from_params({k: v for k, v in p["t"].items() if k != "bias"}).to_dense()
-
-    algo = SpectralTruncation(tau=0.2)
-    masks = algo.init_masks(params, KEY)
-    grads = jax.grad(loss)(params)
-    state = optax.ScaleByAdamState(
-        jnp.zeros((), jnp.int32), mu=grads, nu=jax.tree.map(jnp.square, grads)
-    )
-    new, (new_state,) = algo.reparametrize(params, (state,), masks)
-    full = np.asarray(dense(params))
-    np.testing.assert_allclose(dense(new), full, atol=1e-5)
+    algo, masks, params, new, new_state, loss = _reparametrize_one_layer(layer, x, tau=0.2)
+    full = np.asarray(_dense_of(TT, params))
+    np.testing.assert_allclose(_dense_of(TT, new), full, atol=1e-5)
     norms = A.tt_bond_norms(new["t"])
     for b in range(3):
         unfolding = full.reshape(int(np.prod(full.shape[: b + 1])), -1)
