@@ -83,20 +83,19 @@ def _assert_proportional(counts, raw_fn):
     assert lower <= upper * (1 + 1e-9), (lower, upper, counts)
 
 
+@pytest.mark.parametrize(
+    "distribution, raw_fn",
+    [(distributions.erk, _erk_raw), (distributions.er, _er_raw)],
+    ids=["erk-sum-over-product", "er-channel-ratio"],
+)
 @_SETTINGS
 @given(shapes=kernel_shapes, sparsity=sparsities)
-def test_erk_counts_are_exact_and_proportional_to_sum_over_product(shapes, sparsity):
+def test_counts_are_exact_and_proportional_to_the_raw_density(
+    distribution, raw_fn, shapes, sparsity
+):
     params = _params(shapes)
-    counts = _assert_valid_allocation(params, sparsity, distributions.erk(params, sparsity))
-    _assert_proportional(counts, _erk_raw)
-
-
-@_SETTINGS
-@given(shapes=kernel_shapes, sparsity=sparsities)
-def test_er_counts_are_exact_and_proportional_to_channel_ratio(shapes, sparsity):
-    params = _params(shapes)
-    counts = _assert_valid_allocation(params, sparsity, distributions.er(params, sparsity))
-    _assert_proportional(counts, _er_raw)
+    counts = _assert_valid_allocation(params, sparsity, distribution(params, sparsity))
+    _assert_proportional(counts, raw_fn)
 
 
 @_SETTINGS
