@@ -29,6 +29,13 @@ def _layout(kb, nb, density, seed):
     return BSR.from_dense(w, mask, block_shape=(2, 4)).layout
 
 
+@st.composite
+def _layouts(draw, max_blocks: int):
+    """Random (2, 4)-block layouts of 1 to ``max_blocks`` block rows and columns, any density."""
+    kb, nb = draw(st.integers(1, max_blocks)), draw(st.integers(1, max_blocks))
+    return _layout(kb, nb, draw(st.floats(0.0, 1.0)), draw(st.integers(0, 2**16)))
+
+
 def _blocks_by_output(layout, transpose):
     """{output block: sorted [(input block, slot)]} straight from the layout's indices."""
     out = {j: [] for j in range(layout.grid[0] if transpose else layout.grid[1])}
@@ -39,15 +46,8 @@ def _blocks_by_output(layout, transpose):
 
 
 @_SETTINGS
-@given(
-    kb=st.integers(1, 6),
-    nb=st.integers(1, 6),
-    density=st.floats(0.0, 1.0),
-    transpose=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_xla_plan_covers_every_block_once(kb, nb, density, transpose, seed):
-    layout = _layout(kb, nb, density, seed)
+@given(layout=_layouts(max_blocks=6), transpose=st.booleans())
+def test_xla_plan_covers_every_block_once(layout, transpose):
     groups, inverse = plans.xla_plan(layout, transpose)
     num_in = layout.grid[1] if transpose else layout.grid[0]
     want = _blocks_by_output(layout, transpose)
@@ -73,15 +73,8 @@ def test_xla_plan_covers_every_block_once(kb, nb, density, transpose, seed):
 
 
 @_SETTINGS
-@given(
-    kb=st.integers(1, 5),
-    nb=st.integers(1, 5),
-    density=st.floats(0.0, 1.0),
-    transpose=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_kernel_schedule_walks_each_output_block_in_one_run(kb, nb, density, transpose, seed):
-    layout = _layout(kb, nb, density, seed)
+@given(layout=_layouts(max_blocks=5), transpose=st.booleans())
+def test_kernel_schedule_walks_each_output_block_in_one_run(layout, transpose):
     s = plans.kernel_schedule(layout, transpose)
     want = _blocks_by_output(layout, transpose)
     steps = len(s.out_block)
