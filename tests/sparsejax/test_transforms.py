@@ -434,16 +434,27 @@ def _dst_reference_keep(w, live):
     return keep.reshape(w.shape), n_drop
 
 
+def _check_drop_and_grow(name, seed):
+    """One ``name`` mask update keeps the reference's weights and grows as many as it drops.
+
+    Returns:
+      ``(new mask, reference keep, number dropped, grads)``.
+    """
+    params, grads, live = _rigl_case(seed)
+    new = np.asarray(_dst_update[name](live, params, grads)["w"])
+    keep, n_drop = _dst_reference_keep(params["w"], live["w"])
+    assert new.sum() == live["w"].sum()
+    np.testing.assert_array_equal(new & keep, keep)
+    assert (new & ~keep).sum() == n_drop
+    return new, keep, n_drop, grads
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_rigl_drops_the_smallest_live_weights_and_grows_the_largest_gradients(seed):
-    params, grads, live = _rigl_case(seed)
-    new = np.asarray(_dst_update["rigl"](live, params, grads)["w"])
-    keep, n_drop = _dst_reference_keep(params["w"], live["w"])
+    new, keep, n_drop, grads = _check_drop_and_grow("rigl", seed)
     assert n_drop > 0
     grown = new & ~keep
-    assert new.sum() == live["w"].sum() and grown.sum() == n_drop
-    np.testing.assert_array_equal(new & keep, keep)
     # The grown entries have the largest |g| among those not kept (ties by position).
     candidates = np.where(keep, -np.inf, np.abs(grads["w"])).reshape(-1)
     order = np.argsort(-candidates, kind="stable")
@@ -455,12 +466,7 @@ def test_rigl_drops_the_smallest_live_weights_and_grows_the_largest_gradients(se
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_set_drops_the_smallest_live_weights_and_grows_as_many_elsewhere(seed):
-    params, grads, live = _rigl_case(seed)
-    new = np.asarray(_dst_update["set"](live, params, grads)["w"])
-    keep, n_drop = _dst_reference_keep(params["w"], live["w"])
-    assert new.sum() == live["w"].sum()
-    np.testing.assert_array_equal(new & keep, keep)
-    assert (new & ~keep).sum() == n_drop
+    _check_drop_and_grow("set", seed)
 
 
 def test_rigl_grows_exactly_where_the_gradient_is_largest_through_the_transform():
