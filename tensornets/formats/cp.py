@@ -37,6 +37,7 @@ import numpy as np
 from tensornets import contract as contract_lib
 from tensornets.formats import validation
 from tensornets.formats.operator import ModeOperator
+from tensornets.formats.single_rank import SingleRank, resolve_single_rank
 
 __all__ = ["CP"]
 
@@ -55,7 +56,7 @@ def _compute_dtype(dtype) -> jnp.dtype:
 
 
 @flax.struct.dataclass
-class CP(ModeOperator):
+class CP(SingleRank, ModeOperator):
     """A tensor in CP format.
 
     Attributes:
@@ -80,18 +81,9 @@ class CP(ModeOperator):
     def rank(self) -> int:
         return int(self.weights.shape[-1])
 
-    @property
-    def ranks(self) -> tuple[int]:
-        """(R,): the CP rank, as a 1-tuple like the other formats' rank tuples."""
-        return (self.rank,)
-
-    @property
-    def num_params(self) -> int:
-        """R + R * sum(I_n)."""
-        return self.num_params_for(self.shape, self.rank)
-
     @staticmethod
     def num_params_for(shape: tuple[int, ...], rank: int) -> int:
+        """R + R * sum(I_n)."""
         return rank + rank * sum(shape)
 
     @staticmethod
@@ -107,7 +99,7 @@ class CP(ModeOperator):
           ValueError: for a rank <= 0 or above `max_rank`, naming the value.
         """
         shape = validation.check_shape(shape)
-        return validation.resolve_single_rank(
+        return resolve_single_rank(
             shape,
             rank,
             cls.max_rank(shape),

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from tensornets.formats import validation
+from tensornets.formats.single_rank import SingleRank, resolve_single_rank
 
 __all__ = [
     "Tubal",
@@ -167,7 +168,7 @@ def tubal_rank(a: jax.Array, rtol: float | None = None) -> jax.Array:
 
 
 @flax.struct.dataclass
-class Tubal:
+class Tubal(SingleRank):
     """A third-order tensor as a truncated t-SVD, A = U * diag(s) * V^T.
 
     Attributes:
@@ -188,18 +189,9 @@ class Tubal:
     def rank(self) -> int:
         return int(self.s.shape[0])
 
-    @property
-    def ranks(self) -> tuple[int]:
-        """(k,): the tubal rank of the representation."""
-        return (self.rank,)
-
-    @property
-    def num_params(self) -> int:
-        """(n1 + n2 + 1) * k * n3."""
-        return self.num_params_for(self.shape, self.rank)
-
     @staticmethod
     def num_params_for(shape, rank: int) -> int:
+        """(n1 + n2 + 1) * k * n3."""
         n1, n2, n3 = shape
         return (n1 + n2 + 1) * rank * n3
 
@@ -213,7 +205,7 @@ class Tubal:
         shape = validation.check_shape(shape)
         if len(shape) != 3:
             raise ValueError(f"a tubal tensor is 3-d (n1, n2, n3), got shape {shape}")
-        return validation.resolve_single_rank(
+        return resolve_single_rank(
             shape,
             rank,
             min(shape[0], shape[1]),
