@@ -175,7 +175,7 @@ def _rewind_metrics(path: str, start_step: int) -> None:
         checkpoints.write_atomically(aside, b"".join(damaged))
         message = (
             f"{path}: {len(damaged)} damaged line(s) (not JSON records) moved to {aside}; "
-            "the other records are kept"
+            f"the records up to step {start_step}, where the run resumes, are kept"
         )
         logging.warning(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
