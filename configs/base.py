@@ -19,6 +19,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = "mnist1d"
     config.dataset.cache_dir = ""  # "" means $SPARSEJAX_DATA_DIR or ~/.cache/sparsejax.
+    # The folder holding CIFAR-10's python batches (name="cifar10"); nothing is downloaded.
+    config.dataset.data_dir = ""
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "cnn1d"
@@ -47,6 +49,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # "stop": raise on a non-finite loss (the last good checkpoint stays);
     # "skip": drop that step's update and go on (counted in metrics).
     config.on_nonfinite = "stop"
+    # "skip" stops the run when more steps than this in a row were skipped (the run diverged).
+    config.max_consecutive_skipped_steps = 20
     # Masks bit-packed in the optimizer state (1 bit a weight instead of 1 byte).
     config.pack_masks = False
 

@@ -6,16 +6,22 @@ the newest one that restores, moving damaged ones to ``workdir/corrupt_checkpoin
 with a warning (nothing is deleted); `load_checkpoint` reads one back as numpy on
 any machine. `write_atomically` is the one way the experiments write a file that
 must never be seen half-written (configs, metrics, caches, results).
+`lock_workdir` keeps a second run off a workdir that a live run uses.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
+import json
 import os
 import secrets
 import shutil
+import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import jax
@@ -28,13 +34,20 @@ from experiments import distributed
 PyTree = Any
 
 __all__ = [
+    "WorkdirLockedError",
+    "check_workdir",
     "checkpoint_dir",
     "load_checkpoint",
+    "lock_workdir",
     "open_manager",
     "restore_latest",
     "save",
     "write_atomically",
 ]
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another live process holds the workdir's lock (see `lock_workdir`)."""
 
 
 def write_atomically(path: str, content: str | bytes | Callable[[IO[bytes]], Any]) -> None:
@@ -72,6 +85,117 @@ def write_atomically(path: str, content: str | bytes | Callable[[IO[bytes]], Any
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def check_workdir(workdir: Any) -> str:
+    """``workdir`` as a path string, refused when it cannot hold a run.
+
+    Nothing is created or written.
+
+    Args:
+      workdir: a path (str or `os.PathLike`) to a folder, existing or not.
+
+    Returns:
+      ``os.fspath(workdir)``.
+
+    Raises:
+      ValueError: naming ``workdir`` if it is empty or blank (which would put a
+        run's files into the current directory), not a path, or if it or one of
+        its parents is an existing file.
+    """
+    if not isinstance(workdir, str | os.PathLike):
+        raise ValueError(f"workdir must be a path, got workdir={workdir!r}")
+    path = os.fspath(workdir)
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(
+            f"workdir={path!r} is empty; name a folder (an empty workdir would put the run's "
+            "files into the current directory; use '.' to mean it)"
+        )
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"workdir={path!r} is not a directory: {parent!r} is a file")
+    return path
+
+
+_LOCK_PREFIX = ".lock-"
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds the lock, from what the holder wrote into the lock file."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        holder = json.loads(os.read(fd, 4096).decode())
+        return f"pid {holder['pid']} on host {holder['host']} (since {holder['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        # The holder took the lock but has not written its name yet.
+        return "another process (it has not written its pid yet)"
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: str, *, process_index: int = 0) -> Iterator[str]:
+    """Holds ``workdir``'s lock for process ``process_index`` of a run, or fails at once.
+
+    Two runs on one workdir would interleave metric rows and delete each other's
+    checkpoints in progress, so the trainer holds this lock for the whole run.
+    It is an OS lock (``fcntl.flock``) on ``workdir/.lock-{process_index}``: the
+    kernel releases it when the process exits, however it ends (a crash or
+    SIGKILL included), so a stale lock file never blocks a later run. Each
+    process of a multi-process run takes its own (one per process index): a
+    second run on the workdir then fails in every process, none waits in a
+    collective for a peer that has stopped. The file holds the holder's pid,
+    host and start time, which the error names, and is removed on release. The
+    workdir is created if missing. Locks on network file systems are only as
+    reliable as that file system's ``flock``.
+
+    Args:
+      workdir: the run's folder.
+      process_index: this process's index in the run (``jax.process_index()``).
+
+    Yields:
+      The lock file's path.
+
+    Raises:
+      WorkdirLockedError: if a live process holds the lock; names its pid and host.
+      ValueError: on a bad ``workdir`` (see `check_workdir`) or a negative
+        ``process_index``.
+    """
+    workdir = check_workdir(workdir)
+    if not isinstance(process_index, int) or isinstance(process_index, bool) or process_index < 0:
+        raise ValueError(f"process_index must be an integer >= 0, got {process_index!r}")
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, f"{_LOCK_PREFIX}{process_index}")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise WorkdirLockedError(
+                f"workdir={workdir!r} is in use by {holder}: its lock {path} is held. Wait "
+                "for that run to end (or stop it), or use another workdir."
+            ) from None
+        # The previous holder removes the file on release: if it did so between our
+        # open and flock, we hold a lock on a deleted file; take the new one instead.
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        since = datetime.datetime.now().isoformat(timespec="seconds")
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(holder) + "\n").encode())
+        yield path
+    finally:
+        # Removed while still held, so no other process can lock this file and then
+        # see it vanish (see the samestat check above).
+        os.remove(path)
+        os.close(fd)
 
 
 def checkpoint_dir(workdir: str) -> str:

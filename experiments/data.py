@@ -12,6 +12,7 @@ Batch order is a pure function of ``(seed, step)`` (see `batch_at`), so a run re
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import random
@@ -28,6 +29,7 @@ __all__ = [
     "Dataset",
     "batch_at",
     "batches",
+    "check_dataset_config",
     "default_cache_dir",
     "load_cifar10",
     "load_dataset",
@@ -369,11 +371,59 @@ def load_dataset(name: str, **kwargs: Any) -> Dataset:
     return _LOADERS[name](**kwargs)
 
 
+def _config_kwargs(config: Any) -> tuple[str, dict[str, Any]]:
+    """``config.dataset``'s name and the loader arguments its other non-empty keys give."""
+    name = config.dataset.name
+    if name not in _LOADERS:
+        raise ValueError(
+            f"unknown dataset name={name!r} (config.dataset.name); known names: {sorted(_LOADERS)}"
+        )
+    accepted = inspect.signature(_LOADERS[name]).parameters
+    kwargs = {}
+    for key, value in config.dataset.items():
+        if key == "name" or value == "":
+            continue
+        if key not in accepted:
+            raise ValueError(
+                f"config.dataset.{key}={value!r} is not read by dataset {name!r} (it reads "
+                f"{sorted(accepted)}); leave it empty or set config.dataset.name"
+            )
+        kwargs[key] = value
+    return name, kwargs
+
+
+def check_dataset_config(config: Any) -> None:
+    """Checks ``config.dataset`` without loading any data: a ValueError naming the key, or None.
+
+    Checks that the name is known, that every other non-empty key is an argument
+    of that dataset's loader, and for ``cifar10`` that ``config.dataset.data_dir``
+    names a folder holding the CIFAR-10 python batches (the file names, not their
+    contents). Empty strings mean "the loader's default", except that CIFAR-10
+    has no default folder.
+
+    Args:
+      config: a run config (only ``config.dataset`` is read).
+
+    Raises:
+      ValueError: naming the ``config.dataset`` key and its value.
+    """
+    name, kwargs = _config_kwargs(config)
+    if name == "cifar10":
+        if "data_dir" not in kwargs:
+            raise ValueError(
+                "config.dataset.data_dir='' must name the folder holding CIFAR-10 "
+                f"('{_CIFAR10_FOLDER}/' or a folder containing it) for "
+                "config.dataset.name='cifar10'"
+            )
+        _find_cifar10_folder(os.fspath(kwargs["data_dir"]))
+
+
 def load_from_config(config: Any) -> Dataset:
     """The dataset a run config names: ``load_dataset(config.dataset.name, **other keys)``.
 
     Empty strings in ``config.dataset`` mean "the loader's default" (a ConfigDict
-    cannot override a None), so those keys are not passed.
+    cannot override a None), so those keys are not passed. ``cifar10`` reads
+    ``config.dataset.data_dir``, ``mnist1d`` ``config.dataset.cache_dir``.
 
     Args:
       config: a run config (an ``ml_collections.ConfigDict``; only ``config.dataset`` is read).
@@ -382,10 +432,12 @@ def load_from_config(config: Any) -> Dataset:
       The `Dataset`.
 
     Raises:
-      ValueError: as `load_dataset` and the loaders (unknown name, missing data folder).
+      ValueError: as `check_dataset_config` (unknown name, a key the dataset does not
+        read, a missing data folder) and the loaders.
     """
-    kwargs = {k: v for k, v in config.dataset.items() if k != "name" and v != ""}
-    return load_dataset(config.dataset.name, **kwargs)
+    check_dataset_config(config)
+    name, kwargs = _config_kwargs(config)
+    return load_dataset(name, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ resuming from the workdir's latest checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +32,7 @@ from experiments import checkpoints, distributed, optim
 from experiments import data as data_lib
 from experiments import models as models_lib
 from experiments import state as state_lib
-from sparsejax import algorithms
+from sparsejax import algorithms, masks
 
 __all__ = [
     "NonFiniteLossError",
@@ -42,7 +44,10 @@ PyTree = Any
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+    """Training hit NaN or inf (loss, params, optimizer state) or skipped too many steps in a row.
+
+    The checkpoints on disk are all finite; the message names the one a restart resumes from.
+    """
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
@@ -61,6 +66,8 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 
 _NONFINITE_MODES = ("stop", "skip")
+# The default of config.max_consecutive_skipped_steps (configs/base.py sets the same).
+_MAX_CONSECUTIVE_SKIPS = 20
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
@@ -83,6 +90,12 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.on_nonfinite={mode!r} is unknown; known: {list(_NONFINITE_MODES)}"
         )
+    max_skips = config.get("max_consecutive_skipped_steps", _MAX_CONSECUTIVE_SKIPS)
+    if not isinstance(max_skips, int) or isinstance(max_skips, bool) or max_skips <= 0:
+        raise ValueError(
+            f"config.max_consecutive_skipped_steps must be a positive integer, got {max_skips!r}"
+        )
+    data_lib.check_dataset_config(config)
     state_lib.fsdp_min_size(config)
     optim.packs_masks(config)
     # Build the cheap pieces now, so a bad optimizer, sparsity or model value fails
@@ -93,38 +106,135 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
 
 
 @jax.jit
-def _tree_all_finite(tree: PyTree) -> jax.Array:
-    return jax.tree.reduce(
-        jnp.logical_and, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree), jnp.bool_(True)
-    )
+def _finite_flags(leaves: tuple[jax.Array, ...]) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
 
 
-def _all_finite(tree: PyTree) -> bool:
-    return bool(distributed.to_host(_tree_all_finite(tree)))
+def _non_finite_leaves(state: state_lib.TrainState) -> list[str]:
+    """Names of the float leaves of params and optimizer state holding a NaN or inf."""
+    named = [
+        (masks.path_name(path), x)
+        for path, x in jax.tree_util.tree_flatten_with_path(
+            {"params": state.params, "opt_state": state.opt_state}
+        )[0]
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    if not named:
+        return []
+    finite = distributed.to_host(_finite_flags(tuple(x for _, x in named)))
+    return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
+
+
+def _what_is_kept(last_good: int | None, ckpt_dir: str) -> str:
+    """The end of a stop message: which checkpoint a restart resumes from."""
+    if last_good is None:
+        return f"no checkpoint has been saved yet, so {ckpt_dir} holds none to resume from."
+    return f"the last good checkpoint (step {last_good}) in {ckpt_dir} is kept."
+
+
+def _json_line(record: Mapping[str, Any]) -> str:
+    """One strict-JSON line: NaN and infinite values are written as null."""
+    clean = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+    }
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
+def _parse_record(line: bytes) -> dict[str, Any] | None:
+    """A metrics record, or None for a torn, blank or garbage line."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # JSONDecodeError and undecodable bytes
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        return None
+    return record
+
+
+def _rewind_metrics(path: str, start_step: int) -> None:
+    """Keeps the records of steps up to ``start_step``; damaged lines are moved aside.
+
+    Records after ``start_step`` were written after the checkpoint the run resumes
+    from; the resumed run writes them again. A line that is not a JSON record
+    (torn by a crash mid-write, blank, garbage) is not dropped: it goes, verbatim,
+    to ``metrics.jsonl.damaged-<time>`` beside the file, with a warning.
+    """
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the end of the last complete line
+    kept, damaged = [], []
+    for line in lines:
+        record = _parse_record(line)
+        if record is None:
+            damaged.append(line + b"\n")
+        elif record["step"] <= start_step:
+            kept.append(_json_line(record))
+    if damaged:
+        aside = f"{path}.damaged-{time.time_ns()}"
+        checkpoints.write_atomically(aside, b"".join(damaged))
+        message = (
+            f"{path}: {len(damaged)} damaged line(s) (not JSON records) moved to {aside}; "
+            f"the records up to step {start_step}, where the run resumes, are kept"
+        )
+        logging.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    checkpoints.write_atomically(path, "".join(kept))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mapping[str, Any]:
     """Trains the model described by ``config``, resuming from ``workdir`` if it holds checkpoints.
 
-    Writes ``workdir/config.json``, ``workdir/metrics.jsonl`` (one JSON object a
-    line with ``step``, ``train_loss``, ``train_accuracy``, ``test_loss``,
-    ``test_accuracy``, ``sparsity``, ``steps_per_second``) and orbax checkpoints
-    in ``workdir/checkpoints`` every ``checkpoint_every_steps`` and at the end.
+    Writes ``workdir/config.json``, ``workdir/metrics.jsonl`` (one strict JSON
+    object a line with ``step``, ``train_loss``, ``train_accuracy``, ``test_loss``,
+    ``test_accuracy``, ``sparsity``, ``steps_per_second``; a NaN or infinite value
+    is written as ``null``) and orbax checkpoints in ``workdir/checkpoints`` every
+    ``checkpoint_every_steps`` and at the end. The workdir is locked for the
+    whole run (`checkpoints.lock_workdir`). On resume, metric lines that are not
+    JSON records (a line torn by a crash) are moved aside with a warning.
+
+    Every checkpoint holds finite parameters and optimizer state: before each
+    save both are checked. With ``on_nonfinite="stop"`` (default) a non-finite
+    loss stops the run; with ``"skip"`` such steps leave the state unchanged,
+    and more than ``max_consecutive_skipped_steps`` of them in a row (checked
+    every ``log_every_steps``) stop it.
 
     Args:
       config: the experiment config (see configs/).
-      workdir: output directory; created if missing.
+      workdir: output directory; created if missing. Must not be empty.
 
     Returns:
       The last metrics record (a dict).
 
     Raises:
-      NonFiniteLossError: on a NaN or infinite loss, naming the step; the
-        checkpoints on disk all hold finite parameters.
-      ValueError: on bad config values.
+      NonFiniteLossError: on a NaN or infinite loss, non-finite parameters or
+        optimizer state, or too many consecutive skipped steps, naming the step
+        and the checkpoint a restart resumes from (if any).
+      WorkdirLockedError: if another live process uses ``workdir``.
+      ValueError: on bad config values or a bad ``workdir`` (empty, or a file),
+        before anything is written.
     """
+    workdir = checkpoints.check_workdir(workdir)
     _check_config(config)
     mesh = make_mesh(config)
+    created = not os.path.exists(workdir)
+    try:
+        with checkpoints.lock_workdir(workdir, process_index=jax.process_index()):
+            return _run(config, workdir, mesh)
+    except BaseException:
+        if created:
+            # A run refused before it wrote anything leaves no empty folder behind.
+            try:
+                os.rmdir(workdir)
+            except OSError:
+                pass
+        raise
+
+
+def _run(
+    config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
+) -> Mapping[str, Any]:
+    """`train_and_evaluate` once the config is checked and the workdir locked."""
     is_chief = jax.process_index() == 0
 
     dataset = data_lib.load_from_config(config)
@@ -168,10 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mappi
     if is_chief and start_step == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)
     elif is_chief and os.path.exists(metrics_path):
-        # Drop records written after the checkpoint we resumed from.
-        with open(metrics_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= start_step]
-        checkpoints.write_atomically(metrics_path, "".join(kept))
+        _rewind_metrics(metrics_path, start_step)
 
     batches = data_lib.batches(
         dataset.x_train,
@@ -191,12 +298,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mappi
     )
     last_good = latest
     skipped_total = 0
+    max_skips = config.get("max_consecutive_skipped_steps", _MAX_CONSECUTIVE_SKIPS)
+    skip_run, skip_run_start = 0, None
     tick = time.perf_counter()
     tick_step = start_step
 
     def check_pending():
         """Mean loss and accuracy since the last check; raises on a non-finite loss."""
-        nonlocal skipped_total
+        nonlocal skipped_total, skip_run, skip_run_start
         losses, accs, skipped = distributed.to_host(
             (
                 jnp.stack([m["loss"] for _, m in pending]),
@@ -206,8 +315,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mappi
         )
         finite = np.isfinite(losses)
         if skip_nonfinite:
-            for i in np.flatnonzero(skipped):
-                logging.warning("non-finite loss or gradients at step %d; skipped", pending[i][0])
+            for (step, _), was_skipped in zip(pending, skipped, strict=True):
+                if not was_skipped:
+                    skip_run = 0
+                    continue
+                logging.warning("non-finite loss or gradients at step %d; skipped", step)
+                skip_run_start = step if skip_run == 0 else skip_run_start
+                skip_run += 1
+                if skip_run > max_skips:
+                    # Skipped steps leave the state as it was: this many in a row means
+                    # the run diverged rather than met a few bad batches.
+                    raise NonFiniteLossError(
+                        f"{skip_run} consecutive steps were skipped (from step {skip_run_start} "
+                        f"to {step}), more than config.max_consecutive_skipped_steps="
+                        f"{max_skips}; stopping: {_what_is_kept(last_good, ckpt_dir)}"
+                    )
             skipped_total += int(skipped.sum())
             if not finite.any():
                 return float("nan"), float("nan")
@@ -216,8 +338,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mappi
         if bad.size:
             step = pending[bad[0]][0]
             raise NonFiniteLossError(
-                f"non-finite loss {losses[bad[0]]} at step {step}; stopping. The last good "
-                f"checkpoint (step {last_good}) in {ckpt_dir} is kept."
+                f"non-finite loss {losses[bad[0]]} at step {step}; stopping: "
+                f"{_what_is_kept(last_good, ckpt_dir)}"
             )
         return float(np.mean(losses)), float(np.mean(accs))
 
@@ -262,14 +384,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mappi
                     record["skipped_steps"] = skipped_total
                 if is_chief:
                     with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                        f.write(_json_line(record))
                 tick, tick_step = time.perf_counter(), done
             pending.clear()
             if is_ckpt:
-                if not _all_finite(state.params):
+                # The optimizer state too: a loss that grows large but stays finite can
+                # overflow Adam's second moments to inf, which silently freezes weights.
+                bad_leaves = _non_finite_leaves(state)
+                if bad_leaves:
+                    shown = ", ".join(bad_leaves[:4]) + (", ..." if len(bad_leaves) > 4 else "")
                     raise NonFiniteLossError(
-                        f"non-finite parameters after step {done}; stopping. The last good "
-                        f"checkpoint (step {last_good}) in {ckpt_dir} is kept."
+                        f"non-finite values after step {done} in {len(bad_leaves)} leaves of "
+                        f"the train state ({shown}); not saving them, stopping: "
+                        f"{_what_is_kept(last_good, ckpt_dir)}"
                     )
                 checkpoints.save(manager, done, state)
                 last_good = done

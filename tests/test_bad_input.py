@@ -54,6 +54,14 @@ def _init_dense(**attributes):
     return module.init(jax.random.key(0), jnp.ones((1, 16)))
 
 
+_RUNLOCAL = quickstart.get_config("runlocal")
+
+
+def _enter(context_manager):
+    with context_manager:
+        pass
+
+
 # (id, call, the argument's name, its value as the message must show it)
 API_CASES = [
     # masks
@@ -258,6 +266,17 @@ API_CASES = [
         lambda: checkpoints.load_checkpoint("/nonexistent/run", 3),
         "step",
         "3",
+    ),
+    # runs and their workdirs
+    ("workdir empty", lambda: train.train_and_evaluate(_RUNLOCAL, ""), "workdir", "''"),
+    ("workdir blank", lambda: train.train_and_evaluate(_RUNLOCAL, "  "), "workdir", "'  '"),
+    ("workdir not a str", lambda: train.train_and_evaluate(_RUNLOCAL, 3), "workdir", "3"),
+    ("lock of an empty workdir", lambda: _enter(checkpoints.lock_workdir("")), "workdir", "''"),
+    (
+        "lock process index",
+        lambda: _enter(checkpoints.lock_workdir("/tmp/run", process_index=-1)),
+        "process_index",
+        "-1",
     ),
     # distributed, launch
     ("mesh data 0", lambda: distributed.make_mesh(data=0), "mesh.data", "0"),
@@ -560,6 +579,10 @@ CONFIG_CASES = [
     ("checkpoint_every_steps", 0, "checkpoint_every_steps", "0"),
     ("keep_checkpoints", 0, "keep_checkpoints", "0"),
     ("on_nonfinite", "ignore", "on_nonfinite", "'ignore'"),
+    ("max_consecutive_skipped_steps", 0, "max_consecutive_skipped_steps", "0"),
+    ("max_consecutive_skipped_steps", 2.5, "max_consecutive_skipped_steps", "2.5"),
+    ("max_consecutive_skipped_steps", True, "max_consecutive_skipped_steps", "True"),
+    ("dataset.data_dir", "/nonexistent/c10", "dataset.data_dir", "'/nonexistent/c10'"),
     ("pack_masks", "yes", "pack_masks", "'yes'"),
     ("mesh.data", 2, "mesh.data", "2"),
     ("mesh.model", 0, "mesh.model", "0"),
@@ -619,6 +642,26 @@ def test_missing_data_folder_in_a_config(previous_run):
         train.train_and_evaluate(config, previous_run)
     assert "data_dir" in str(info.value)
     assert _snapshot(previous_run) == before
+
+
+@pytest.mark.parametrize("data_dir", [None, ""], ids=["no key", "empty"])
+def test_cifar10_without_a_data_folder_in_a_config(previous_run, data_dir):
+    config = quickstart.get_config("runlocal")
+    dataset = {"name": "cifar10"} if data_dir is None else {"name": "cifar10", "data_dir": ""}
+    config.dataset = ml_collections.ConfigDict(dataset)
+    before = _snapshot(previous_run)
+    with pytest.raises(ValueError, match=re.escape("config.dataset.data_dir=''")):
+        train.train_and_evaluate(config, previous_run)
+    assert _snapshot(previous_run) == before
+
+
+def test_a_workdir_that_is_a_file(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("x")
+    for workdir in (path, path / "run"):
+        with pytest.raises(ValueError, match=re.escape(f"workdir={str(workdir)!r}")):
+            train.train_and_evaluate(quickstart.get_config("runlocal"), str(workdir))
+    assert path.read_text() == "x" and os.listdir(tmp_path) == ["a_file"]
 
 
 # Messages that named the wrong thing or came only at apply time: the factorized layers'

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -212,3 +213,81 @@ def test_write_atomically_refuses_other_content(tmp_path):
     with pytest.raises(ValueError, match="content must be str, bytes or a function"):
         checkpoints.write_atomically(str(tmp_path / "file"), 3)
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The workdir lock
+# ---------------------------------------------------------------------------------------------
+
+_HOLD_LOCK = """
+import sys, time
+from experiments import checkpoints
+with checkpoints.lock_workdir(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def _hold_lock(workdir):
+    """A process holding ``workdir``'s lock (until it is killed)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, workdir], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_locked_workdir_refuses_a_second_run_naming_the_holder(tmp_path):
+    workdir = str(tmp_path / "run")
+    holder = _hold_lock(workdir)
+    try:
+        with pytest.raises(checkpoints.WorkdirLockedError) as info:
+            train.train_and_evaluate(_config(), workdir)
+        message = str(info.value)
+        assert f"pid {holder.pid}" in message and socket.gethostname() in message
+        assert workdir in message
+        # The refused run wrote nothing.
+        assert sorted(os.listdir(workdir)) == [".lock-0"]
+    finally:
+        # A crash: the kernel releases the lock of a killed process.
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    record = train.train_and_evaluate(_config(), workdir)
+    assert record["step"] == 8
+    # Released (and its file removed) when the run ends.
+    assert ".lock-0" not in os.listdir(workdir)
+
+
+def test_the_lock_is_exclusive_within_one_process_and_per_process_index(tmp_path):
+    workdir = str(tmp_path / "run")
+    with checkpoints.lock_workdir(workdir) as path:
+        assert os.path.basename(path) == ".lock-0"
+        with open(path) as f:
+            holder = json.load(f)
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        with pytest.raises(checkpoints.WorkdirLockedError, match=f"pid {os.getpid()}"):
+            with checkpoints.lock_workdir(workdir):
+                pass
+        # Process 1 of a multi-process run takes its own lock.
+        with checkpoints.lock_workdir(workdir, process_index=1) as other:
+            assert os.path.basename(other) == ".lock-1"
+    assert os.listdir(workdir) == []
+    with checkpoints.lock_workdir(workdir):
+        pass
+    # An exception inside releases the lock too.
+    with pytest.raises(KeyError):
+        with checkpoints.lock_workdir(workdir):
+            raise KeyError("boom")
+    with checkpoints.lock_workdir(workdir):
+        pass
+
+
+def test_lock_workdir_refuses_a_bad_workdir(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    for workdir in ("", str(tmp_path / "a_file"), str(tmp_path / "a_file" / "run")):
+        with pytest.raises(ValueError, match="workdir="):
+            with checkpoints.lock_workdir(workdir):
+                pass
+    with pytest.raises(ValueError, match="process_index"):
+        with checkpoints.lock_workdir(str(tmp_path / "run"), process_index=-1):
+            pass

@@ -275,6 +275,43 @@ def test_load_from_config_passes_the_other_keys_and_skips_empty_strings():
     )
 
 
+def _dataset_config(**dataset):
+    """The base config's dataset keys (name, cache_dir, data_dir) with ``dataset`` changed."""
+    keys = {"name": "mnist1d", "cache_dir": "", "data_dir": "", **dataset}
+    return ml_collections.ConfigDict({"dataset": keys})
+
+
+def test_cifar10_is_loaded_from_the_data_dir_key(tmp_path):
+    _write_fake_cifar10(tmp_path / "cifar-10-batches-py")
+    config = _dataset_config(name="cifar10", data_dir=str(tmp_path))
+    data.check_dataset_config(config)
+    _assert_datasets_equal(data.load_from_config(config), data.load_cifar10(str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    ("dataset", "expected"),
+    [
+        ({"name": "cifar10"}, "config.dataset.data_dir='' must name the folder"),
+        ({"name": "cifar10", "data_dir": "/nonexistent/c10"}, "data_dir='/nonexistent/c10'"),
+        ({"name": "cifar10", "data_dir": "EMPTY"}, "does not hold CIFAR-10"),
+        ({"name": "cifar10", "data_dir": "FAKE", "cache_dir": "/x"}, "config.dataset.cache_dir"),
+        ({"data_dir": "FAKE"}, "config.dataset.data_dir="),
+        ({"name": "mnist2d"}, "mnist2d"),
+    ],
+    ids=["no data_dir", "missing", "empty folder", "cache_dir", "mnist1d data_dir", "name"],
+)
+def test_check_dataset_config_names_the_key_before_reading_anything(tmp_path, dataset, expected):
+    _write_fake_cifar10(tmp_path / "fake" / "cifar-10-batches-py")
+    (tmp_path / "empty").mkdir()
+    paths = {"FAKE": str(tmp_path / "fake"), "EMPTY": str(tmp_path / "empty")}
+    dataset = {k: paths.get(v, v) for k, v in dataset.items()}
+    config = _dataset_config(**dataset)
+    for check in (data.check_dataset_config, data.load_from_config):
+        with pytest.raises(ValueError) as info:
+            check(config)
+        assert expected in str(info.value)
+
+
 def test_load_dataset_unknown_name_lists_known_names():
     with pytest.raises(ValueError, match="mnist2d") as info:
         data.load_dataset("mnist2d")
