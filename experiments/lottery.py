@@ -2,10 +2,13 @@
 
 Each round trains the current sparse network, removes ``prune_fraction`` of
 each layer's surviving weights by magnitude, and rewinds the survivors to their
-values at step ``rewind_step`` of the first run (0 = the initialization).
-Two controls are trained at every round's sparsity: the same masks with a new
-random initialization, and random masks with the same per-layer densities on
-the original initialization.
+values at step ``rewind_step`` = k of the first, dense run (0 = the
+initialization). With k > 0 that run is the full-length one (its learning-rate
+schedule is that of all ``total_steps``), and every later round resumes at step
+k: the schedule at its value of step k and the batches of steps k .. T - 1, for
+T - k steps (Frankle et al. 2020). Two controls are trained at every round's
+sparsity, from the same step: the same masks with a new random initialization,
+and random masks with the same per-layer densities on the rewound weights.
 
 References: Frankle & Carbin 2019, "The Lottery Ticket Hypothesis: Finding
 Sparse, Trainable Neural Networks" (prune p% per layer per round, rewind to
@@ -83,7 +86,8 @@ def run_imp(
       seeds: seeds, trained together with `experiments.sweep.train_seeds`.
       rounds: number of prune-rewind rounds after the dense run.
       prune_fraction: fraction of surviving weights removed per round (0.2 in the paper).
-      rewind_step: rewind survivors to their values after this many steps of the dense run.
+      rewind_step: k, rewind survivors to their values after k steps of the dense run
+        (of all ``config.total_steps``); each later round trains steps k .. T - 1.
       dataset: data (default from the config).
       workdir: if given, per-round masks (``imp_round_K.npz``) and the
         accuracies so far (``imp_rounds.json``) are written there after each round.
@@ -95,27 +99,27 @@ def run_imp(
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds!r}")
-    if not 0 <= rewind_step < config.total_steps:
-        raise ValueError(f"rewind_step must be in [0, total_steps), got {rewind_step!r}")
+    if (
+        isinstance(rewind_step, bool)
+        or not isinstance(rewind_step, int)
+        or not 0 <= rewind_step < config.total_steps
+    ):
+        raise ValueError(
+            f"rewind_step must be an integer in [0, total_steps={config.total_steps}), "
+            f"got {rewind_step!r}"
+        )
     seeds = list(seeds)
-    dense_config = _config_for(config, 0.0)
-    if rewind_step:
-        early = ml_collections.ConfigDict(dense_config.to_dict())
-        early.total_steps = rewind_step
-        rewind = sweep.train_seeds(early, seeds, dataset=dataset, progress=False)
-        rewind_params = rewind.final_state.params
-    else:
-        rewind_params = None
+    # theta_k is the dense run's state at step k, under the full run's schedule (a
+    # separate run of k steps would have decayed its schedule to ~0 by then).
     result = sweep.train_seeds(
-        dense_config,
+        _config_for(config, 0.0),
         seeds,
         dataset=dataset,
-        initial_params=rewind_params,
+        snapshot_steps=(rewind_step,),
         progress=progress,
         desc="IMP round 0",
     )
-    if rewind_params is None:
-        rewind_params = result.initial_params
+    rewind_params = result.snapshots[rewind_step]
     current = transforms.get_masks(result.final_state.opt_state)
     record = {
         "sparsity": [0.0],
@@ -128,20 +132,32 @@ def run_imp(
         current = _prune_each_seed(result.final_state.params, current, prune_fraction)
         sparsity = _pooled_sparsity(current)
         cfg = _config_for(config, sparsity)
+        # All three resume at the rewind step, so they differ only in weights or masks.
         result = sweep.train_seeds(
             cfg,
             seeds,
             dataset=dataset,
             initial_params=rewind_params,
             initial_masks=current,
+            start_step=rewind_step,
             progress=progress,
             desc=f"IMP round {k} ticket",
         )
         reinit = sweep.train_seeds(
-            cfg, reinit_seeds, dataset=dataset, initial_masks=current, progress=False
+            cfg,
+            reinit_seeds,
+            dataset=dataset,
+            initial_masks=current,
+            start_step=rewind_step,
+            progress=False,
         )
         random = sweep.train_seeds(
-            cfg, seeds, dataset=dataset, initial_params=rewind_params, progress=False
+            cfg,
+            seeds,
+            dataset=dataset,
+            initial_params=rewind_params,
+            start_step=rewind_step,
+            progress=False,
         )
         record["sparsity"].append(sparsity)
         record["ticket"].append(result.test_accuracy[:, -1].tolist())

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from tqdm import tqdm
 
 # Imported for its registrations too: `import tensornets` adds spectral_truncation and
@@ -45,6 +46,8 @@ class SweepResult(NamedTuple):
       layer_density: {layer name: [num_seeds]} density of each masked leaf.
       final_state: the stacked final `experiments.state.TrainState`.
       initial_params: the stacked initial params (for rewinding).
+      snapshots: ``{step: params stacked over seeds}`` after each of the
+        ``snapshot_steps`` asked for (e.g. the weights to rewind to).
     """
 
     seeds: list[int]
@@ -55,6 +58,7 @@ class SweepResult(NamedTuple):
     layer_density: dict[str, np.ndarray]
     final_state: Any
     initial_params: Any
+    snapshots: dict[int, Any] | None = None
 
 
 class SeedStack(NamedTuple):
@@ -66,8 +70,9 @@ class SeedStack(NamedTuple):
       state: the stacked initial `state.TrainState` (leading axis: seeds), except
         the step counters, which all seeds share (see `state_axes`).
       axes: the vmap axes of ``state`` (`state_axes`).
-      indices: int [total_steps, num_seeds, batch_size], seed i's batch at step t
-        in ``indices[t, i]`` (`experiments.data.batch_indices`).
+      indices: int [total_steps - start_step, num_seeds, batch_size], seed i's
+        batch at step ``start_step + t`` in ``indices[t, i]``
+        (`experiments.data.batch_indices`).
       train_step: jitted ``(state, indices[t]) -> (state, {"loss", "accuracy"})``
         advancing every seed by one step on its own batch (metrics: [num_seeds]).
       eval_step: the un-jitted ``(one seed's state, x, y) -> (summed loss, number
@@ -109,12 +114,21 @@ def stack_seeds(
     *,
     initial_params: PyTree | None = None,
     initial_masks: PyTree | None = None,
+    start_step: int = 0,
 ) -> SeedStack:
     """The initial states of ``config`` for every seed and the vmapped step that trains them.
 
     Seed s initializes and chooses its masks with ``jax.random.key(s)`` and
     trains on the batch order of `experiments.data.batch_at` with ``seed=s``:
     what `experiments.train` does for ``config.seed = s``.
+
+    With ``start_step = k > 0`` the runs start at step k of a
+    ``config.total_steps``-long run (Frankle et al. 2020, "Linear Mode Connectivity
+    and the Lottery Ticket Hypothesis", train rewound networks from iteration k):
+    the learning-rate schedule starts at its value of step k, the batches are
+    those of steps k .. total_steps - 1, and the step counters (the state's and
+    the algorithm's) start at k. The optimizer's moments start fresh, as a new
+    optimizer's would (Adam's bias correction counts from the first step taken).
 
     Args:
       config: a run config (``config.seed`` is ignored).
@@ -124,17 +138,19 @@ def stack_seeds(
         rewound weights of lottery-ticket rounds.
       initial_masks: optional masks stacked over seeds, used instead of the
         algorithm's initial masks.
+      start_step: the step the runs start at, in [0, total_steps).
 
     Returns:
       A `SeedStack`.
 
     Raises:
-      ValueError: for no seeds, or an algorithm that reparametrizes (spectral
-        truncation), which is not run vmapped over seeds.
+      ValueError: for no seeds, a ``start_step`` out of range, or an algorithm that
+        reparametrizes (spectral truncation), which is not run vmapped over seeds.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds must not be empty")
+    _check_start_step(start_step, config.total_steps)
     model = models_lib.make_model(config, dataset.num_classes)
     algorithm = algorithms.from_config(config.sparsity, config.total_steps)
     if algorithm.reparametrizes:
@@ -155,7 +171,8 @@ def stack_seeds(
                 len(dataset.x_train),
                 batch_size=config.batch_size,
                 seed=s,
-                num_steps=config.total_steps,
+                num_steps=config.total_steps - start_step,
+                start_step=start_step,
             )
             for s in seeds
         ],
@@ -194,6 +211,8 @@ def stack_seeds(
     state = jax.vmap(init_one, in_axes=in_axes, out_axes=axes)(
         keys, jnp.asarray(indices[0]), initial_params, initial_masks
     )
+    if start_step:
+        state = _starting_at(state, start_step)
     # A Python loop over this jitted step, not lax.scan: XLA:CPU runs convolutions
     # inside while loops about 10x slower than at top level (measured here).
     step_all = jax.jit(jax.vmap(one_step, in_axes=(axes, 0), out_axes=(axes, 0)))
@@ -208,6 +227,8 @@ def train_seeds(
     initial_params: PyTree | None = None,
     initial_masks: PyTree | None = None,
     eval_every_steps: int | None = None,
+    start_step: int = 0,
+    snapshot_steps: Sequence[int] = (),
     progress: bool = True,
     desc: str = "",
 ) -> SweepResult:
@@ -223,21 +244,42 @@ def train_seeds(
       initial_masks: optional masks stacked over seeds, used instead of the
         algorithm's initial masks.
       eval_every_steps: evaluation interval (default ``config.eval_every_steps``).
+      start_step: start at this step of a ``config.total_steps``-long run and train
+        the steps from there to the end (`stack_seeds`); evaluations stay at the
+        multiples of the interval after it, and at the end.
+      snapshot_steps: steps in [start_step, total_steps] after which the params are
+        kept (``SweepResult.snapshots``), e.g. the weights to rewind to.
       progress: show a progress bar.
       desc: progress-bar label.
 
     Returns:
       A `SweepResult`.
+
+    Raises:
+      ValueError: for no seeds, or a ``start_step`` or snapshot step out of range.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds must not be empty")
+    total = config.total_steps
+    _check_start_step(start_step, total)
+    for t in snapshot_steps:
+        if isinstance(t, bool) or not isinstance(t, int) or not start_step <= t <= total:
+            raise ValueError(
+                f"snapshot_steps must be integers in [start_step={start_step}, "
+                f"total_steps={total}], got {t!r}"
+            )
+    snapshot_steps = sorted(set(snapshot_steps))
     dataset = data_lib.load_from_config(config) if dataset is None else dataset
     stack = stack_seeds(
-        config, seeds, dataset, initial_params=initial_params, initial_masks=initial_masks
+        config,
+        seeds,
+        dataset,
+        initial_params=initial_params,
+        initial_masks=initial_masks,
+        start_step=start_step,
     )
     x_test, y_test = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test)
-    total = config.total_steps
 
     def one_accuracy(s):
         _, correct = stack.eval_step(s, x_test, y_test)
@@ -247,26 +289,27 @@ def train_seeds(
     start_params = state.params
     test_accuracy = jax.jit(jax.vmap(one_accuracy, in_axes=(stack.axes,)))
 
-    def run_chunk(state, chunk_indices):
-        losses = []
-        for batch_idx in chunk_indices:
-            state, metrics = stack.train_step(state, batch_idx)
-            losses.append(metrics["loss"])
-        return state, jnp.mean(jnp.stack(losses), axis=0)
-
     every = eval_every_steps or config.eval_every_steps
-    boundaries = list(range(every, total, every)) + [total]
+    evals = [t for t in range(every, total, every) if t > start_step] + [total]
     steps, accs, losses = [], [], []
-    start = 0
-    with tqdm(total=total, disable=not progress, desc=desc, leave=False) as bar:
-        for end in boundaries:
-            state, loss = run_chunk(state, stack.indices[start:end])
-            steps.append(end)
-            accs.append(np.asarray(test_accuracy(state)))
-            losses.append(np.asarray(loss))
+    snapshots = {}
+    interval_losses = []  # the training losses since the last evaluation
+    start = start_step
+    with tqdm(total=total - start_step, disable=not progress, desc=desc, leave=False) as bar:
+        for end in sorted(set(evals) | set(snapshot_steps)):
+            for t in range(start, end):
+                state, metrics = stack.train_step(state, stack.indices[t - start_step])
+                interval_losses.append(metrics["loss"])
             bar.update(end - start)
-            bar.set_postfix(acc=f"{accs[-1].mean():.3f}", refresh=False)
             start = end
+            if end in snapshot_steps:
+                snapshots[end] = state.params
+            if end in evals:
+                steps.append(end)
+                accs.append(np.asarray(test_accuracy(state)))
+                losses.append(np.asarray(jnp.mean(jnp.stack(interval_losses), axis=0)))
+                interval_losses = []
+                bar.set_postfix(acc=f"{accs[-1].mean():.3f}", refresh=False)
 
     final_masks = transforms.get_masks(state.opt_state)
     effective = jax.vmap(stack.algorithm.forward_params)(state.params, final_masks)
@@ -296,4 +339,44 @@ def train_seeds(
         layer_density=layer_density,
         final_state=state,
         initial_params=start_params,
+        snapshots=snapshots,
     )
+
+
+def _check_start_step(start_step: Any, total_steps: int) -> None:
+    if (
+        isinstance(start_step, bool)
+        or not isinstance(start_step, int)
+        or not 0 <= start_step < total_steps
+    ):
+        raise ValueError(
+            f"start_step must be an integer in [0, total_steps={total_steps}), got {start_step!r}"
+        )
+
+
+def _starting_at(state: state_lib.TrainState, step: int) -> state_lib.TrainState:
+    """``state`` moved to ``step``: its counters and learning-rate schedules, not its moments.
+
+    The schedules of an optax chain count their own steps (`optax.ScaleByScheduleState`);
+    setting them to ``step`` fast-forwards the learning rate the way a trainer restarted
+    at ``step`` would. Moment estimates and Adam's bias-correction count stay fresh.
+    """
+
+    def at_step(count):
+        return jnp.full_like(count, step)
+
+    def visit(node):
+        if isinstance(node, optax.ScaleByScheduleState):
+            return node._replace(count=at_step(node.count))
+        if isinstance(node, transforms.MaskedState):
+            return node._replace(count=at_step(node.count), inner_state=forward(node.inner_state))
+        return node
+
+    def forward(tree):
+        return jax.tree.map(
+            visit,
+            tree,
+            is_leaf=lambda x: isinstance(x, (optax.ScaleByScheduleState, transforms.MaskedState)),
+        )
+
+    return state._replace(step=at_step(state.step), opt_state=forward(state.opt_state))
