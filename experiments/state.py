@@ -246,8 +246,8 @@ def make_step_functions(
 ):
     """Jitted (train_step, eval_step, sparsity) for ``model`` trained with ``tx``.
 
-    The model always runs on ``algorithm.forward_params(params, masks)`` (the
-    params themselves, except for straight-through algorithms).
+    The model always runs on ``algorithm.forward_params_with_state(params, masks,
+    algo_state)`` (the params themselves, except for straight-through algorithms).
     train_step(state, x, y) -> (state, {"loss", "accuracy"}) donates ``state``;
     eval_step(state, x, y) -> (summed loss, number correct);
     sparsity(state) -> fraction of zeros over the masked weights the model uses.

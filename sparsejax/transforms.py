@@ -210,7 +210,8 @@ def masked(
     says so (RigL and SET do). Otherwise the inner optimizer runs on the masked
     gradient ``g * mask``. Straight-through algorithms (``algorithm.straight_through``)
     keep dense weights instead: the gradient and the update are not masked,
-    and the model must run on ``algorithm.forward_params(params, masks)``.
+    and the model must run on ``algorithm.forward_params_with_state(params, masks,
+    state.algo_state)``, which takes the mask from the current weights.
 
     Algorithms that change the basis of the params (``algorithm.reparametrizes``,
     e.g. `tensornets.adaptive.SpectralTruncation`) first get
