@@ -292,7 +292,8 @@ def load_corpus() -> Corpus:
     """The corpus of this interpreter's ``pydoc_data.topics`` (built once per process).
 
     Returns:
-        A `Corpus`; on CPython 3.11 about 26 calibration and 53 evaluation topics.
+        A `Corpus`; on CPython 3.11.7: 31 calibration topics (220 passages, 26k tokens of
+        all-MiniLM-L6-v2) and 46 evaluation topics (307 passages).
     """
     from pydoc_data.topics import topics
 
