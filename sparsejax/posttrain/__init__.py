@@ -6,7 +6,13 @@ Dense and Conv layer of a Flax model in call order, each calibrated on the outpu
 already pruned layers before it.
 """
 
-from sparsejax.posttrain.calibration import LayerCall, capture_input, input_matrix, layer_calls
+from sparsejax.posttrain.calibration import (
+    LayerCall,
+    capture_input,
+    capture_inputs,
+    input_matrix,
+    layer_calls,
+)
 from sparsejax.posttrain.dsnot import dsnot
 from sparsejax.posttrain.layerwise import METHODS, PruneResult, prune_layer, prune_model
 from sparsejax.posttrain.magnitude import magnitude
@@ -18,6 +24,7 @@ __all__ = [
     "LayerCall",
     "PruneResult",
     "capture_input",
+    "capture_inputs",
     "dsnot",
     "hessian_inverse_factor",
     "input_matrix",

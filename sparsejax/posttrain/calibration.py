@@ -8,7 +8,7 @@ with the kernel flattened to ``[window * in, out]``, so one pruner serves both l
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["LayerCall", "capture_input", "input_matrix", "layer_calls"]
+__all__ = ["LayerCall", "capture_input", "capture_inputs", "input_matrix", "layer_calls"]
 
 
 class LayerCall(NamedTuple):
@@ -113,6 +113,48 @@ def capture_input(
     except _Captured as captured:
         return captured.value
     raise ValueError(f"no Dense or Conv layer at path={'/'.join(path)!r} was called")
+
+
+def capture_inputs(
+    apply_fn: Callable[..., Any],
+    variables: Any,
+    x: jax.Array,
+    paths: Sequence[tuple[str, ...]],
+) -> dict[tuple[str, ...], jax.Array]:
+    """The inputs several layers receive in one forward pass ``apply_fn(variables, x)``.
+
+    The pass stops once the last of them has been seen.
+
+    Args:
+      apply_fn, variables, x: as for `capture_input`.
+      paths: the layers' paths (`LayerCall.path`).
+
+    Returns:
+      ``{path: input array}``.
+
+    Raises:
+      ValueError: naming the paths no Dense/Conv layer was called at.
+    """
+    wanted = {tuple(p) for p in paths}
+    seen: dict[tuple[str, ...], jax.Array] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and _is_layer(module) and module.path in wanted:
+            seen[tuple(module.path)] = args[0]
+            if len(seen) == len(wanted):
+                raise _Captured(seen)
+        return next_fun(*args, **kwargs)
+
+    if not wanted:
+        return {}
+    try:
+        with nn.intercept_methods(interceptor):
+            apply_fn(variables, x)
+    except _Captured:
+        return dict(seen)
+    missing = sorted("/".join(p) for p in wanted - set(seen))
+    raise ValueError(f"no Dense or Conv layer was called at paths {missing}")
 
 
 def _tuple(value: Any, rank: int, name: str) -> tuple[int, ...]:

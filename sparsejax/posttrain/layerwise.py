@@ -101,6 +101,19 @@ def _set(tree: Mapping, path: tuple[str, ...], key: str, value: Any) -> dict:
     return tree
 
 
+def _blocks(calls: list, depth: int | None) -> list[list]:
+    """Consecutive runs of calls whose paths share their first ``depth`` names."""
+    if depth is None:
+        return [[c] for c in calls]
+    blocks: list[list] = []
+    for call in calls:
+        if blocks and blocks[-1][-1].path[:depth] == call.path[:depth]:
+            blocks[-1].append(call)
+        else:
+            blocks.append([call])
+    return blocks
+
+
 def prune_model(
     apply_fn: Callable[..., Any],
     params: PyTree,
@@ -112,9 +125,10 @@ def prune_model(
     m: int | None = None,
     dsnot: bool | Mapping[str, Any] = False,
     skip: Sequence[str] = (),
+    block_depth: int | None = None,
     **options: Any,
 ) -> PruneResult:
-    """Prunes every Dense and Conv kernel of a model, one layer at a time, in call order.
+    """Prunes every Dense and Conv kernel of a model, one layer (or block) at a time, in order.
 
     Args:
       apply_fn: ``model.apply``; called as ``apply_fn({"params": params}, x)``.
@@ -127,6 +141,13 @@ def prune_model(
       dsnot: refine each layer's mask with DSnoT (True, or a mapping of its options).
       skip: layer names (``'block_0/attention/query'``) left dense, e.g. embeddings and the
         classifier, as the papers leave the embeddings and the LM head dense.
+      block_depth: None calibrates layer by layer: each layer sees the outputs of every
+        pruned layer before it. An int groups consecutive layers whose paths share their
+        first ``block_depth`` names (``block_depth=3`` on a BERT:
+        ``encoder/layer_0/...``) into a block whose layers are all calibrated in one
+        forward pass on the model with the earlier blocks pruned and this block still
+        dense: the procedure of the SparseGPT and Wanda reference implementations (one
+        transformer block at a time), and one forward pass per block instead of per layer.
       **options: passed to the method.
 
     Returns:
@@ -145,6 +166,10 @@ def prune_model(
     """
     _get_method(method)
     pattern = pattern_lib.make_pattern(sparsity, n, m)
+    if block_depth is not None and (
+        isinstance(block_depth, bool) or not isinstance(block_depth, int) or block_depth < 1
+    ):
+        raise ValueError(f"block_depth must be None or a positive int, got {block_depth!r}")
     if not jax.tree.leaves(params):
         raise ValueError(f"params must hold the model's parameters, got an empty tree {params!r}")
     x = jnp.asarray(x)
@@ -164,28 +189,31 @@ def prune_model(
         )
     masks = jax.tree.map(lambda _: None, params)
     errors: dict[str, float] = {}
-    for call in calls:
-        if call.name in skip:
-            continue
-        inputs = calibration.capture_input(apply_fn, {"params": params}, x, call.path)
-        matrix = calibration.input_matrix(call.module, inputs).astype(jnp.float32)
-        kernel = _get(params, call.path)["kernel"]
-        flat = kernel.reshape(-1, kernel.shape[-1])
-        try:
-            # Every method, magnitude too: the reported error is measured on these inputs.
-            pattern_lib.check_layer(flat, matrix, pattern)
-            pruned, mask = prune_layer(
-                method, flat, matrix, sparsity=sparsity, n=n, m=m, dsnot=dsnot, **options
+    pruned_calls = [c for c in calls if c.name not in skip]
+    for block in _blocks(pruned_calls, block_depth):
+        block_inputs = calibration.capture_inputs(
+            apply_fn, {"params": params}, x, [c.path for c in block]
+        )
+        for call in block:
+            matrix = calibration.input_matrix(call.module, block_inputs[call.path])
+            matrix = matrix.astype(jnp.float32)
+            kernel = _get(params, call.path)["kernel"]
+            flat = kernel.reshape(-1, kernel.shape[-1])
+            try:
+                # Every method, magnitude too: the reported error is measured on these inputs.
+                pattern_lib.check_layer(flat, matrix, pattern)
+                pruned, mask = prune_layer(
+                    method, flat, matrix, sparsity=sparsity, n=n, m=m, dsnot=dsnot, **options
+                )
+            except ValueError as error:
+                raise ValueError(f"layer {call.name!r}: {error}") from None
+            dense_out = matrix @ flat.astype(jnp.float32)
+            diff = dense_out - matrix @ pruned.astype(jnp.float32)
+            errors[call.name] = float(
+                jnp.linalg.norm(diff) / jnp.maximum(jnp.linalg.norm(dense_out), 1e-30)
             )
-        except ValueError as error:
-            raise ValueError(f"layer {call.name!r}: {error}") from None
-        dense_out = matrix @ flat.astype(jnp.float32)
-        diff = dense_out - matrix @ pruned.astype(jnp.float32)
-        errors[call.name] = float(
-            jnp.linalg.norm(diff) / jnp.maximum(jnp.linalg.norm(dense_out), 1e-30)
-        )
-        params = _set(
-            params, call.path, "kernel", pruned.reshape(kernel.shape).astype(kernel.dtype)
-        )
-        masks = _set(masks, call.path, "kernel", mask.reshape(kernel.shape))
+            params = _set(
+                params, call.path, "kernel", pruned.reshape(kernel.shape).astype(kernel.dtype)
+            )
+            masks = _set(masks, call.path, "kernel", mask.reshape(kernel.shape))
     return PruneResult(params, masks, errors)

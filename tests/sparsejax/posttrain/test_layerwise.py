@@ -122,3 +122,77 @@ def test_prune_model_errors():
         posttrain.prune_model(model.apply, params, x, method="wanda", sparsity=0.5, skip=("x",))
     with pytest.raises(ValueError, match="m=8 must divide"):
         posttrain.prune_model(model.apply, params, x, method="wanda", n=4, m=8)
+
+
+class _Blocks(nn.Module):
+    """Two blocks of two Dense layers each: paths ``block_i/inner`` and ``block_i/outer``."""
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            block = _Block(name=f"block_{i}")
+            x = block(x)
+        return x
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(6, name="outer")(nn.relu(nn.Dense(6, name="inner")(x)))
+
+
+def test_capture_inputs_matches_capture_input_and_names_missing_paths():
+    model, params, x = _setup()
+    paths = [("first",), ("conv",), ("head",)]
+    captured = posttrain.capture_inputs(model.apply, {"params": params}, x, paths)
+    assert sorted(captured) == sorted(paths)
+    for path in paths:
+        np.testing.assert_array_equal(
+            captured[path], posttrain.capture_input(model.apply, {"params": params}, x, path)
+        )
+    with pytest.raises(ValueError, match="nope"):
+        posttrain.capture_inputs(model.apply, {"params": params}, x, [("first",), ("nope",)])
+
+
+def test_block_depth_calibrates_a_block_on_the_inputs_of_the_pruned_earlier_blocks():
+    model = _Blocks()
+    x = jax.random.normal(jax.random.key(0), (32, 6))
+    params = model.init(jax.random.key(1), x)["params"]
+    out = posttrain.prune_model(
+        model.apply, params, x, method="sparsegpt", sparsity=0.5, block_depth=1
+    )
+    # Reference, block by block: both layers of a block see the block's dense forward pass.
+    expected = params
+    for i in range(2):
+        name = f"block_{i}"
+        variables = {"params": expected}
+        inner_x = posttrain.capture_input(model.apply, variables, x, (name, "inner"))
+        outer_x = posttrain.capture_input(model.apply, variables, x, (name, "outer"))
+        block = dict(expected[name])
+        for layer, inputs in (("inner", inner_x), ("outer", outer_x)):
+            kernel, _ = posttrain.sparsegpt(expected[name][layer]["kernel"], inputs, sparsity=0.5)
+            block[layer] = {**expected[name][layer], "kernel": kernel}
+        expected = {**expected, name: block}
+    jax.tree.map(np.testing.assert_array_equal, out.params, expected)
+    # Layer by layer differs: the outer layer then sees the pruned inner layer's outputs.
+    sequential = posttrain.prune_model(model.apply, params, x, method="sparsegpt", sparsity=0.5)
+    np.testing.assert_array_equal(
+        sequential.params["block_0"]["inner"]["kernel"], out.params["block_0"]["inner"]["kernel"]
+    )
+    assert not np.array_equal(
+        sequential.params["block_0"]["outer"]["kernel"], out.params["block_0"]["outer"]["kernel"]
+    )
+    # Depth 2 makes every layer its own block: the layer-by-layer result.
+    per_layer = posttrain.prune_model(
+        model.apply, params, x, method="sparsegpt", sparsity=0.5, block_depth=2
+    )
+    jax.tree.map(np.testing.assert_array_equal, per_layer.params, sequential.params)
+
+
+@pytest.mark.parametrize("depth", [0, -1, 1.5, True, "1"])
+def test_bad_block_depth(depth):
+    model, params, x = _setup()
+    with pytest.raises(ValueError, match="block_depth"):
+        posttrain.prune_model(
+            model.apply, params, x, method="wanda", sparsity=0.5, block_depth=depth
+        )
