@@ -8,6 +8,7 @@ dead-latent counters (in tokens) and the inference thresholds of the batch-level
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Iterable, Iterator
@@ -359,15 +360,25 @@ def _check_batch(name: str, x: Any, d_in: int | None) -> jax.Array:
     return jnp.asarray(x, jnp.float32)
 
 
-def _array_batches(key: jax.Array, x: jax.Array, batch_size: int) -> Iterator[jax.Array]:
-    """Epochs of shuffled batches without replacement from an array held on the device."""
-    tokens = x.shape[0]
+def _array_batches(key: jax.Array, tokens: int, batch_size: int) -> Iterator[np.ndarray]:
+    """Row indices of shuffled batches, in epochs without replacement."""
     seed = int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
     rng = np.random.default_rng(seed)
     while True:
-        order = rng.permutation(tokens)
+        order = rng.permutation(tokens).astype(np.int32)
         for start in range(0, tokens - batch_size + 1, batch_size):
-            yield x[jnp.asarray(order[start : start + batch_size])]
+            yield order[start : start + batch_size]
+
+
+@functools.lru_cache(maxsize=16)
+def _step_functions(spec: SAESpec, options: TrainOptions, steps: int):
+    """The optimizer and jitted steps of one configuration, kept so that repeated `fit` calls
+    with the same configuration reuse one compilation."""
+    tx = make_optimizer(options, steps)
+    train_step = make_train_step(spec, options, tx)
+    # Batches of an array are gathered inside the step: one dispatch a step, not two.
+    gather_step = jax.jit(lambda state, x, rows: train_step(state, x[rows]), donate_argnums=0)
+    return tx, train_step, gather_step
 
 
 def fit(
@@ -453,7 +464,7 @@ def fit(
         batch_size = min(o.batch_size, data.shape[0])
         order = np.asarray(jax.random.permutation(data_key, data.shape[0]))[: o.init_tokens]
         sample = data[jnp.asarray(order)]
-        stream = _array_batches(data_key, data, batch_size)
+        rows = _array_batches(data_key, data.shape[0], batch_size)
     else:
         sample = first[: o.init_tokens]
 
@@ -464,10 +475,12 @@ def fit(
 
         stream = chain_first()
 
-    tx = make_optimizer(o, steps)
+    tx, train_step, gather_step = _step_functions(spec, o, steps)
     state = init_train_state(init_key, spec, sample, o, tx)
-    train_step = make_train_step(spec, o, tx)
     for step in range(steps):
+        if batches is None:
+            state, _ = gather_step(state, data, next(rows))
+            continue
         try:
             batch = next(stream)
         except StopIteration:
