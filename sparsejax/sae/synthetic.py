@@ -44,15 +44,30 @@ class SyntheticData(NamedTuple):
 
 
 def zipf_firing_probs(n_features: int, mean_active: float, exponent: float = 1.0) -> jax.Array:
-    """Firing probabilities ``p_i`` proportional to ``(i + 1) ** -exponent``.
+    """Firing probabilities ``p_i = min(1, c * (i + 1) ** -exponent)`` summing to ``mean_active``.
 
-    Scaled so ``sum_i p_i = mean_active`` (the expected number of active features per
-    token), then clipped to 1 (so the sum falls short when ``mean_active`` is close to
-    ``n_features``). Returns ``float32[n_features]``, decreasing.
+    ``mean_active`` is the expected number of active features per token (at most
+    ``n_features``); the scale c is found by bisection, so when the most frequent features
+    saturate at probability 1 the rest make up the difference. Returns
+    ``float32[n_features]``, nonincreasing; jit-able in ``mean_active`` and ``exponent``.
     """
     ranks = jnp.arange(1, n_features + 1, dtype=jnp.float32)
-    weights = ranks**-exponent
-    return jnp.minimum(mean_active * weights / jnp.sum(weights), 1.0)
+    weights = ranks ** -jnp.asarray(exponent, jnp.float32)
+
+    def total(log_c):
+        return jnp.sum(jnp.minimum(1.0, jnp.exp(log_c) * weights))
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        below = total(mid) < mean_active
+        return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+    # c = 0 gives 0 and c = 1 / min(w) gives n_features >= mean_active; bisect log c between.
+    lo = jnp.log(mean_active / jnp.sum(weights))
+    hi = -jnp.log(weights[-1]) + 1.0
+    _, hi = jax.lax.fori_loop(0, 64, bisect, (lo, hi))
+    return jnp.minimum(1.0, jnp.exp(hi) * weights)
 
 
 def random_dictionary(key: jax.Array, n_features: int, d: int) -> jax.Array:
@@ -176,16 +191,9 @@ def generate(
 
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "n_tokens",
-        "d",
-        "n_features",
-        "mean_active",
-        "zipf_exponent",
-        "magnitude_range",
-        "n_correlation_factors",
-        "hierarchy",
-    ),
+    # Only sizes are static: the rates, magnitudes and noise are traced, so changing them
+    # does not recompile.
+    static_argnames=("n_tokens", "d", "n_features", "n_correlation_factors", "hierarchy"),
 )
 def _generate(
     key,
@@ -232,7 +240,7 @@ def _generate(
         parent_of.append(jnp.repeat(jnp.arange(n_parents, dtype=jnp.int32), per_parent))
     fire = jnp.concatenate(fire, axis=1)
     lo, hi = magnitude_range
-    magnitudes = jax.random.uniform(k_mag, (n_tokens, n_features), minval=lo, maxval=hi)
+    magnitudes = lo + (hi - lo) * jax.random.uniform(k_mag, (n_tokens, n_features))
     codes = jnp.where(fire, magnitudes, 0.0)
     x = codes @ dictionary + noise_std * jax.random.normal(k_noise, (n_tokens, d))
     return SyntheticData(
