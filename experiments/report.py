@@ -47,7 +47,9 @@ def markdown(
       quick: whether the quick version ran.
       elapsed: seconds the run took.
       extra_rows: ``extra_rows[title][(row, col)]`` = a number (printed with 3 decimals) or a
-        per-seed list (mean ± CI); each title is one more table with ``title`` as caption.
+        per-seed list (mean ± CI); each title is one more table with ``title`` as caption,
+        over the table's rows and columns, or over its own (in key order) when none of its
+        keys' columns is one of the table's (e.g. per-layer statistics).
 
     Returns:
       The page, ending in a newline.
@@ -74,12 +76,23 @@ def markdown(
         ]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     for title, values in extra_rows.items():
-        lines += ["", f"{title}:", "", header, rule]
+        # An extra table whose keys name none of the table's columns (e.g. per-layer
+        # statistics) gets its own columns and rows, in the order its keys come.
+        own_cols = not any(c in cols for _, c in values)
+        extra_cols = list(dict.fromkeys(c for _, c in values)) if own_cols else cols
+        extra_labels = [r for r in rows if any((r, c) in values for c in extra_cols)]
+        extra_labels += [r for r in dict.fromkeys(r for r, _ in values) if r not in rows]
+        heading = [str(c) for c in extra_cols] if own_cols else None
+        lines += ["", f"{title}:", ""]
+        if heading is None:
+            lines += [header, rule]
+        else:
+            lines += ["| | " + " | ".join(heading) + " |", "|---|" + "---|" * len(heading)]
         show = lambda v: (  # noqa: E731
             stats.fmt(v, scale=table.scale) if isinstance(v, list) else f"{v:.3f}"
         )
-        for row in (row for row in rows if any((row, c) in values for c in cols)):
-            cells = [show(values[(row, c)]) if (row, c) in values else "" for c in cols]
+        for row in extra_labels:
+            cells = [show(values[(row, c)]) if (row, c) in values else "" for c in extra_cols]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines += ["", "## Claims", ""]
     lines += [f"- {c.line()}" for c in claims]

@@ -538,6 +538,7 @@ def evaluate(
     reference: Mapping[str, Any] | None = None,
     corpus: Corpus | None = None,
     n_passages: int | None = None,
+    n_queries: int | None = None,
 ) -> dict[str, Any]:
     """Runs the evaluation tasks on a sentence-embedding model.
 
@@ -549,6 +550,8 @@ def evaluate(
         corpus: a `Corpus`; None means `load_corpus()`.
         n_passages: None for every evaluation passage, else the size of the fixed (seed 0)
             subset `evaluation_passages` draws.
+        n_queries: None for the whole `retrieval_task`, else its first ``n_queries`` topics
+            (a cheaper, harder-to-fail task for quick runs: fewer candidates to rank).
 
     Returns:
         ``{"recall@1", "recall@5", "mrr"}`` of `retrieval_task`, ``"n_queries"``,
@@ -565,6 +568,10 @@ def evaluate(
     info = corpus_info(corpus)
     passages = evaluation_passages(corpus, n=n_passages)
     queries, documents = retrieval_task(corpus)
+    if n_queries is not None:
+        if isinstance(n_queries, bool) or not isinstance(n_queries, int) or n_queries < 1:
+            raise ValueError(f"n_queries must be None or a positive int, got {n_queries!r}")
+        queries, documents = queries[:n_queries], documents[:n_queries]
 
     def run(texts: list[str]) -> np.ndarray:
         return _embeddings(embed_fn(list(texts)), "embed_fn's output", rows=len(texts))

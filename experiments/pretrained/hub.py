@@ -295,8 +295,11 @@ def _check_sentences(sentences: Any) -> list[str]:
 
 
 def _bucket(length: int, limit: int) -> int:
-    """Pads lengths to a few sizes (powers of two from 8) so few shapes are compiled."""
-    return min(max(8, 1 << (max(length, 1) - 1).bit_length()), limit)
+    """Pads lengths to a few sizes so few shapes are compiled: powers of two up to 64, then
+    multiples of 32 (a power-of-two ladder would pad a 130-token batch to 256)."""
+    length = max(length, 1)
+    padded = max(8, 1 << (length - 1).bit_length()) if length <= 64 else -(-length // 32) * 32
+    return min(padded, limit)
 
 
 def tokenize(tokenizer: Any, sentences: Sequence[str], length: int | None = None) -> dict:

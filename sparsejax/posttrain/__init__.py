@@ -12,6 +12,7 @@ from sparsejax.posttrain.calibration import (
     capture_inputs,
     input_matrix,
     layer_calls,
+    outlier_ratios,
 )
 from sparsejax.posttrain.dsnot import dsnot
 from sparsejax.posttrain.layerwise import METHODS, PruneResult, prune_layer, prune_model
@@ -30,6 +31,7 @@ __all__ = [
     "input_matrix",
     "layer_calls",
     "magnitude",
+    "outlier_ratios",
     "prune_layer",
     "prune_model",
     "sparsegpt",

@@ -17,7 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["LayerCall", "capture_input", "capture_inputs", "input_matrix", "layer_calls"]
+__all__ = [
+    "LayerCall",
+    "capture_input",
+    "capture_inputs",
+    "input_matrix",
+    "layer_calls",
+    "outlier_ratios",
+]
 
 
 class LayerCall(NamedTuple):
@@ -217,3 +224,34 @@ def input_matrix(module: nn.Module, x: jax.Array) -> jax.Array:
     # (window..., channel, out), so swap to (window, channel).
     patches = patches.reshape(-1, channels, int(np.prod(kernel_size)))
     return jnp.swapaxes(patches, 1, 2).reshape(-1, int(np.prod(kernel_size)) * channels)
+
+
+def outlier_ratios(
+    apply_fn: Callable[..., Any], variables: Any, x: jax.Array, paths: Sequence[tuple[str, ...]]
+) -> dict[str, float]:
+    """Input-feature outliers per layer: the largest input-feature norm over the median one.
+
+    For a layer with calibration inputs X ``[tokens, in]`` (`input_matrix`), the feature
+    norms are ``||X[:, j]||_2``; the ratio ``max_j / median_j`` is large when a few input
+    features carry most of the magnitude, the emergent outlier features of large
+    transformers that make ``|W|·||X||`` (Wanda) choose better weights than ``|W|``.
+
+    References: Dettmers et al., "LLM.int8(): 8-bit Matrix Multiplication for Transformers at
+    Scale" (2022); Sun et al., "A Simple and Effective Pruning Approach for Large Language
+    Models" (Wanda, 2024).
+
+    Args:
+      apply_fn, variables, x: as for `capture_inputs` (one forward pass).
+      paths: the layers to measure (`LayerCall.path`).
+
+    Returns:
+      ``{layer name: max / median feature norm}``.
+    """
+    calls = {c.path: c for c in layer_calls(apply_fn, variables, x)}
+    inputs = capture_inputs(apply_fn, variables, x, paths)
+    ratios = {}
+    for path in paths:
+        matrix = input_matrix(calls[tuple(path)].module, inputs[tuple(path)])
+        norms = np.linalg.norm(np.asarray(matrix, np.float64), axis=0)
+        ratios["/".join(path)] = float(norms.max() / max(np.median(norms), 1e-30))
+    return ratios

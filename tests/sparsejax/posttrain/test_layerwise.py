@@ -196,3 +196,12 @@ def test_bad_block_depth(depth):
         posttrain.prune_model(
             model.apply, params, x, method="wanda", sparsity=0.5, block_depth=depth
         )
+
+
+def test_outlier_ratios_find_a_scaled_input_feature():
+    model, params, x = _setup()
+    x = x.at[..., 2].multiply(50.0)  # one input feature far larger than the rest
+    ratios = posttrain.outlier_ratios(model.apply, {"params": params}, x, [("first",), ("conv",)])
+    norms = np.linalg.norm(np.asarray(x).reshape(-1, 4), axis=0)
+    np.testing.assert_allclose(ratios["first"], norms.max() / np.median(norms), rtol=1e-5)
+    assert ratios["first"] > 20
