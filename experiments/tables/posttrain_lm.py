@@ -12,9 +12,9 @@ windows (magnitude ignores them: one run, repeated). Also measured: the input-fe
 statistic that motivates Wanda (largest / median input-feature norm per layer) on MiniLM and on
 the project's own MNIST-1D transformer.
 
-Full run: about 45 s per pruned model on 2 idle cores (the prune and an evaluation), 105 models
-for 5 seeds; per-model results are kept in ``WORKDIR/posttrain_lm_cells.jsonl``, so an
-interrupted run resumes where it stopped.
+Full run: about 45 s per pruned model on 2 idle cores (the prune and an evaluation on 160
+passages and 46 retrieval topics), 105 models for 5 seeds; per-model results are kept in
+``WORKDIR/posttrain_lm_cells.jsonl``, so an interrupted run resumes where it stopped.
 
 Papers: Sun et al., "A Simple and Effective Pruning Approach for Large Language Models" (Wanda,
 2024); Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
@@ -73,7 +73,7 @@ def _settings(quick: bool) -> dict:
     return {
         "calibration": 128,
         "length": 64,
-        "passages": None,
+        "passages": 160,
         "queries": None,
         "cols": list(_PATTERNS),
         "dsnot": True,
@@ -215,7 +215,8 @@ def _run(quick, seeds, dataset, workdir, progress) -> base.TableRun:
         results[("dense", col)] = [1.0] * len(seeds)
         extra[_RECALL][("dense", col)] = [dense["recall@1"]] * len(seeds)
         extra[_MRR][("dense", col)] = [dense["mrr"]] * len(seeds)
-    jobs = [(r, c, s) for r in rows_spec for c in cols for s in seeds]
+    # Seed-major, so an interrupted run has whole seeds done.
+    jobs = [(r, c, s) for s in seeds for r in rows_spec for c in cols]
     calibration = {}
     for (label, method, refined), col, seed in tqdm(
         jobs, desc="posttrain_lm", disable=not progress
