@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import lottery, reproduce
+from experiments import lottery, report, reproduce
 from experiments.tables import base
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,7 +53,7 @@ def test_register_refuses_a_second_table_with_a_taken_name():
 
 def test_every_table_has_its_module_and_the_cli_sees_every_registered_table():
     assert reproduce.TABLES is base.TABLES
-    assert len(base.TABLES) == 11
+    assert len(base.TABLES) == 13
     for name, table in base.TABLES.items():
         assert table.name == name
         assert os.path.isfile(os.path.join(_ROOT, "experiments", "tables", f"{name}.py")), name
@@ -118,3 +118,23 @@ def test_imp_masks_prune_a_fraction_of_the_survivors_and_never_revive():
     dropped = np.abs(np.asarray(params["a"]))[np.asarray(current["a"] & ~new["a"])]
     assert kept.min() >= dropped.max()
     assert new["b"] is None
+
+
+def test_extra_tables_with_their_own_columns_are_written_in_key_order():
+    table = base.TABLES["dst"]
+    extra = {
+        "per layer": {
+            ("model A", "layer 1"): 1.5,
+            ("model A", "layer 2"): 2.0,
+            ("B", "layer 1"): 3.0,
+        },
+        "per cell": {("RigL", 0.9): 0.25},
+    }
+    page = report.markdown(
+        table, ["RigL"], [0.9], {("RigL", 0.9): [0.5, 0.6]}, [], 2, True, 1.0, extra
+    )
+    own = page.split("per layer:")[1].split("per cell:")[0]
+    assert "| | layer 1 | layer 2 |" in own
+    assert "| model A | 1.500 | 2.000 |" in own and "| B | 3.000 |  |" in own
+    shared = page.split("per cell:")[1]
+    assert "| RigL | 0.250 |" in shared and "| method | 90% |" in shared
