@@ -57,7 +57,9 @@ def test_runlocal_variant_builds_and_only_shrinks(name):
     assert full.to_dict() == module.get_config("").to_dict()
     assert _flat_keys(small.to_dict()) == _flat_keys(full.to_dict())
     assert small.model.name == full.model.name
-    assert small.total_steps < full.total_steps
+    # Fewer steps; a compression config has none (tests/experiments/test_compress.py checks it).
+    if "total_steps" in full:
+        assert small.total_steps < full.total_steps
     assert not small.progress_bar
 
 
