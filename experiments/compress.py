@@ -110,6 +110,8 @@ class CompressPlan(NamedTuple):
       block_shape: ``(rows, cols)`` of the blocks pruned as units, or None.
       prune_layers: the ``prune.layers`` selection (resolved against the model later).
       calibration_sequences, calibration_length, calibration_seed: the calibration windows.
+      block_depth: layers whose paths share this many leading names are calibrated together
+        (`sparsejax.posttrain.prune_model`'s ``block_depth``); None: layer by layer.
       factorize_format: a `FACTORIZE_FORMATS` entry.
       factorize_budget: parameters of each factorized kernel over its dense size.
       factorize_layers: the ``factorize.layers`` selection.
@@ -131,6 +133,7 @@ class CompressPlan(NamedTuple):
     calibration_sequences: int
     calibration_length: int
     calibration_seed: int
+    block_depth: int | None
     factorize_format: str
     factorize_budget: float
     factorize_layers: str
@@ -331,6 +334,7 @@ def check_config(config: ml_collections.ConfigDict) -> CompressPlan:
         calibration_sequences=_int(config, "calibration.sequences", 1),
         calibration_length=_int(config, "calibration.length", 3),
         calibration_seed=_int(config, "calibration.seed", 0),
+        block_depth=_int(config, "calibration.block_depth", 0) or None,
         factorize_format=fmt,
         factorize_budget=budget,
         factorize_layers=_selection(config, "factorize.layers"),
@@ -415,14 +419,16 @@ def prune_blocks(
     method: str,
     sparsity: float,
     block_shape: tuple[int, int],
+    block_depth: int | None = None,
 ) -> posttrain.PruneResult:
-    """Drops whole ``block_shape`` blocks of each chosen kernel, one layer at a time.
+    """Drops whole ``block_shape`` blocks of each chosen kernel, in call order.
 
     Each kernel ``[in, out]`` keeps the ``round((1 - sparsity) * blocks)`` blocks with the
     largest score sums (`sparsejax.masks.block_mask`): ``|W|`` for ``"magnitude"``, the Wanda
     score ``|W_ij| * ||X_i||`` for ``"wanda"``, X being the layer's inputs in the model whose
-    earlier layers are already pruned (as `sparsejax.posttrain.prune_model` calibrates).
-    Whole blocks are what `sparsejax.export` stores as BSR without padding.
+    earlier layers are already pruned, calibrated as `sparsejax.posttrain.prune_model` does
+    (``block_depth`` included). Whole blocks are what `sparsejax.export` stores as BSR
+    without padding.
 
     Reference: Gray, Radford & Kingma, "GPU Kernels for Block-Sparse Weights" (2017) for the
     format; Sun et al., "A Simple and Effective Pruning Approach for Large Language Models"
@@ -436,32 +442,53 @@ def prune_blocks(
       method: ``"magnitude"`` or ``"wanda"``.
       sparsity: fraction of blocks dropped per kernel, in [0, 1).
       block_shape: ``(rows, cols)`` dividing each kernel's shape.
+      block_depth: None calibrates each layer on the outputs of every pruned layer before it;
+        an int calibrates consecutive layers whose paths share their first ``block_depth``
+        names in one forward pass (as `sparsejax.posttrain.prune_model`).
 
     Returns:
       A `sparsejax.posttrain.PruneResult` (params, masks, relative output errors).
 
     Raises:
-      ValueError: for another method, or a block shape that does not divide a kernel
-        (naming the layer).
+      ValueError: for another method or a bad ``block_depth``, or a block shape that does
+        not divide a kernel (naming the layer).
     """
     if method not in _BLOCK_METHODS:
         raise ValueError(f"method must be one of {_BLOCK_METHODS}, got {method!r}")
+    if block_depth is not None and (
+        isinstance(block_depth, bool) or not isinstance(block_depth, int) or block_depth < 1
+    ):
+        raise ValueError(f"block_depth must be None or a positive int, got {block_depth!r}")
     masks = jax.tree.map(lambda _: None, params)
     errors = {}
+    # Consecutive layers sharing their first block_depth path names are calibrated together.
+    groups: list[list[str]] = []
     for name in layers:
-        path = tuple(name.split("/"))
-        kernel = _node(params, name)["kernel"]
-        inputs = posttrain.capture_input(apply_fn, {"params": params}, ids, path)
-        x = inputs.reshape(-1, inputs.shape[-1]).astype(jnp.float32)
-        scores = jnp.abs(kernel) if method == "magnitude" else posttrain.wanda_scores(kernel, x)
-        try:
-            mask = masks_lib.block_mask(scores, sparsity, block_shape)
-        except ValueError as error:
-            raise ValueError(f"layer {name!r} of shape {kernel.shape}: {error}") from None
-        pruned = jnp.where(mask, kernel, jnp.zeros_like(kernel))
-        errors[name] = _relative_error(x, kernel.astype(jnp.float32), pruned.astype(jnp.float32))
-        params = _replace_kernel(params, name, pruned)
-        masks = _replace_kernel(masks, name, mask)
+        same = block_depth and groups
+        if same and groups[-1][-1].split("/")[:block_depth] == name.split("/")[:block_depth]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    for group in groups:
+        paths = [tuple(name.split("/")) for name in group]
+        captured = posttrain.capture_inputs(apply_fn, {"params": params}, ids, paths)
+        for name, path in zip(group, paths):
+            kernel = _node(params, name)["kernel"]
+            x = captured[path].reshape(-1, captured[path].shape[-1]).astype(jnp.float32)
+            if method == "magnitude":
+                scores = jnp.abs(kernel)
+            else:
+                scores = posttrain.wanda_scores(kernel, x)
+            try:
+                mask = masks_lib.block_mask(scores, sparsity, block_shape)
+            except ValueError as error:
+                raise ValueError(f"layer {name!r} of shape {kernel.shape}: {error}") from None
+            pruned = jnp.where(mask, kernel, jnp.zeros_like(kernel))
+            errors[name] = _relative_error(
+                x, kernel.astype(jnp.float32), pruned.astype(jnp.float32)
+            )
+            params = _replace_kernel(params, name, pruned)
+            masks = _replace_kernel(masks, name, mask)
     return posttrain.PruneResult(params, masks, errors)
 
 
@@ -488,11 +515,12 @@ def _prune(model, params, ids, plan: CompressPlan, layers: Sequence[str], phase)
                     method=plan.method,
                     sparsity=plan.sparsity,
                     block_shape=plan.block_shape,
+                    block_depth=plan.block_depth,
                 )
             else:
                 # One call per transformer layer gives the result of one call over all of them
-                # (prune_model is sequential: each layer is calibrated on the model whose
-                # earlier layers are already pruned), and a progress bar that moves.
+                # (prune_model is sequential: each layer or block is calibrated on the model
+                # whose earlier ones are already pruned), and a progress bar that moves.
                 result = posttrain.prune_model(
                     model.apply,
                     params,
@@ -503,6 +531,7 @@ def _prune(model, params, ids, plan: CompressPlan, layers: Sequence[str], phase)
                     m=plan.m,
                     dsnot=plan.dsnot,
                     skip=[c for c in calls if c not in group],
+                    block_depth=plan.block_depth,
                 )
         params = result.params
         masks = _merge_masks(masks, result.masks)

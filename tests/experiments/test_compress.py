@@ -18,6 +18,7 @@ from experiments import compress, pretrained
 from experiments import main as main_lib
 from experiments.pretrained import corpus
 from sparsejax import export, posttrain
+from sparsejax import masks as masks_lib
 from sparsejax import nn as snn
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -270,3 +271,31 @@ def test_exported_nm_and_bsr_embed_like_the_masked_dense_model(minilm):
     np.testing.assert_array_equal(
         np.asarray(_kernel(both.params, nm_layer)), np.asarray(_kernel(nm.params, nm_layer))
     )
+
+
+def test_prune_blocks_calibrates_a_block_on_its_dense_inputs(minilm):
+    """With block_depth=3 the attention output is scored on the inputs it gets while the
+    value projection before it in the same block is still dense; layer by layer, on the
+    inputs after the value projection is pruned."""
+    model, params, tokenizer = minilm
+    ids = jnp.asarray(corpus.calibration_ids(tokenizer, n=4, length=16))
+    value, output = "encoder/layer_0/attention/self/value", "encoder/layer_0/attention/output/dense"
+    kwargs = {"method": "wanda", "sparsity": 0.5, "block_shape": (32, 32)}
+    together = compress.prune_blocks(
+        model.apply, params, ids, [value, output], block_depth=3, **kwargs
+    )
+    apart = compress.prune_blocks(model.apply, params, ids, [value, output], **kwargs)
+    np.testing.assert_array_equal(_kernel(together.masks, value), _kernel(apart.masks, value))
+
+    def expected_mask(weights):
+        x = posttrain.capture_input(model.apply, {"params": weights}, ids, tuple(output.split("/")))
+        scores = posttrain.wanda_scores(_kernel(params, output), x.reshape(-1, x.shape[-1]))
+        return np.asarray(masks_lib.block_mask(scores, 0.5, (32, 32)))
+
+    # The output projection's input does not depend on its own kernel, so apart.params (value
+    # and output pruned) gives the input it was scored on layer by layer.
+    np.testing.assert_array_equal(_kernel(together.masks, output), expected_mask(params))
+    np.testing.assert_array_equal(_kernel(apart.masks, output), expected_mask(apart.params))
+    assert not np.array_equal(_kernel(together.masks, output), _kernel(apart.masks, output))
+    with pytest.raises(ValueError, match="block_depth"):
+        compress.prune_blocks(model.apply, params, ids, [value], block_depth=0, **kwargs)
