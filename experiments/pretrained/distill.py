@@ -46,6 +46,7 @@ __all__ = [
     "LAYER_GROUPS",
     "DistillData",
     "DistillResult",
+    "budget_factorization",
     "distill",
     "distillation_data",
     "distillation_loss",
@@ -123,19 +124,25 @@ def projection_names(
     return names
 
 
-def _kernel_shape(params: Any, path: str) -> tuple[int, int]:
-    node = params
-    for key in path.split("/"):
-        node = node[key]
-    return tuple(int(d) for d in node["kernel"].shape)
+def _projection_shapes(config: BertConfig) -> dict[str, tuple[int, int]]:
+    """``{path: (in, out)}`` of every projection's kernel."""
+    h, m = config.hidden_size, config.intermediate_size
+    shapes = {}
+    for i in range(config.num_hidden_layers):
+        for p in LAYER_GROUPS["attention"]:
+            shapes[f"encoder/layer_{i}/{p}"] = (h, h)
+        shapes[f"encoder/layer_{i}/intermediate/dense"] = (h, m)
+        shapes[f"encoder/layer_{i}/output/dense"] = (m, h)
+    return shapes
 
 
-def _entry(fmt: str, n_in: int, n_out: int, budget: float | None, rank: Any) -> dict[str, Any]:
+def _entry(fmt: str, n_in: int, n_out: int, budget: float, rank: Any) -> dict[str, Any]:
     """The factorize entry of one (n_in, n_out) kernel, its ranks resolved to explicit ints.
 
     tensornets resolves a float rank to the largest *uniform* rank whose factors fit that
-    fraction of the dense kernel's entries (`tensornets.formats`' ``resolve_*``); resolving
-    here once makes the spec say which ranks were used.
+    fraction of the dense kernel's entries (the formats' ``resolve_*`` through
+    `tensornets.layers.layouts.dense_layout`); resolving here once makes the spec say which
+    ranks were used.
     """
     layout = tensornets.layers.layouts.dense_layout(
         fmt, n_in, n_out, budget if rank is None else rank, None, None
@@ -146,6 +153,72 @@ def _entry(fmt: str, n_in: int, n_out: int, budget: float | None, rank: Any) -> 
     if fmt == "tt_matrix":
         entry.update(in_shape=layout.in_shape, out_shape=layout.out_shape)
     return entry
+
+
+def budget_factorization(
+    config: BertConfig,
+    *,
+    layers: str | Sequence[str] = "mlp",
+    format: str = "low_rank",  # noqa: A002 - the word tensornets' specs use
+    budget: float = 0.5,
+    rank: Any = None,
+    blocks: Sequence[int] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The factorize spec that puts chosen projections at a fraction of their parameters.
+
+    Each chosen kernel W (in, out) gets the largest uniform rank whose factors hold at most
+    ``budget * in * out`` entries (biases are kept and not counted; `kernel_parameters` gives
+    the realized counts):
+
+    * ``"low_rank"``: W = U diag(w) V^T, r (in + out + 1) entries.
+    * ``"tucker"``: Tucker-2 of the matrix, W = U G V^T with a dense core G (r1, r2),
+      r1 r2 + in r1 + out r2 entries. For a matrix this is the low-rank function class with
+      r^2 extra core entries, so it holds a lower rank than ``"low_rank"`` at equal
+      parameters.
+    * ``"tt_matrix"``: the TT-matrix of Novikov, Podoprikhin, Osokin & Vetrov, "Tensorizing
+      Neural Networks" (2015), rows and columns each split into 3 balanced factors
+      (`tensornets.balanced_factors`: 384 = 6*8*8, 1536 = 8*12*16), cores
+      (r_{k-1}, m_k, n_k, r_k).
+
+    Args:
+      config: the model's `BertConfig`.
+      layers: which projections, see `projection_names`.
+      format: one of `DISTILL_FORMATS`.
+      budget: fraction of each dense kernel's entries, in (0, 1].
+      rank: an explicit rank for every chosen projection instead of the one ``budget`` buys
+        (an int, or a tuple as the format's layer takes it; e.g. ``rank=384`` for an exact
+        low-rank form of a 384 -> 1536 kernel); ``budget`` is then still validated but unused.
+      blocks: encoder layer indices when ``layers`` is a group name (default all).
+
+    Returns:
+      ``{path: {"format", "rank", ("in_shape", "out_shape")}}`` with explicit ranks, in call
+      order: the ``factorize`` of `BertModel` and `experiments.pretrained.save`.
+
+    Raises:
+      ValueError: naming the argument: ``format`` not in `DISTILL_FORMATS`, ``budget``
+        outside (0, 1], an unknown ``layers`` / ``blocks`` selection, or a ``rank`` the
+        format cannot take for some kernel (naming it).
+    """
+    if not isinstance(format, str) or format not in DISTILL_FORMATS:
+        raise ValueError(f"format must be one of {DISTILL_FORMATS}, got {format!r}")
+    if (
+        isinstance(budget, bool)
+        or not isinstance(budget, numbers.Real)
+        or not math.isfinite(budget)
+        or not 0 < budget <= 1
+    ):
+        raise ValueError(
+            f"budget must be a fraction in (0, 1] of each kernel's parameters, got {budget!r}"
+        )
+    shapes = _projection_shapes(config)
+    factorize = {}
+    for name in projection_names(config, layers, blocks=blocks):
+        n_in, n_out = shapes[name]
+        try:
+            factorize[name] = _entry(format, n_in, n_out, float(budget), rank)
+        except ValueError as error:
+            raise ValueError(f"rank={rank!r} for {name} ({n_in} -> {n_out}): {error}") from None
+    return factorize
 
 
 def factorize_projections(
@@ -160,41 +233,28 @@ def factorize_projections(
 ) -> tuple[BertModel, Any, dict[str, dict[str, Any]]]:
     """Decomposes chosen projections of a dense BERT into tensor-network layers.
 
-    Each chosen kernel W (in, out) gets the largest uniform rank whose factors hold at most
-    ``budget * in * out`` entries (biases are kept and not counted; `kernel_parameters` gives
-    the realized counts):
-
-    * ``"low_rank"``: W = U diag(w) V^T, r (in + out + 1) entries; fitted by the truncated SVD
-      (the Eckart-Young optimum; tensornets' ALS starts there).
-    * ``"tucker"``: Tucker-2 of the matrix, W = U G V^T with a dense core G (r1, r2),
-      r1 r2 + in r1 + out r2 entries (HOOI). For a matrix this is the low-rank function class
-      with r^2 extra core entries, so it holds a lower rank than ``"low_rank"`` at equal
-      parameters.
-    * ``"tt_matrix"``: the TT-matrix of Novikov, Podoprikhin, Osokin & Vetrov, "Tensorizing
-      Neural Networks" (2015), rows and columns each split into 3 balanced factors
-      (384 = 6*8*8, 1536 = 8*12*16), fitted by TT-SVD.
+    The ranks come from `budget_factorization` (the largest uniform rank within ``budget`` of
+    each kernel's entries); each trained kernel is then fitted by
+    `tensornets.factorize_params`, Lebedev et al. 2015's decomposition step: a low-rank matrix
+    by the truncated SVD (the Eckart-Young optimum, where tensornets' ALS starts and stays),
+    Tucker-2 by HOOI (for a matrix, the SVD's singular subspaces), a TT-matrix by TT-SVD
+    (Oseledets 2011).
 
     Args:
       model: a dense `BertModel` (``factorize`` empty).
       params: its params (``model.apply({"params": params}, ids)``).
-      layers: which projections, see `projection_names`.
-      format: one of `DISTILL_FORMATS`.
-      budget: fraction of each dense kernel's entries, in (0, 1].
-      rank: an explicit rank for every chosen projection instead of the one ``budget`` buys
-        (an int, or a tuple as the format's layer takes it; e.g. ``rank=384`` for an exact
-        low-rank form of a 384 -> 1536 kernel); ``budget`` is then still validated but unused.
-      blocks: encoder layer indices when ``layers`` is a group name (default all).
+      layers, format, budget, rank, blocks: see `budget_factorization`.
 
     Returns:
       ``(student_model, student_params, factorize)``: a `BertModel` built with
-      ``factorize``, its params (the decomposed factors, every other leaf the input's), and
-      the factorize spec ``{path: {"format", "rank", ...}}`` (what `BertModel`,
-      `experiments.pretrained.save` and `kernel_parameters` take).
+      ``factorize``, its params (the decomposed factors and the kept biases at the factorized
+      paths, every other leaf the input's own array), and the factorize spec
+      ``{path: {"format", "rank", ...}}`` (what `BertModel`, `experiments.pretrained.save`
+      and `kernel_parameters` take).
 
     Raises:
-      ValueError: naming the argument: ``format`` not in `DISTILL_FORMATS`, ``budget``
-        outside (0, 1], an unknown ``layers`` selection, a model that is already factorized,
-        or a rank the format cannot take.
+      ValueError: naming the argument: a ``model`` that is not a dense `BertModel`, or any
+        error of `budget_factorization`.
     """
     if not isinstance(model, BertModel):
         raise ValueError(f"model must be an experiments.pretrained.BertModel, got {model!r:.80}")
@@ -202,25 +262,9 @@ def factorize_projections(
         raise ValueError(
             f"model must be dense; it already factorizes {[n for n, _ in model.factorize]}"
         )
-    if not isinstance(format, str) or format not in DISTILL_FORMATS:
-        raise ValueError(f"format must be one of {DISTILL_FORMATS}, got {format!r}")
-    if (
-        isinstance(budget, bool)
-        or not isinstance(budget, numbers.Real)
-        or not math.isfinite(budget)
-        or not 0 < budget <= 1
-    ):
-        raise ValueError(
-            f"budget must be a fraction in (0, 1] of each kernel's parameters, got {budget!r}"
-        )
-    names = projection_names(model.config, layers, blocks=blocks)
-    factorize = {}
-    for name in names:
-        n_in, n_out = _kernel_shape(params, name)
-        try:
-            factorize[name] = _entry(format, n_in, n_out, float(budget), rank)
-        except ValueError as error:
-            raise ValueError(f"rank={rank!r} for {name} ({n_in} -> {n_out}): {error}") from None
+    factorize = budget_factorization(
+        model.config, layers=layers, format=format, budget=budget, rank=rank, blocks=blocks
+    )
     student = BertModel(model.config, factorize=factorize)
     student_params = tensornets.factorize_params(params, models_lib.factorize_spec(factorize))
     return student, student_params, factorize
@@ -234,20 +278,19 @@ def kernel_parameters(config: BertConfig, factorize: Any) -> dict[str, dict[str,
 
     Args:
       config: the model's `BertConfig`.
-      factorize: a factorize spec (as `factorize_projections` returns).
+      factorize: a factorize spec (as `budget_factorization` returns).
 
     Returns:
       ``{path: {"dense": in * out, "factorized": factor entries}}``.
+
+    Raises:
+      ValueError: naming ``factorize`` for a path that is not a projection of ``config``.
     """
-    shapes = {}
-    for i in range(config.num_hidden_layers):
-        h, m = config.hidden_size, config.intermediate_size
-        for p in LAYER_GROUPS["attention"]:
-            shapes[f"encoder/layer_{i}/{p}"] = (h, h)
-        shapes[f"encoder/layer_{i}/intermediate/dense"] = (h, m)
-        shapes[f"encoder/layer_{i}/output/dense"] = (m, h)
+    shapes = _projection_shapes(config)
     counts = {}
     for path, entry in models_lib.freeze_factorize(factorize):
+        if path not in shapes:
+            raise ValueError(f"factorize names {path!r}, which is not a projection of the model")
         n_in, n_out = shapes[path]
         layer = tensornets.FactorizedDense(n_out, **dict(entry))
         cost = tensornets.factorized_dense_cost(layer, n_in)
