@@ -1,14 +1,15 @@
 """Sparse execution of a pruned all-MiniLM-L6-v2: N:M and BSR kernels against dense, one run.
 
-    python benchmarks/pretrained_sparse.py                        # about 2-4 minutes on 2 cores
-    python benchmarks/pretrained_sparse.py --sentences=16 --rounds=2 --blocks 32x32@0.7
+    python benchmarks/pretrained_sparse.py                        # 5-10 minutes on 2 CPU cores
+    python benchmarks/pretrained_sparse.py --sentences=32 --batch-size=16 --rounds=3
     python benchmarks/pretrained_sparse.py --method=wanda --blocks 32x32@0.5 16x16@0.9
 
 Prunes every encoder projection (36 Dense kernels) of all-MiniLM-L6-v2 twice:
 
   2:4        `sparsejax.posttrain.prune_model` (``--method``: magnitude, or wanda calibrated on
-             ``--calibration`` windows of the corpus), exported with `sparsejax.export` to
-             `pallas_kernels.NM` (values and 2-bit positions along each kernel's input axis);
+             ``--calibration`` windows of the corpus, a block of projections at a time),
+             exported with `sparsejax.export` to `pallas_kernels.NM` (values and positions
+             along each kernel's input axis);
   RxC@s      whole R x C blocks dropped by block score (`experiments.compress.prune_blocks`,
              a fraction s of the blocks), exported to `pallas_kernels.BSR`;
 
@@ -21,7 +22,7 @@ exits with status 1.
 
 Timing: each variant is warmed up (compiled) once, then the variants are called in turn
 ``--rounds`` times (interleaved, so machine noise hits all alike) and each one's median is
-kept. ``speed vs dense`` is sentences per second over the dense model's (above 1 is faster).
+kept. ``vs dense`` is sentences per second over the dense model's (above 1 is faster).
 On CPU an N:M kernel is rebuilt into a dense matrix before a dense GEMM, so 2:4 is expected
 to be *slower* than dense there; block sparsity pays only at high block sparsity.
 """
@@ -96,7 +97,9 @@ def main():
     variants = {}
     if not args.no_nm:
         start = time.perf_counter()
-        result = posttrain.prune_model(model.apply, params, ids, method=args.method, n=2, m=4)
+        result = posttrain.prune_model(
+            model.apply, params, ids, method=args.method, n=2, m=4, block_depth=3
+        )
         exported = export.export(result.params, result.masks, format="nm", n=2, m=4)
         variants["2:4"] = (result.params, exported, result.masks, "nm")
         print(f"2:4 pruned and exported in {time.perf_counter() - start:.1f} s")
