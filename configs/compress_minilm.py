@@ -24,9 +24,10 @@ Keys (`experiments.compress` checks every value and names the key it refuses):
   ``prune.layers``: which projections (below).
 * ``calibration.sequences`` / ``.length`` / ``.seed``: the calibration windows;
   ``calibration.block_depth``: projections whose paths share this many leading names are
-  calibrated in one forward pass on the model with the earlier ones pruned (3: the attention
-  projections of a layer together, then its MLP in and out; 0: each projection on the outputs
-  of every pruned one before it). See `sparsejax.posttrain.prune_model`.
+  calibrated in one forward pass on the model with the earlier ones pruned (2: the six
+  projections of an encoder layer together, as the Wanda and SparseGPT reference code does;
+  3: a layer's attention projections, then its MLP in, then its MLP out; 0: each projection on
+  the outputs of every pruned one before it). See `sparsejax.posttrain.prune_model`.
 * ``factorize.format``: "none" | "low_rank" | "tucker" | "tt_matrix"; ``factorize.budget``:
   each chosen kernel's parameters as a fraction of its dense size, in (0, 1];
   ``factorize.layers``: which projections. A projection is pruned or factorized, not both.
@@ -67,7 +68,7 @@ def get_config(arg=None):
     config.calibration.seed = 0
     # Calibrate the projections sharing their first 3 path names together (encoder/layer_i/
     # attention, .../intermediate, .../output), as the posttrain_lm table; 0: layer by layer.
-    config.calibration.block_depth = 3
+    config.calibration.block_depth = 2
 
     config.factorize = ml_collections.ConfigDict()
     config.factorize.format = "none"

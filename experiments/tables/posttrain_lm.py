@@ -1,11 +1,11 @@
 """posttrain_lm: one-shot pruning of a real pretrained transformer (all-MiniLM-L6-v2).
 
-Every encoder projection of all-MiniLM-L6-v2 (36 Dense kernels: Q, K, V, attention output,
-MLP in and out of 6 layers) is pruned with magnitude, Wanda and SparseGPT (each ± DSnoT) at
-50/60/70% and 2:4, 4:8, calibrated on 128 windows of 64 tokens of the corpus's calibration
-split (`experiments.pretrained.corpus`), one transformer block at a time as the reference
-implementations do (`prune_model(block_depth=3)`), and evaluated on held-out text with no
-retraining: embedding fidelity (mean cosine to the dense model's embeddings of the
+Every encoder projection of all-MiniLM-L6-v2 (36 Dense kernels: Q, K, V, attention output, MLP
+in and out of 6 layers) is pruned with magnitude, Wanda and SparseGPT (each ± DSnoT) at
+50/60/70% and 2:4, 4:8, calibrated on 128 windows of 64 tokens of the corpus's calibration split
+(`experiments.pretrained.corpus`), one transformer block at a time as the reference
+implementations do (`prune_model(block_depth=2)`: one encoder layer), and evaluated on held-out
+text with no retraining: embedding fidelity (mean cosine to the dense model's embeddings of the
 evaluation passages; the table's values), retrieval recall@1 and MRR, the mean relative output
 error of the pruned layers and each pruner's run time. A seed is one draw of the calibration
 windows (magnitude ignores them: one run, repeated). Also measured: the input-feature outlier
@@ -202,7 +202,12 @@ def _run(quick, seeds, dataset, workdir, progress) -> base.TableRun:
         )
 
     dense = evaluate(params)
-    signature = {"quick": quick, "text_sha256": info["text_sha256"], **settings}
+    signature = {
+        "quick": quick,
+        "text_sha256": info["text_sha256"],
+        "block_depth": 2,
+        **settings,
+    }
     cells = _Cells(
         os.path.join(workdir, "posttrain_lm_cells.jsonl") if workdir else None, signature
     )
@@ -247,7 +252,7 @@ def _run(quick, seeds, dataset, workdir, progress) -> base.TableRun:
                 m=m,
                 dsnot=refined,
                 skip=skip,
-                block_depth=3,
+                block_depth=2,
             )
             seconds = time.perf_counter() - start
             scores = evaluate(out.params, reference=dense)
@@ -376,7 +381,7 @@ def _notes(quick: bool) -> str:
         "calibration topics of the CPython documentation (`pydoc_data.topics`, Python "
         f"{info['python_version']}, text sha256 {info['text_sha256'][:16]}…), drawn by the seed; "
         "one transformer block at a time, each block's layers calibrated on the outputs of the "
-        "already pruned blocks (`prune_model(block_depth=3)`). Magnitude compares |W| per "
+        "already pruned blocks (`prune_model(block_depth=2)`). Magnitude compares |W| per "
         "layer; Wanda |W|·||X|| per output; SparseGPT uses 1% dampening and blocks of 128 "
         "inputs; + DSnoT refines each layer's mask (50 cycles) keeping the dense values of the "
         f"kept weights. Evaluation on held-out text: fidelity over {passages} evaluation "

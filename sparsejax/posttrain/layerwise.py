@@ -143,8 +143,8 @@ def prune_model(
         classifier, as the papers leave the embeddings and the LM head dense.
       block_depth: None calibrates layer by layer: each layer sees the outputs of every
         pruned layer before it. An int groups consecutive layers whose paths share their
-        first ``block_depth`` names (``block_depth=3`` on a BERT:
-        ``encoder/layer_0/...``) into a block whose layers are all calibrated in one
+        first ``block_depth`` names (``block_depth=2`` on a BERT: ``encoder/layer_0``, all six
+        projections of one encoder layer) into a block whose layers are all calibrated in one
         forward pass on the model with the earlier blocks pruned and this block still
         dense: the procedure of the SparseGPT and Wanda reference implementations (one
         transformer block at a time), and one forward pass per block instead of per layer.
