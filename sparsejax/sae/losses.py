@@ -11,8 +11,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sparsejax.sae import selection
-from sparsejax.sae.model import SAE, sparse_decode
+from sparsejax.sae import model, selection
+from sparsejax.sae.model import SAE
 
 __all__ = [
     "Forward",
@@ -97,14 +97,32 @@ def multi_k_reconstructions(sae: SAE, pre: jax.Array) -> tuple[list[jax.Array], 
     if not signed:
         values = jax.nn.relu(values)
     w_dec, b_dec = sae.params["W_dec"], sae.params["b_dec"]
-    recons = [sparse_decode(values[:, :kj], indices[:, :kj], w_dec) + b_dec for kj in spec.ks]
+    recons = [model.sparse_decode(values[:, :kj], indices[:, :kj], w_dec) + b_dec for kj in spec.ks]
     return recons, sae.select(pre, training=True)
 
 
-def forward(sae: SAE, x_n: jax.Array) -> Forward:
-    """The training forward pass of ``sae`` on normalised inputs ``x_n [tokens, d_in]``."""
+def forward(sae: SAE, x_n: jax.Array, *, sparse_decode: bool = False) -> Forward:
+    """The training forward pass of ``sae`` on normalised inputs ``x_n [tokens, d_in]``.
+
+    With ``sparse_decode`` a TopK or AbsTopK SAE decodes through `sparse_decode` from its k
+    kept latents a token (same values and gradients as the dense decode, fewer FLOPs).
+    """
     pre = sae.pre_activations(x_n)
     objective = sae.spec.objective
+    if sparse_decode:
+        if sae.spec.selection not in ("topk", "abstopk") or objective != "single":
+            raise ValueError(
+                "sparse_decode applies to single-objective topk / abstopk SAEs, got "
+                f"kind={sae.spec.kind!r}"
+            )
+        signed = sae.spec.selection == "abstopk"
+        values, indices = selection.topk_indices(pre, sae.spec.k, absolute=signed)
+        if not signed:
+            values = jax.nn.relu(values)
+        x_hat = model.sparse_decode(values, indices, sae.params["W_dec"]) + sae.params["b_dec"]
+        # The dense codes serve the statistics (L0, firing counts, thresholds) only.
+        z = jax.lax.stop_gradient(sae.select(pre, training=True))
+        return Forward(pre=pre, z=z, x_hat=x_hat, recon=reconstruction_error(x_n, x_hat))
     if objective == "multi_k":
         recons, z = multi_k_reconstructions(sae, pre)
         x_hat = recons[-1]
@@ -173,7 +191,7 @@ def aux_k_loss(
     floor = jnp.finfo(pre.dtype).min
     values, indices = jax.lax.top_k(jnp.where(dead, pre, floor), k_aux)
     values = jnp.where(dead[indices], jax.nn.relu(values), 0)
-    e_hat = sparse_decode(values, indices, sae.params["W_dec"])
+    e_hat = model.sparse_decode(values, indices, sae.params["W_dec"])
     error = jnp.sum(jnp.square(residual - e_hat))
     variance = jnp.sum(jnp.square(residual - jnp.mean(residual, axis=0)))
     loss = error / jnp.maximum(variance, jnp.finfo(pre.dtype).tiny)
@@ -189,6 +207,7 @@ def sae_loss(
     dead: jax.Array | None = None,
     k_aux: int = 0,
     aux_coeff: float = 0.0,
+    sparse_decode: bool = False,
 ) -> tuple[jax.Array, tuple[dict, Forward]]:
     """The full training loss of ``sae`` with ``params`` on normalised inputs ``x_n``.
 
@@ -201,13 +220,14 @@ def sae_loss(
       dead: ``bool[n_latents]`` dead latents for AuxK (None: no AuxK).
       k_aux: AuxK's budget.
       aux_coeff: AuxK's coefficient.
+      sparse_decode: decode a TopK / AbsTopK SAE from its k rows a token (`forward`).
 
     Returns:
       ``(loss, (terms, forward))`` where ``terms`` holds ``recon``, ``sparsity`` and ``aux``
       scalars and ``forward`` is the `Forward` pass.
     """
     sae = sae.replace(params=params)
-    out = forward(sae, x_n)
+    out = forward(sae, x_n, sparse_decode=sparse_decode)
     rule = sae.spec.selection
     if rule == "relu_l1":
         sparsity = l1_penalty(out.z, params["W_dec"])

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-__all__ = ["geometric_median"]
+__all__ = ["geometric_median", "weiszfeld"]
 
 
-@functools.partial(jax.jit, static_argnames=("max_iters",))
-def _weiszfeld(points, weights, max_iters, tol, eps):
+def weiszfeld(points, weights, max_iters=200, tol=1e-6, eps=1e-8):
+    """Unchecked, unjitted core of `geometric_median` (for use inside other jitted code)."""
+
     def distances(y):
         return jnp.sqrt(jnp.sum(jnp.square(points - y), axis=-1))
 
@@ -77,3 +76,6 @@ def geometric_median(
     if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
         raise ValueError(f"max_iters must be a positive int, got {max_iters!r}")
     return _weiszfeld(points, weights, max_iters, tol, eps)
+
+
+_weiszfeld = jax.jit(weiszfeld, static_argnames=("max_iters",))

@@ -184,20 +184,30 @@ def feature_f1(true_codes: jax.Array, codes: jax.Array, latent_of_feature: np.nd
     return np.where(latent_of_feature >= 0, f1, 0.0)
 
 
+@jax.jit
+def _encode(sae, x):
+    return sae.encode(x)
+
+
+@jax.jit
+def _evaluate(sae, x):
+    z = sae.encode(x)
+    x_hat = sae.decode(z)
+    return {
+        "fvu": fvu(x, x_hat),
+        "l0": l0(z),
+        "dead_fraction": dead_fraction(z),
+        "shrinkage": shrinkage(x - sae.input_mean, x_hat - sae.input_mean),
+    }
+
+
 def evaluate(sae, x: jax.Array) -> dict[str, float]:
     """FVU, L0, dead fraction and shrinkage of ``sae`` on activations ``x [tokens, d_in]``.
 
     Everything is measured in data units with inference-time encoding (`SAE.encode`); the
-    dead fraction counts latents that never fire on these tokens.
+    dead fraction counts latents that never fire on these tokens. One compiled call.
     """
-    z = sae.encode(x)
-    x_hat = sae.decode(z)
-    return {
-        "fvu": float(fvu(x, x_hat)),
-        "l0": float(l0(z)),
-        "dead_fraction": float(dead_fraction(z)),
-        "shrinkage": float(shrinkage(x - sae.input_mean, x_hat - sae.input_mean)),
-    }
+    return {name: float(value) for name, value in _evaluate(sae, jnp.asarray(x)).items()}
 
 
 def recovery(sae, x: jax.Array, true_codes: jax.Array, true_dictionary: jax.Array):
@@ -207,7 +217,7 @@ def recovery(sae, x: jax.Array, true_codes: jax.Array, true_dictionary: jax.Arra
       ``{"mmcs", "mcc", "f1"}``: MMCS of the decoder, MCC of the codes on ``x``, and the
       mean per-feature F1 of firing after matching features to latents by decoder cosine.
     """
-    z = sae.encode(x)
+    z = _encode(sae, jnp.asarray(x))
     latent = match_features(true_dictionary, sae.decoder)
     return {
         "mmcs": mmcs(true_dictionary, sae.decoder),

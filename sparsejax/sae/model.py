@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -358,13 +359,29 @@ class SAE:
         return self.decode(self.encode(x))
 
 
-def _normalization(sample: jax.Array, *, normalize: bool, center: bool):
+@functools.partial(jax.jit, static_argnames=("normalize", "center", "b_dec_init"))
+def _data_statistics(sample: jax.Array, *, normalize: bool, center: bool, b_dec_init: str):
+    """Input mean, input scale and decoder bias from a sample, in one compiled function."""
     d = sample.shape[-1]
     mean = jnp.mean(sample, axis=0) if center else jnp.zeros(d, sample.dtype)
-    if not normalize:
-        return mean, jnp.ones((), sample.dtype)
-    mean_sq = jnp.mean(jnp.sum(jnp.square(sample - mean), axis=-1))
-    return mean, jnp.sqrt(d / jnp.maximum(mean_sq, jnp.finfo(sample.dtype).tiny))
+    scale = jnp.ones((), sample.dtype)
+    if normalize:
+        mean_sq = jnp.mean(jnp.sum(jnp.square(sample - mean), axis=-1))
+        scale = jnp.sqrt(d / jnp.maximum(mean_sq, jnp.finfo(sample.dtype).tiny))
+    normalized = (sample - mean) * scale
+    if b_dec_init == "geometric_median":
+        b_dec = median_lib.weiszfeld(normalized, jnp.ones(sample.shape[0], sample.dtype))
+    elif b_dec_init == "mean":
+        b_dec = jnp.mean(normalized, axis=0)
+    else:
+        b_dec = jnp.zeros(d, sample.dtype)
+    return mean, scale, b_dec
+
+
+@functools.partial(jax.jit, static_argnames=("n", "d", "dtype"))
+def _unit_rows(key: jax.Array, n: int, d: int, dtype: Any) -> jax.Array:
+    w = jax.random.normal(key, (n, d), dtype)
+    return w / jnp.linalg.norm(w, axis=-1, keepdims=True)
 
 
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
@@ -408,20 +425,16 @@ def init_sae(
     if b_dec_init not in B_DEC_INITS:
         raise ValueError(f"b_dec_init must be one of {list(B_DEC_INITS)}, got {b_dec_init!r}")
     d, n = spec.d_in, spec.n_latents
-    w_dec = jax.random.normal(key, (n, d), dtype)
-    w_dec = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)
+    w_dec = _unit_rows(key, n, d, jnp.dtype(dtype))
     mean, scale = jnp.zeros(d, dtype), jnp.ones((), dtype)
     b_dec = jnp.zeros(d, dtype)
     if sample is not None:
         sample = jnp.asarray(sample, dtype)
         if sample.ndim != 2 or sample.shape[1] != d or sample.shape[0] == 0:
             raise ValueError(f"sample must be [tokens, d_in={d}], got shape {sample.shape}")
-        mean, scale = _normalization(sample, normalize=normalize_input, center=center_input)
-        normalized = (sample - mean) * scale
-        if b_dec_init == "geometric_median":
-            b_dec = median_lib.geometric_median(normalized)
-        elif b_dec_init == "mean":
-            b_dec = jnp.mean(normalized, axis=0)
+        mean, scale, b_dec = _data_statistics(
+            sample, normalize=normalize_input, center=center_input, b_dec_init=b_dec_init
+        )
     params = {"W_enc": w_dec.T, "b_enc": jnp.zeros(n, dtype), "W_dec": w_dec, "b_dec": b_dec}
     if spec.selection == "jumprelu":
         if not jumprelu_init_threshold > 0:

@@ -210,19 +210,42 @@ def _generate(
     child_prob,
     noise_std,
 ):
-    k_dict, k_fire, k_mix, k_factor, k_child_on, k_child, k_mag, k_noise = jax.random.split(key, 8)
     n_parents, per_parent = hierarchy if hierarchy is not None else (0, 0)
     n_children = n_parents * per_parent
     n_roots = n_features - n_children
-    dictionary = random_dictionary(k_dict, n_features, d)
+    r = n_correlation_factors
+    # Every random number comes from one uniform draw (normals through the inverse normal
+    # CDF): one random-bits kernel to compile instead of eight.
+    sizes = {
+        "dictionary": (n_features, d),
+        "mix": (n_roots, r),
+        "factor": (n_tokens, r),
+        "fire": (n_tokens, n_roots),
+        "child_on": (n_tokens, n_parents),
+        "child": (n_tokens, n_parents),
+        "magnitude": (n_tokens, n_features),
+        "noise": (n_tokens, d),
+    }
+    total = sum(math.prod(shape) for shape in sizes.values())
+    flat = jax.random.uniform(key, (total,), minval=jnp.finfo(jnp.float32).tiny, maxval=1.0)
+    uniform, start = {}, 0
+    for name, shape in sizes.items():
+        uniform[name] = flat[start : start + math.prod(shape)].reshape(shape)
+        start += math.prod(shape)
+
+    def normal(name):
+        return jax.scipy.special.ndtri(uniform[name])
+
+    dictionary = normal("dictionary")
+    dictionary = dictionary / jnp.linalg.norm(dictionary, axis=-1, keepdims=True)
 
     root_probs = zipf_firing_probs(n_roots, mean_active, zipf_exponent)
     # Gaussian copula: u_i ~ N(0, 1) exactly (a_i unit-norm), correlated through shared s.
-    a = jax.random.normal(k_mix, (n_roots, n_correlation_factors))
+    a = normal("mix")
     a = a / jnp.linalg.norm(a, axis=-1, keepdims=True)
-    s = jax.random.normal(k_factor, (n_tokens, n_correlation_factors))
-    e = jax.random.normal(k_fire, (n_tokens, n_roots))
-    u = jnp.sqrt(1.0 - correlation) * e + jnp.sqrt(correlation) * (s @ a.T)
+    u = jnp.sqrt(1.0 - correlation) * normal("fire") + jnp.sqrt(correlation) * (
+        normal("factor") @ a.T
+    )
     roots_fire = u < jax.scipy.special.ndtri(root_probs)  # P(u < Phi^-1(p)) = p
 
     # Roots are laid out parents first: feature order is [parents, other roots, children].
@@ -231,18 +254,17 @@ def _generate(
     probs = [root_probs[:n_parents], root_probs[n_parents:]]
     parent_of = [jnp.full(n_roots, -1, jnp.int32)]
     if n_children:
-        has_child = jax.random.bernoulli(k_child_on, child_prob, (n_tokens, n_parents))
-        which = jax.random.randint(k_child, (n_tokens, n_parents), 0, per_parent)
-        chosen = jax.nn.one_hot(which, per_parent, dtype=jnp.bool_)  # [tokens, parents, per]
-        child_fire = (parents_fire & has_child)[..., None] & chosen
+        has_child = uniform["child_on"] < child_prob
+        which = jnp.minimum(jnp.floor(uniform["child"] * per_parent), per_parent - 1)
+        chosen = jax.nn.one_hot(which.astype(jnp.int32), per_parent, dtype=jnp.bool_)
+        child_fire = (parents_fire & has_child)[..., None] & chosen  # [tokens, parents, per]
         fire.append(child_fire.reshape(n_tokens, n_children))
         probs.append(jnp.repeat(root_probs[:n_parents] * child_prob / per_parent, per_parent))
         parent_of.append(jnp.repeat(jnp.arange(n_parents, dtype=jnp.int32), per_parent))
     fire = jnp.concatenate(fire, axis=1)
     lo, hi = magnitude_range
-    magnitudes = lo + (hi - lo) * jax.random.uniform(k_mag, (n_tokens, n_features))
-    codes = jnp.where(fire, magnitudes, 0.0)
-    x = codes @ dictionary + noise_std * jax.random.normal(k_noise, (n_tokens, d))
+    codes = jnp.where(fire, lo + (hi - lo) * uniform["magnitude"], 0.0)
+    x = codes @ dictionary + noise_std * normal("noise")
     return SyntheticData(
         x=x,
         codes=codes,

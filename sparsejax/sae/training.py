@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sparsejax.sae import decoder_norm, selection
+from sparsejax.sae import decoder_norm
 from sparsejax.sae import losses as losses_lib
 from sparsejax.sae import metrics as metrics_lib
 from sparsejax.sae.model import (
@@ -30,7 +30,6 @@ from sparsejax.sae.model import (
     SAESpec,
     init_sae,
     make_spec,
-    sparse_decode,
 )
 
 __all__ = [
@@ -249,17 +248,6 @@ def _smallest_kept(z: jax.Array, per_latent: bool) -> tuple[jax.Array, jax.Array
     return smallest, smallest < big
 
 
-def _sparse_forward(sae: SAE, x_n: jax.Array, k: int) -> losses_lib.Forward:
-    pre = sae.pre_activations(x_n)
-    signed = sae.spec.selection == "abstopk"
-    values, indices = selection.topk_indices(pre, k, absolute=signed)
-    if not signed:
-        values = jax.nn.relu(values)
-    x_hat = sparse_decode(values, indices, sae.params["W_dec"]) + sae.params["b_dec"]
-    z = jax.lax.stop_gradient(sae.select(pre, training=True))  # for the statistics only
-    return losses_lib.Forward(pre, z, x_hat, losses_lib.reconstruction_error(x_n, x_hat))
-
-
 def make_train_step(spec: SAESpec, options: TrainOptions, tx: optax.GradientTransformation):
     """The jitted train step ``step(state, x) -> (state, metrics)`` for batches ``x [B, d_in]``.
 
@@ -279,15 +267,6 @@ def make_train_step(spec: SAESpec, options: TrainOptions, tx: optax.GradientTran
     cap = np.iinfo(np.int32).max // 2
 
     def loss_fn(params, sae, x_n, coeff, dead):
-        if o.sparse_decode:
-            s = sae.replace(params=params)
-            out = _sparse_forward(s, x_n, spec.k)
-            aux = jnp.zeros((), out.recon.dtype)
-            loss = out.recon
-            if o.aux_coeff > 0:
-                aux = losses_lib.aux_k_loss(s, out.pre, x_n - out.x_hat, dead, o.aux_k)
-                loss = loss + o.aux_coeff * aux
-            return loss, ({"recon": out.recon, "sparsity": jnp.zeros_like(aux), "aux": aux}, out)
         return losses_lib.sae_loss(
             params,
             sae,
@@ -296,6 +275,7 @@ def make_train_step(spec: SAESpec, options: TrainOptions, tx: optax.GradientTran
             dead=dead if o.aux_coeff > 0 else None,
             k_aux=o.aux_k,
             aux_coeff=o.aux_coeff,
+            sparse_decode=o.sparse_decode,
         )
 
     def train_step(state: TrainState, x: jax.Array):

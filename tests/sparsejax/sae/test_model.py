@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from sparsejax import sae as sae_lib
+from tests.sparsejax.sae.conftest import SAMPLE, D, K, N
+from tests.sparsejax.sae.conftest import normal as _normal
 
-D, N, K = 5, 12, 3
 KIND_ARGS = {
     "relu_l1": {},
     "jumprelu": {},
@@ -25,15 +26,10 @@ KIND_ARGS = {
 }
 
 
-def _normal(seed, shape, scale=1.0, shift=0.0):
-    rng = np.random.default_rng(seed)
-    return jnp.asarray(scale * rng.standard_normal(shape) + shift, jnp.float32)
-
-
 @functools.cache
 def _sae(kind):
     spec = sae_lib.make_spec(kind, d_in=D, n_latents=N, **KIND_ARGS[kind])
-    sae = sae_lib.init_sae(jax.random.key(0), spec, _normal(1, (50, D), 3.0, 1.0))
+    sae = sae_lib.init_sae(jax.random.key(0), spec, _normal(1, (SAMPLE, D), 3.0, 1.0))
     # Thresholds as training would leave them, so inference selects something nontrivial.
     return sae.replace(threshold=jnp.linspace(0.0, 0.5, N))
 
@@ -84,7 +80,7 @@ def test_initialisation_follows_the_references():
     sae = _sae("topk")
     np.testing.assert_array_equal(sae.params["W_enc"], sae.params["W_dec"].T)
     np.testing.assert_array_equal(sae.params["b_enc"], 0.0)
-    sample = _normal(1, (50, D), 3.0, 1.0)
+    sample = _normal(1, (SAMPLE, D), 3.0, 1.0)
     normalized = sae.normalize(sample)
     np.testing.assert_allclose(jnp.mean(jnp.sum(normalized**2, -1)), D, rtol=1e-5)
     np.testing.assert_allclose(
@@ -124,7 +120,7 @@ def test_kind_spellings():
 @pytest.mark.parametrize(
     "kwargs, pattern",
     [
-        ({"kind": "topk", "k": 13}, r"^k must be at most n_latents=12, got k=13"),
+        ({"kind": "topk", "k": N + 1}, rf"^k must be at most n_latents={N}, got k={N + 1}"),
         ({"kind": "topk"}, r"^k is required"),
         ({"kind": "topk", "k": 0}, r"^k must be a positive int"),
         ({"kind": "gated", "k": 2}, r"^kind must be one of \['abstopk', 'batchtopk', .*'topk'\]"),
@@ -147,9 +143,9 @@ def test_spec_errors_name_the_argument(kwargs, pattern):
 
 def test_wrong_shapes_name_the_argument():
     sae = _sae("topk")
-    with pytest.raises(ValueError, match=r"^x must be \[\.\.\., d_in=5\]"):
+    with pytest.raises(ValueError, match=rf"^x must be \[\.\.\., d_in={D}\]"):
         sae.encode(jnp.ones((3, D + 1)))
-    with pytest.raises(ValueError, match=r"^z must be \[\.\.\., n_latents=12\]"):
+    with pytest.raises(ValueError, match=rf"^z must be \[\.\.\., n_latents={N}\]"):
         sae.decode(jnp.ones((3, D)))
     with pytest.raises(ValueError, match="^sample must"):
         sae_lib.init_sae(jax.random.key(0), sae.spec, jnp.ones((4, D + 1)))

@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 
 from sparsejax.sae import selection
 
-# A few shapes and budgets, so the jitted rules compile a bounded number of times.
-SHAPES = [(1, 1), (1, 9), (4, 7), (6, 16), (9, 24)]
+# A few (tokens, n_latents, budget) cases, so the jitted rules compile a bounded number of
+# times: a single token, budgets of 1, of all latents and in between, a budget above the
+# number of tokens.
+CASES = [(1, 9, 3), (4, 7, 1), (4, 7, 7), (9, 24, 8)]
 
 
 @functools.cache
@@ -32,8 +34,7 @@ def run(rule, pre, budget):
 @st.composite
 def batches(draw):
     """Random pre-activations ``[tokens, n]`` (positive or mixed sign) and a budget k <= n."""
-    tokens, n = draw(st.sampled_from(SHAPES))
-    k = draw(st.sampled_from(sorted({1, max(1, n // 3), n})))
+    tokens, n, k = draw(st.sampled_from(CASES))
     seed = draw(st.integers(0, 2**16))
     positive = draw(st.booleans())
     pre = np.random.default_rng(seed).standard_normal((tokens, n)).astype(np.float32)
@@ -46,7 +47,7 @@ def _nonzero(z):
     return np.asarray(z) != 0
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(batches())
 def test_topk_keeps_exactly_the_k_largest_per_token(case):
     pre, k, positive = case
@@ -63,7 +64,7 @@ def test_topk_keeps_exactly_the_k_largest_per_token(case):
     assert not dropped_positive.any()
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(batches())
 def test_abs_topk_keeps_k_largest_magnitudes_with_their_sign(case):
     pre, k, _ = case
@@ -84,7 +85,7 @@ def test_abs_topk_keeps_negative_codes():
     assert float(jnp.min(selection.topk(pre, 2))) >= 0  # TopK's ReLU drops them instead
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(batches())
 def test_batch_topk_and_mutual_choice_keep_exactly_k_times_tokens(case):
     pre, k, positive = case
@@ -101,7 +102,7 @@ def test_batch_topk_and_mutual_choice_keep_exactly_k_times_tokens(case):
             assert p[nz].min() >= p[~nz].max()
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(batches())
 def test_feature_choice_gives_each_latent_at_most_m_tokens(case):
     pre, k, positive = case
@@ -182,12 +183,12 @@ def test_bad_budgets_name_the_argument(call, name):
 
 
 def _jumprelu_case(seed, tokens=64, n=6, bandwidth=0.2):
-    kz, kt, kc = jax.random.split(jax.random.key(seed), 3)
-    threshold = jax.random.uniform(kt, (n,), jnp.float64, 0.3, 0.7)
+    rng = np.random.default_rng(seed)
+    threshold = rng.uniform(0.3, 0.7, n)
     # Many pre-activations fall inside the kernel window around each threshold.
-    pre = threshold + jax.random.uniform(kz, (tokens, n), jnp.float64, -0.3, 0.3)
-    c = jax.random.normal(kc, (tokens, n), jnp.float64)
-    return pre, threshold, c, bandwidth
+    pre = threshold + rng.uniform(-0.3, 0.3, (tokens, n))
+    c = rng.standard_normal((tokens, n))
+    return tuple(jnp.asarray(a, jnp.float64) for a in (pre, threshold, c)) + (bandwidth,)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -226,9 +227,10 @@ def test_jumprelu_threshold_gradient_matches_finite_differences_of_smoothed_obje
 
 
 def test_jumprelu_input_gradient_is_the_gate_and_step_passes_none():
-    pre = jax.random.normal(jax.random.key(3), (8, 5))
+    rng = np.random.default_rng(3)
+    pre = jnp.asarray(rng.standard_normal((8, 5)), jnp.float32)
     threshold = jnp.full(5, 0.2)
-    c = jax.random.normal(jax.random.key(4), (8, 5))
+    c = jnp.asarray(rng.standard_normal((8, 5)), jnp.float32)
     g = jax.grad(lambda p: jnp.sum(c * selection.jumprelu(p, threshold, 0.01)))(pre)
     np.testing.assert_allclose(g, jnp.where(pre > threshold, c, 0))
     g0 = jax.grad(lambda p: jnp.sum(selection.step(p, threshold, 0.01)))(pre)

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sparsejax.sae import synthetic
+from tests.sparsejax.sae.conftest import SYNTHETIC
 
-TOKENS, D, F = 20_000, 12, 30
-
-
-@functools.cache
-def _data(**kwargs):
-    return synthetic.generate(jax.random.key(0), n_tokens=TOKENS, d=D, n_features=F, **kwargs)
+TOKENS, F = SYNTHETIC["n_tokens"], SYNTHETIC["n_features"]
 
 
 def _rate_tolerance(p, tokens=TOKENS):
@@ -25,8 +19,8 @@ def _rate_tolerance(p, tokens=TOKENS):
 
 
 @pytest.mark.parametrize("correlation", [0.0, 0.6])
-def test_firing_rates_match_the_requested_zipf_probabilities(correlation):
-    data = _data(mean_active=4.0, zipf_exponent=1.2, correlation=correlation)
+def test_firing_rates_match_the_requested_zipf_probabilities(synthetic_draw, correlation):
+    data = synthetic_draw(mean_active=4.0, zipf_exponent=1.2, correlation=correlation)
     p = np.asarray(data.firing_probs)
     np.testing.assert_allclose(p, synthetic.zipf_firing_probs(F, 4.0, 1.2), rtol=1e-6)
     assert np.all(np.diff(p) <= 0) and abs(p.sum() - 4.0) < 1e-4 and p[0] == 1.0
@@ -35,21 +29,25 @@ def test_firing_rates_match_the_requested_zipf_probabilities(correlation):
     assert abs(float(jnp.mean(jnp.sum(data.codes != 0, axis=1))) - 4.0) < 0.05
 
 
-def test_correlation_couples_firing_and_zero_leaves_it_independent():
+def test_correlation_couples_firing_and_zero_leaves_it_independent(synthetic_draw):
     def mean_abs_offdiag(codes):
         # Feature 0 fires always at these rates (p saturates at 1): leave it out.
         c = np.corrcoef(np.asarray(codes != 0, np.float64)[:, 1:11].T)
         return np.abs(c[~np.eye(10, dtype=bool)]).mean()
 
-    independent = mean_abs_offdiag(_data(mean_active=4.0, zipf_exponent=1.2).codes)
-    coupled = mean_abs_offdiag(_data(mean_active=4.0, zipf_exponent=1.2, correlation=0.6).codes)
+    independent = mean_abs_offdiag(
+        synthetic_draw(mean_active=4.0, zipf_exponent=1.2, correlation=0.0).codes
+    )
+    coupled = mean_abs_offdiag(
+        synthetic_draw(mean_active=4.0, zipf_exponent=1.2, correlation=0.6).codes
+    )
     assert independent < 0.02, independent
     assert coupled > 0.05 and coupled > 3 * independent, (coupled, independent)
 
 
-def test_hierarchy_children_are_exclusive_and_fire_only_with_their_parent():
+def test_hierarchy_children_are_exclusive_and_fire_only_with_their_parent(synthetic_draw):
     n_parents, per_parent = 3, 4
-    data = _data(mean_active=3.0, hierarchy=(n_parents, per_parent), child_prob=0.8)
+    data = synthetic_draw(mean_active=3.0, hierarchy=(n_parents, per_parent), child_prob=0.8)
     fire = np.asarray(data.codes != 0)
     parents = np.asarray(data.parents)
     n_children = n_parents * per_parent
@@ -74,13 +72,13 @@ def test_hierarchy_children_are_exclusive_and_fire_only_with_their_parent():
     )
 
 
-def test_activations_are_the_codes_through_the_unit_dictionary_plus_noise():
-    clean = _data(mean_active=4.0, magnitude_range=(0.5, 2.0))
+def test_activations_are_the_codes_through_the_unit_dictionary_plus_noise(synthetic_draw):
+    clean = synthetic_draw(mean_active=4.0, magnitude_range=(0.5, 2.0))
     np.testing.assert_allclose(jnp.linalg.norm(clean.dictionary, axis=-1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(clean.x, clean.codes @ clean.dictionary, rtol=1e-5, atol=1e-5)
     active = np.asarray(clean.codes)[np.asarray(clean.codes) != 0]
     assert active.min() >= 0.5 and active.max() <= 2.0
-    noisy = _data(mean_active=4.0, magnitude_range=(0.5, 2.0), noise_std=0.1)
+    noisy = synthetic_draw(mean_active=4.0, magnitude_range=(0.5, 2.0), noise_std=0.1)
     residual = np.asarray(noisy.x - noisy.codes @ noisy.dictionary)
     assert abs(residual.std() - 0.1) < 0.005
 
