@@ -213,6 +213,46 @@ def _increasing(name: str, values: Any, last: int, last_name: str) -> tuple[int,
     return values
 
 
+def _gather_sum(values: jax.Array, indices: jax.Array, decoder: jax.Array) -> jax.Array:
+    """``[T, k] x [T, k] -> [T, d]``: one gathered row per rank at a time, summed in a loop."""
+    dtype = jnp.result_type(values, decoder)
+
+    def add_rank(r, out):
+        return out + values[:, r, None] * jnp.take(decoder, indices[:, r], axis=0)
+
+    out = jnp.zeros((values.shape[0], decoder.shape[1]), dtype)
+    return jax.lax.fori_loop(0, indices.shape[1], add_rank, out)
+
+
+@jax.custom_vjp
+def _sparse_decode(values, indices, decoder):
+    return _gather_sum(values, indices, decoder)
+
+
+def _sparse_decode_fwd(values, indices, decoder):
+    return _gather_sum(values, indices, decoder), (values, indices, decoder)
+
+
+def _sparse_decode_bwd(residuals, g):
+    values, indices, decoder = residuals
+
+    def rank(r, carry):
+        d_values, d_decoder = carry
+        rows = jnp.take(decoder, indices[:, r], axis=0)
+        d_values = d_values.at[:, r].set(jnp.sum(rows * g, axis=-1).astype(values.dtype))
+        # Duplicate latents across tokens accumulate: a scatter-add of k rows a token.
+        update = (values[:, r, None] * g).astype(decoder.dtype)
+        d_decoder = d_decoder.at[indices[:, r]].add(update)
+        return d_values, d_decoder
+
+    zeros = (jnp.zeros_like(values), jnp.zeros_like(decoder))
+    d_values, d_decoder = jax.lax.fori_loop(0, indices.shape[1], rank, zeros)
+    return d_values, None, d_decoder
+
+
+_sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
+
+
 def sparse_decode(values: jax.Array, indices: jax.Array, decoder: jax.Array) -> jax.Array:
     """``sum_r values[..., r] * decoder[indices[..., r]]``: decoding from k rows per token.
 
@@ -223,12 +263,23 @@ def sparse_decode(values: jax.Array, indices: jax.Array, decoder: jax.Array) -> 
 
     Returns:
       ``float[..., d_in]``, equal to `sparse_decode_reference` (the dense matmul of the
-      scattered codes) without touching the ``n_latents - k`` rows a token does not use. The
-      backward pass is a gather for the codes' gradient and a scatter-add of k rows per token
-      for the decoder's.
+      scattered codes) in 2 k d FLOPs a token instead of 2 n_latents d, never touching the
+      rows a token does not use. The loop over the k ranks gathers one ``[tokens, d_in]``
+      slab at a time (no ``[tokens, k, d_in]`` intermediate); the custom backward pass does
+      the same for the codes' gradient (a gather-dot) and the decoder's (a scatter-add of k
+      rows a token).
     """
-    rows = jnp.take(decoder, indices, axis=0)  # [..., k, d_in]
-    return jnp.einsum("...k,...kd->...d", values, rows)
+    values, indices = jnp.asarray(values), jnp.asarray(indices)
+    if values.shape != indices.shape or values.ndim < 1:
+        raise ValueError(
+            f"values and indices must have the same shape [..., k], got {values.shape} and "
+            f"{indices.shape}"
+        )
+    if decoder.ndim != 2:
+        raise ValueError(f"decoder must be [n_latents, d_in], got shape {decoder.shape}")
+    lead, k = values.shape[:-1], values.shape[-1]
+    out = _sparse_decode(values.reshape(-1, k), indices.reshape(-1, k), decoder)
+    return out.reshape(*lead, decoder.shape[1])
 
 
 def sparse_decode_reference(values: jax.Array, indices: jax.Array, decoder: jax.Array) -> jax.Array:
