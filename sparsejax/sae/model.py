@@ -25,9 +25,14 @@ from sparsejax.sae import median as median_lib
 from sparsejax.sae import selection
 
 __all__ = [
+    "B_DEC_INITS",
     "KINDS",
+    "NEEDS_K",
+    "PER_TOKEN_K",
     "SAE",
     "SAESpec",
+    "SELECTIONS",
+    "THRESHOLDED",
     "init_sae",
     "make_spec",
     "sparse_decode",

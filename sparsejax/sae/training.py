@@ -61,8 +61,8 @@ class TrainOptions:
       lr_decay_steps: linear decay to 0 over the last steps (Anthropic's April 2024 update
         decays over the last 20%; default 0).
       sparsity_coeff: lambda of the L1 (ReLU-L1, default 5.0 as in Anthropic's April 2024
-        update at E||x||^2 = d_in) or L0 penalty (JumpReLU, default 1.0 in the same units);
-        ignored by the budgeted rules.
+        update at E||x||^2 = d_in) or L0 penalty (JumpReLU, default 1.0, our choice for
+        these units); ignored by the budgeted rules.
       sparsity_warmup_steps: linear warm-up of lambda from 0 (default 5% of the steps, as in
         Anthropic's update; Rajamanoharan et al. warm up too).
       aux_k: AuxK's budget (default d_in // 2, Gao et al.).
@@ -75,6 +75,10 @@ class TrainOptions:
         average of the smallest kept activation; the first steps average faster, as
         ``min(decay, (1 + t) / (10 + t))``).
       b_dec_init, normalize_input, center_input, jumprelu_init_threshold: see `init_sae`.
+        JumpReLU's thresholds are trained in log space, so from the paper's 0.001 they grow
+        by about the learning rate's factor a step: the reference runs take billions of
+        tokens. On small data start them near the codes' scale (e.g. 0.3 with
+        ``bandwidth=0.05`` for unit-scale features).
       init_tokens: tokens of the data sample used for normalisation and ``b_dec``.
       sparse_decode: train TopK / AbsTopK SAEs through `sparse_decode` (k rows per token).
     """
@@ -153,9 +157,11 @@ def resolve_options(options: TrainOptions, spec: SAESpec, steps: int) -> TrainOp
     if warm is None:
         warm = 0 if budgeted else int(0.05 * steps)
     _nonneg_int("sparsity_warmup_steps", warm)
-    aux_k = spec.d_in // 2 if o.aux_k is None else o.aux_k
+    aux_k = max(1, spec.d_in // 2) if o.aux_k is None else o.aux_k
     _nonneg_int("aux_k", aux_k)
-    aux_k = max(1, min(aux_k, spec.n_latents))
+    if aux_k == 0:
+        raise ValueError("aux_k must be positive, got 0")
+    aux_k = min(aux_k, spec.n_latents)
     aux_coeff = o.aux_coeff
     if aux_coeff is None:
         aux_coeff = 1 / 32 if budgeted else 0.0

@@ -187,6 +187,7 @@ def test_fit_takes_an_iterator_of_batches_and_warns_when_it_ends():
         ({"lr": 0.1}, r"^unknown option\(s\) \['lr'\]; known options: \['adam_b1'"),
         ({"learning_rate": -1.0}, r"^learning_rate must be positive"),
         ({"batch_size": 0}, r"^batch_size must be positive"),
+        ({"aux_k": 0}, r"^aux_k must be positive"),
         ({"b_dec_init": "median"}, r"^b_dec_init must be one of"),
         ({"kind": "batchtopk", "sparse_decode": True}, r"^sparse_decode applies"),
         ({"lr_warmup_steps": 8}, r"^lr_warmup_steps \+ lr_decay_steps must be at most steps=5"),
