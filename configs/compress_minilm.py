@@ -66,8 +66,8 @@ def get_config(arg=None):
     config.calibration.sequences = 128
     config.calibration.length = 64
     config.calibration.seed = 0
-    # Calibrate the projections sharing their first 3 path names together (encoder/layer_i/
-    # attention, .../intermediate, .../output), as the posttrain_lm table; 0: layer by layer.
+    # Calibrate the six projections of an encoder layer (encoder/layer_i) together, as the Wanda
+    # and SparseGPT reference code and the posttrain_lm table do; 0: layer by layer.
     config.calibration.block_depth = 2
 
     config.factorize = ml_collections.ConfigDict()
