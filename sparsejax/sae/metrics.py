@@ -14,7 +14,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.optimize
 
 __all__ = [
     "dead_fraction",
@@ -69,6 +68,15 @@ def shrinkage(x: jax.Array, x_hat: jax.Array) -> jax.Array:
     return jnp.sum(ratio) / jnp.maximum(jnp.sum(keep), 1)
 
 
+def _assignment(score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of the one-to-one matching maximising the summed score (Hungarian)."""
+    # Imported here: scipy.optimize takes a third of a second to import, and only the
+    # recovery metrics need it.
+    import scipy.optimize
+
+    return scipy.optimize.linear_sum_assignment(score, maximize=True)
+
+
 def _unit(a: np.ndarray) -> np.ndarray:
     return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
 
@@ -112,7 +120,7 @@ def match_features(true_dictionary: jax.Array, decoder: jax.Array) -> np.ndarray
       latents than features and a feature stays unmatched).
     """
     cos = _cosines(true_dictionary, decoder)
-    rows, cols = scipy.optimize.linear_sum_assignment(cos, maximize=True)
+    rows, cols = _assignment(cos)
     latent = np.full(cos.shape[0], -1, np.int64)
     latent[rows] = cols
     return latent
@@ -151,7 +159,7 @@ def mcc(true_codes: jax.Array, codes: jax.Array) -> float:
             f"shapes {a.shape} and {b.shape}"
         )
     corr = np.abs(_correlations(a, b))
-    rows, cols = scipy.optimize.linear_sum_assignment(corr, maximize=True)
+    rows, cols = _assignment(corr)
     return float(np.sum(corr[rows, cols]) / a.shape[1])
 
 
