@@ -267,7 +267,8 @@ def make_train_step(spec: SAESpec, options: TrainOptions, tx: optax.GradientTran
       reconstruction error, normalised units), ``fvu`` (of the main reconstruction on the
       batch), ``l0``, ``sparsity``, ``sparsity_coeff``, ``aux``, ``dead_fraction`` (latents
       unfired for ``dead_after_tokens``) and ``threshold`` (mean inference threshold).
-      It traces once per batch shape.
+      It traces once per batch shape and donates its ``state`` argument (the new state
+      reuses its buffers), so read what you need from a state before stepping it.
     """
     o = options
     cap = np.iinfo(np.int32).max // 2
@@ -335,7 +336,7 @@ def _check_key(key: Any) -> jax.Array:
     raise ValueError(f"key must be a jax.random.key, got {getattr(key, 'dtype', type(key))!r}")
 
 
-def _check_batch(name: str, x: Any, d_in: int | None) -> jax.Array:
+def _check_batch(name: str, x: Any, d_in: int | None, check_finite: bool = True) -> jax.Array:
     shape = getattr(x, "shape", None)
     if shape is None or len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
         raise ValueError(f"{name} must be a non-empty [tokens, d_in] array, got shape {shape}")
@@ -343,7 +344,10 @@ def _check_batch(name: str, x: Any, d_in: int | None) -> jax.Array:
         raise ValueError(f"{name} must have d_in={d_in} columns like the first batch, got {shape}")
     if not np.issubdtype(np.dtype(x.dtype), np.number) or np.dtype(x.dtype) == np.bool_:
         raise ValueError(f"{name} must hold numbers, got dtype {x.dtype}")
-    return jnp.asarray(x, jnp.float32)
+    x = jnp.asarray(x, jnp.float32)
+    if check_finite and not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError(f"{name} must be finite, got NaN or infinite entries")
+    return x
 
 
 def _array_batches(key: jax.Array, tokens: int, batch_size: int) -> Iterator[np.ndarray]:
@@ -405,8 +409,9 @@ def fit(
     Raises:
       ValueError: naming the argument, for a bad key, an ``x`` that is not ``[tokens,
         d_in]`` (or batches of different widths), an unknown kind (listing the known ones),
-        ``k > n_latents``, nonpositive sizes or steps, or an unknown option (listing the
-        known ones).
+        ``k > n_latents``, nonpositive sizes or steps, an unknown option (listing the
+        known ones), or an ``x`` (its first batch) holding NaN or infinite values.
+      FloatingPointError: if the trained params are not finite (training diverged).
 
     Example::
 
@@ -457,7 +462,8 @@ def fit(
         def chain_first():
             yield first
             for i, batch in enumerate(batches):
-                yield _check_batch(f"x's batch {i + 1}", batch, d_in)
+                # Later batches are not scanned for NaN: that would sync every step.
+                yield _check_batch(f"x's batch {i + 1}", batch, d_in, check_finite=False)
 
         stream = chain_first()
 
@@ -473,4 +479,9 @@ def fit(
             warnings.warn(f"x ran out of batches after {step} of steps={steps} steps", stacklevel=2)
             break
         state, _ = train_step(state, batch)
+    if not all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(state.sae.params)):
+        raise FloatingPointError(
+            f"training diverged: the SAE's params hold NaN or infinite values after {steps} "
+            "steps; lower learning_rate or check x"
+        )
     return state.sae

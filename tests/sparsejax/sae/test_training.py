@@ -171,6 +171,13 @@ def test_fit_takes_an_iterator_of_batches_and_warns_when_it_ends():
         sae_lib.fit(jax.random.key(0), batches + [_x(3)], kind="topk", n_latents=N, k=K, steps=4)
 
 
+def test_fit_refuses_to_return_a_diverged_sae():
+    with pytest.raises(FloatingPointError, match="training diverged"):
+        sae_lib.fit(
+            jax.random.key(0), _x(0), kind="topk", n_latents=N, k=K, steps=4, learning_rate=1e38
+        )
+
+
 @pytest.mark.parametrize(
     "kwargs, pattern",
     [
@@ -181,6 +188,7 @@ def test_fit_takes_an_iterator_of_batches_and_warns_when_it_ends():
         # Batches and steps as in the iterator test above: its compiled step is reused.
         ({"x": [_x(0), jnp.ones((B, D + 1))], "steps": 4}, r"^x's batch 1 must"),
         ({"x": 3.0}, r"^x must be a \[tokens, d_in\] array or an iterable"),
+        ({"x": _x(0).at[3, 2].set(jnp.nan)}, r"^x must be finite"),
         ({"steps": 0}, r"^steps must be a positive int"),
         ({"n_latents": 0}, r"^n_latents must be a positive int"),
         ({"key": 0}, r"^key must be a jax.random.key"),
