@@ -2,10 +2,11 @@
 
 Two steps, as in Lebedev, Ganin, Rakhuba, Oseledets & Lempitsky, "Speeding-up Convolutional
 Neural Networks Using Fine-tuned CP-Decomposition" (ICLR 2015): *decompose* each chosen dense
-kernel of the trained model into the factors of a tensor-network layer (`factorize_projections`:
-`tensornets.factorize_params`, i.e. truncated SVD for a low-rank matrix, HOOI for Tucker, TT-SVD
-for a TT-matrix), then *fine-tune* the factorized model briefly to recover what the truncation
-lost (`distill`).
+kernel of the trained model into the factors of a tensor-network layer at a fraction of its
+parameters (`budget_factorization` picks the ranks, `factorize_projections` fits them with
+`tensornets.factorize_params`: truncated SVD for a low-rank matrix, HOOI for Tucker, TT-SVD for
+a TT-matrix), then *fine-tune* the factorized model briefly to recover what the truncation lost
+(`distill`).
 
 The fine-tuning has no labels: the dense model is the teacher and the factorized one the
 student (knowledge distillation, Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural
@@ -56,22 +57,21 @@ __all__ = [
     "projection_names",
 ]
 
-# The formats `factorize_projections` sizes to a budget: the matrix baseline and the two
-# tensor networks of a dense kernel that tensornets fits by truncated SVDs (CP and tubal are
-# left out: ALS on a 590k-entry kernel and the block-circulant projection cost minutes or
-# lose most of a dense kernel's energy, see tensornets.layers).
+# The formats sized to a budget: the matrix baseline and the two tensor networks of a dense
+# kernel that tensornets fits by truncated SVDs. Left out: CP of the tensorized kernel (a CP of
+# the matrix itself is "low_rank"), whose ALS took about 4.5 minutes per MiniLM MLP kernel on
+# this project's 2 cores, and "tubal", which holds only the block-circulant part of a kernel
+# (about 1/n3 of an unstructured kernel's energy, see experiments/tables/tensor.py).
 DISTILL_FORMATS = ("low_rank", "tucker", "tt_matrix")
+_ATTENTION = (
+    "attention/self/query",
+    "attention/self/key",
+    "attention/self/value",
+    "attention/output/dense",
+)
+_MLP = ("intermediate/dense", "output/dense")
 # Projection groups of one encoder layer, relative to ``encoder/layer_{i}/``.
-LAYER_GROUPS = {
-    "mlp": ("intermediate/dense", "output/dense"),
-    "attention": (
-        "attention/self/query",
-        "attention/self/key",
-        "attention/self/value",
-        "attention/output/dense",
-    ),
-}
-LAYER_GROUPS["all"] = LAYER_GROUPS["attention"] + LAYER_GROUPS["mlp"]
+LAYER_GROUPS = {"mlp": _MLP, "attention": _ATTENTION, "all": _ATTENTION + _MLP}
 
 
 def projection_names(
@@ -129,7 +129,7 @@ def _projection_shapes(config: BertConfig) -> dict[str, tuple[int, int]]:
     h, m = config.hidden_size, config.intermediate_size
     shapes = {}
     for i in range(config.num_hidden_layers):
-        for p in LAYER_GROUPS["attention"]:
+        for p in _ATTENTION:
             shapes[f"encoder/layer_{i}/{p}"] = (h, h)
         shapes[f"encoder/layer_{i}/intermediate/dense"] = (h, m)
         shapes[f"encoder/layer_{i}/output/dense"] = (m, h)
@@ -436,8 +436,9 @@ class _Hyper(NamedTuple):
     weight_decay: float
 
 
-# One compiled step per (student, hyperparameters): seeds of one table cell reuse it. The
-# counter in the list records traces (the body runs only when jax traces it).
+# One compiled step per (student, hyperparameters), kept for the process's life: the seeds of
+# one table cell reuse it. The counter in the list records traces (the body runs only when jax
+# traces it).
 @functools.cache
 def _compiled_step(student_model: BertModel, hyper: _Hyper):
     optimizer = _optimizer(hyper.learning_rate, hyper.steps, hyper.warmup_steps, hyper.weight_decay)
@@ -462,7 +463,12 @@ def _trainable_paths(student_model: BertModel, trainable: Any) -> tuple[str, ...
         return paths
     if trainable == "all":
         return ("",)  # the prefix of every path
-    if isinstance(trainable, str) or not isinstance(trainable, Sequence) or not trainable:
+    if (
+        isinstance(trainable, str)
+        or not isinstance(trainable, Sequence)
+        or not trainable
+        or not all(isinstance(p, str) and p for p in trainable)
+    ):
         raise ValueError(
             f"trainable must be 'factorized', 'all' or a non-empty sequence of module paths, "
             f"got {trainable!r}"
@@ -509,15 +515,17 @@ def distill(
     et al. 2015's decompose-then-fine-tune.
 
     Only the ``trainable`` modules' params change. Freezing is done by differentiating only
-    those leaves (the rest enter the jitted step as constants of the loss), rather than by
-    masking updates (``optax.multi_transform`` with ``set_to_zero``): the frozen weights'
-    gradients are never computed, which saves about a third of the backward pass, the optimizer
-    state holds only the trainable leaves, and the frozen leaves come back as the very arrays
-    passed in (bitwise unchanged).
+    those leaves (the others are arguments of the jitted step that `jax.value_and_grad` does
+    not differentiate), rather than by masking updates (``optax.multi_transform`` with
+    ``set_to_zero``): the frozen weights' gradients are never computed (nor the backward pass
+    below the lowest trainable layer), the optimizer state holds only the trainable leaves, and
+    the frozen leaves come back as the very arrays passed in (bitwise unchanged).
 
-    Cost on CPU: a step is one student forward and backward on ``batch_size * length`` tokens
-    (about 1 s per 1k tokens for MiniLM on 2 cores); the defaults (300 steps of 16 x 64) take
-    about 4-5 minutes there.
+    Cost on CPU: a step is one student forward and backward on ``batch_size * length`` tokens.
+    Measured for MiniLM with its 12 MLP kernels factorized at 25%, on 2 cores shared with other
+    jobs: 0.4 s a step of 8 x 64 tokens for a low-rank or Tucker-2 student and 0.85 s for a
+    TT-matrix one; 0.55-0.7 s a step of 16 x 64 for low-rank. The defaults (300 steps of
+    16 x 64) take 3-7 minutes there.
 
     Args:
       key: a `jax.random.key`; ``fold_in(key, step)`` draws each step's batch from the pool.
@@ -527,7 +535,7 @@ def distill(
       tokenizer: the tokenizer (for the calibration windows).
       steps: optimizer steps.
       batch_size: windows per step (at most the pool size).
-      length: tokens per window.
+      length: tokens per window of the pool built when ``data`` is None.
       learning_rate: peak learning rate.
       warmup_steps: linear warmup length; default ``steps // 10``.
       weight_decay: AdamW's decoupled weight decay; 0 by default, since the decomposed
@@ -544,6 +552,8 @@ def distill(
       A `DistillResult` (healed params, per-step losses, seconds, traces).
 
     Raises:
+      FloatingPointError: when the loss becomes NaN or inf (naming the first such step; a
+        lower ``learning_rate`` is the usual cure).
       ValueError: naming the argument: a non-positive ``steps`` / ``batch_size`` /
         ``length``, a ``batch_size`` above the pool, a ``learning_rate`` that is not a
         positive finite number, a negative ``weight_decay``, or a ``trainable`` selection
@@ -594,5 +604,11 @@ def distill(
         losses.append(loss)
     losses = np.asarray(jax.device_get(losses), np.float32)
     seconds = time.perf_counter() - start
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+        raise FloatingPointError(
+            f"the distillation loss is {losses[bad[0]]} at step {bad[0]} of {steps} "
+            f"(learning_rate={learning_rate}); try a lower learning_rate"
+        )
     params = flax.traverse_util.unflatten_dict({**frozen, **current}, sep="/")
     return DistillResult(params, losses, seconds, traces[0] - traces_before)

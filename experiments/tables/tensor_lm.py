@@ -22,11 +22,15 @@ attention output) as well (or instead), since `experiments.reproduce` has no per
 
     TENSOR_LM_LAYERS=all python -m experiments.reproduce --table=tensor_lm --workdir=runs/tables
 
-Cost of the full run on 2 cores (measured with other jobs sharing them, so an upper bound):
-6 factorized models, each decomposed once (~5-10 s) and evaluated before healing, then per
-seed 200 distillation steps of 8 windows x 64 tokens (~50 s) and one evaluation on 100
-passages and 46 retrieval topics (~20 s): about 35 minutes for 5 seeds. Per-seed results are
-kept in ``WORKDIR/tensor_lm_cells.jsonl``, so an interrupted run resumes where it stopped.
+Cost of the full run with 5 seeds: 6 factorized models, each decomposed once and evaluated
+before healing, then per seed 200 distillation steps of 8 windows x 64 tokens and one
+evaluation on 100 passages and 46 retrieval topics. Measured on this project's 2 cores while
+other jobs shared them (load average 6): decomposing the 12 kernels 25-65 s, an evaluation
+11-38 s (the first of each model compiles), a healing run 80 s for low-rank and Tucker-2 and
+170 s for TT-matrix; about 70 minutes in all, and an estimated 30-40 minutes on idle cores.
+Per-seed results are kept in ``WORKDIR/tensor_lm_cells.jsonl``, so an interrupted run resumes
+where it stopped. ``--quick`` (the last layer's MLP, 6 healing steps, 16 passages and 8 topics
+cut to 32 tokens) takes under a minute.
 """
 
 from __future__ import annotations
