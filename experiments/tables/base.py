@@ -10,6 +10,8 @@ them, so a table module depends only on this one (and on the library), never on 
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import pkgutil
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -22,6 +24,7 @@ from experiments import stats, sweep
 __all__ = [
     "TABLES",
     "Cell",
+    "CellCache",
     "Table",
     "TableRun",
     "compare",
@@ -89,6 +92,57 @@ class TableRun(NamedTuple):
     cols: list[float]
     results: dict
     extra_rows: dict
+
+
+class CellCache:
+    """Per-(row, col, seed) results of a long table in a JSONL file, so a stopped run resumes.
+
+    A line is used only when its ``signature`` (the run's settings, e.g. sizes and the data's
+    hash) equals this run's; a line cut by a crash is skipped and that cell runs again. With
+    ``path=None`` results are kept in memory only.
+
+    Example::
+
+        cache = CellCache(os.path.join(workdir, "NAME_cells.jsonl"), {"quick": quick})
+        result = cache.get(row, col, seed)
+        if result is None:
+            result = {"fidelity": ...}
+            cache.put(row, col, seed, result)
+    """
+
+    def __init__(self, path: str | None, signature: dict):
+        # As it reads back from JSON (tuples become lists), so equal settings compare equal.
+        self.path, self.signature = path, json.loads(json.dumps(signature))
+        self.done: dict[tuple, dict] = {}
+        if path and os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        entry = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(entry, dict) and entry.get("signature") == self.signature:
+                        key = (entry["row"], entry["col"], entry["seed"])
+                        self.done[key] = entry["result"]
+
+    def get(self, row: str, col: Any, seed: int) -> dict | None:
+        """The stored result of a cell and seed, or None."""
+        return self.done.get((row, col, seed))
+
+    def put(self, row: str, col: Any, seed: int, result: dict) -> None:
+        """Stores a result (JSON-serializable) and appends it to the file."""
+        self.done[(row, col, seed)] = result
+        if self.path:
+            line = {"signature": self.signature, "row": row, "col": col, "seed": seed}
+            text = json.dumps({**line, "result": result}).encode() + b"\n"
+            with open(self.path, "ab+") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell() > 0:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        # After a line torn by a crash, start a fresh line, not extend it.
+                        text = b"\n" + text
+                f.write(text)
 
 
 # name -> Table; filled by the table modules at import (see `load_tables`).

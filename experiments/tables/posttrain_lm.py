@@ -23,7 +23,6 @@ One-Shot" (2023); Zhang et al., "Dynamic Sparse No Training" (DSnoT, 2024).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -158,32 +157,6 @@ def _outlier_rows(model, params, ids, quick: bool) -> dict:
     return out
 
 
-class _Cells:
-    """Per-model results kept in a JSONL file, so an interrupted full run resumes."""
-
-    def __init__(self, path: str | None, signature: dict):
-        self.path, self.signature, self.done = path, signature, {}
-        if path and os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        entry = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by a crash: that model is pruned again
-                    if entry.get("signature") == signature:
-                        self.done[(entry["row"], entry["col"], entry["seed"])] = entry["result"]
-
-    def get(self, row, col, seed):
-        return self.done.get((row, col, seed))
-
-    def put(self, row, col, seed, result) -> None:
-        self.done[(row, col, seed)] = result
-        if self.path:
-            line = {"signature": self.signature, "row": row, "col": col, "seed": seed}
-            with open(self.path, "a") as f:
-                f.write(json.dumps({**line, "result": result}) + "\n")
-
-
 def _run(quick, seeds, dataset, workdir, progress) -> base.TableRun:
     del dataset
     settings = _settings(quick)
@@ -208,7 +181,7 @@ def _run(quick, seeds, dataset, workdir, progress) -> base.TableRun:
         "block_depth": 2,
         **settings,
     }
-    cells = _Cells(
+    cells = base.CellCache(
         os.path.join(workdir, "posttrain_lm_cells.jsonl") if workdir else None, signature
     )
     cols = settings["cols"]

@@ -122,37 +122,6 @@ def _row(label: str, stage: str) -> str:
     return f"{label} ({stage})"
 
 
-class _Cells:
-    """Per-(row, budget, seed) results in a JSONL file, so an interrupted run resumes.
-
-    A line is used only when its ``signature`` (the settings and the corpus hash) matches; a
-    line cut by a crash is skipped, and that cell runs again.
-    """
-
-    def __init__(self, path: str | None, signature: dict):
-        self.path, self.signature, self.done = path, signature, {}
-        if path and os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        entry = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if entry.get("signature") == signature:
-                        key = (entry["row"], entry["col"], entry["seed"])
-                        self.done[key] = entry["result"]
-
-    def get(self, row: str, col: float, seed: int) -> dict | None:
-        return self.done.get((row, col, seed))
-
-    def put(self, row: str, col: float, seed: int, result: dict) -> None:
-        self.done[(row, col, seed)] = result
-        if self.path:
-            line = {"signature": self.signature, "row": row, "col": col, "seed": seed}
-            with open(self.path, "a") as f:
-                f.write(json.dumps({**line, "result": result}) + "\n")
-
-
 def _scores(evaluated: dict) -> dict[str, float]:
     return {k: float(evaluated[k]) for k in ("fidelity", "recall@1", "mrr")}
 
@@ -182,7 +151,9 @@ def _run(quick, seeds, dataset, workdir, progress) -> base.TableRun:
     dense = evaluate(model, params)
     signature = {"quick": quick, "text_sha256": info["text_sha256"], **settings._asdict()}
     signature = json.loads(json.dumps(signature))  # tuples as lists, as read back
-    cells = _Cells(os.path.join(workdir, "tensor_lm_cells.jsonl") if workdir else None, signature)
+    cells = base.CellCache(
+        os.path.join(workdir, "tensor_lm_cells.jsonl") if workdir else None, signature
+    )
     data = None  # the teacher's embeddings of the calibration windows, computed when needed
 
     cols = list(settings.budgets)

@@ -138,3 +138,28 @@ def test_extra_tables_with_their_own_columns_are_written_in_key_order():
     assert "| model A | 1.500 | 2.000 |" in own and "| B | 3.000 |  |" in own
     shared = page.split("per cell:")[1]
     assert "| RigL | 0.250 |" in shared and "| method | 90% |" in shared
+
+
+def test_cell_cache_resumes_matching_runs_and_skips_torn_lines(tmp_path):
+    path = str(tmp_path / "cells.jsonl")
+    cache = base.CellCache(path, {"quick": True, "sizes": (1, 2)})
+    assert cache.get("Wanda", "50%", 0) is None
+    cache.put("Wanda", "50%", 0, {"fidelity": 0.9})
+    cache.put("Wanda", "2:4", 1, {"fidelity": 0.8})
+    with open(path, "a") as f:
+        f.write('{"signature": {"quick": true, "si')  # a line torn by a crash
+    again = base.CellCache(path, {"quick": True, "sizes": (1, 2)})
+    assert again.get("Wanda", "50%", 0) == {"fidelity": 0.9}
+    assert again.get("Wanda", "2:4", 1) == {"fidelity": 0.8}
+    again.put("SparseGPT", "50%", 0, {"fidelity": 0.7})  # after the torn line: a line of its own
+    assert base.CellCache(path, {"quick": True, "sizes": [1, 2]}).get("SparseGPT", "50%", 0) == {
+        "fidelity": 0.7
+    }
+    with open(path) as f:
+        lines = f.read().split("\n")
+    assert lines[-1] == "" and all(lines[:-1]), "one record a line, no blank lines"
+    other = base.CellCache(path, {"quick": False, "sizes": (1, 2)})
+    assert other.get("Wanda", "50%", 0) is None
+    memory = base.CellCache(None, {})
+    memory.put("a", 1, 0, {"x": 1})
+    assert memory.get("a", 1, 0) == {"x": 1}
