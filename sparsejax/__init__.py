@@ -1,6 +1,7 @@
 """sparsejax: sparse training in JAX as pure functions over pytrees and one optax transform."""
 
 from sparsejax import (
+    activations,
     algorithms,
     distributions,
     export,
@@ -16,6 +17,7 @@ from sparsejax import (
 )
 
 __all__ = [
+    "activations",
     "algorithms",
     "distributions",
     "export",

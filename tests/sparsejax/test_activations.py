@@ -1,0 +1,125 @@
+"""Activation sparsity: nonzero fractions (Lazy Neuron), TEAL thresholds, top-k activations."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsejax import activations
+
+
+class MLP(nn.Module):
+    """A two-layer MLP whose down projection reads the post-activation hidden layer."""
+
+    hidden: int = 32
+    gelu: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(self.hidden, name="up")(x)
+        h = nn.gelu(h, approximate=False) if self.gelu else nn.relu(h)
+        return nn.Dense(4, name="down")(h)
+
+
+def _setup(gelu=False, tokens=256):
+    model = MLP(gelu=gelu)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((tokens, 8)), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    return model, variables, x
+
+
+def _hidden(variables, x, gelu=False):
+    p = variables["params"]
+    h = x @ p["up"]["kernel"] + p["up"]["bias"]
+    return nn.gelu(h, approximate=False) if gelu else nn.relu(h)
+
+
+def test_nonzero_fraction_counts_entries_above_eps():
+    a = jnp.array([[0.0, 1.0, -0.5], [0.05, 0.0, 2.0]])
+    np.testing.assert_allclose(activations.nonzero_fraction(a), 4 / 6)
+    np.testing.assert_allclose(activations.nonzero_fraction(a, eps=0.1), 3 / 6)
+
+
+def test_nonzero_fractions_measure_the_post_activation_hidden_layer():
+    model, variables, x = _setup()
+    fractions = activations.nonzero_fractions(model.apply, variables, x)
+    assert list(fractions) == ["up", "down"]
+    assert fractions["up"] == 1.0  # the raw inputs
+    expected = float(jnp.mean(_hidden(variables, x) > 0))
+    assert fractions["down"] == pytest.approx(expected)
+    assert 0.2 < fractions["down"] < 0.8  # a ReLU at init zeroes about half
+    # GELU is never exactly zero; near-zero entries need an eps.
+    model, variables, x = _setup(gelu=True)
+    gelu = activations.nonzero_fractions(model.apply, variables, x, paths=[("down",)])
+    assert gelu == {"down": 1.0}
+    near = activations.nonzero_fractions(model.apply, variables, x, paths=[("down",)], eps=0.05)
+    assert near["down"] < 0.9
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5])
+def test_teal_zeroes_the_calibrated_fraction_of_each_projection_input(sparsity):
+    model, variables, x = _setup(gelu=True)
+    thresholds = activations.teal_thresholds(model.apply, variables, x, sparsity=sparsity)
+    assert set(thresholds) == {("up",), ("down",)}
+    inputs = activations.dense_inputs(model.apply, variables, x)
+    for path, t in thresholds.items():
+        zeroed = float(jnp.mean(jnp.abs(inputs[path]) <= t))
+        assert abs(zeroed - sparsity) <= 2 / inputs[path].size
+    # Under the interceptor the model computes exactly the thresholded layers.
+    with activations.teal(thresholds):
+        out = model.apply(variables, x)
+    p = variables["params"]
+    xs = jnp.where(jnp.abs(x) > thresholds[("up",)], x, 0)
+    h = nn.gelu(xs @ p["up"]["kernel"] + p["up"]["bias"], approximate=False)
+    hs = jnp.where(jnp.abs(h) > thresholds[("down",)], h, 0)
+    np.testing.assert_allclose(
+        out, hs @ p["down"]["kernel"] + p["down"]["bias"], rtol=1e-5, atol=1e-5
+    )
+
+    def run(variables, x):
+        with activations.teal(thresholds):
+            return model.apply(variables, x)
+
+    np.testing.assert_allclose(jax.jit(run)(variables, x), out, rtol=1e-5, atol=1e-5)
+
+
+def test_teal_at_zero_sparsity_and_on_chosen_layers():
+    model, variables, x = _setup()
+    dense = model.apply(variables, x)
+    thresholds = activations.teal_thresholds(model.apply, variables, x, sparsity=0.0)
+    with activations.teal(thresholds):
+        np.testing.assert_array_equal(model.apply(variables, x), dense)
+    only_down = activations.teal_thresholds(
+        model.apply, variables, x, sparsity=0.9, paths=[("down",)]
+    )
+    assert list(only_down) == [("down",)]
+    with activations.teal(only_down):
+        sparse = model.apply(variables, x)
+    assert not np.allclose(sparse, dense)
+
+
+def test_topk_activations_keep_exactly_k_per_token():
+    h = jnp.asarray(np.abs(np.random.default_rng(1).standard_normal((3, 5, 16))) + 0.1)
+    out = activations.topk_activations(h, 4)
+    np.testing.assert_array_equal(jnp.sum(out != 0, axis=-1), 4)
+    kept = np.asarray(out) != 0
+    np.testing.assert_array_equal(np.asarray(out)[kept], np.asarray(h)[kept])
+    fourth = np.sort(np.asarray(h), axis=-1)[..., -4]
+    assert np.all(np.where(kept, np.asarray(h) >= fourth[..., None], True))
+    g = jax.grad(lambda h: jnp.sum(activations.topk_activations(h, 4)))(h)
+    np.testing.assert_array_equal(np.asarray(g) != 0, kept)
+
+
+def test_bad_input_names_the_argument():
+    model, variables, x = _setup(tokens=4)
+    with pytest.raises(ValueError, match=r"^sparsity must be in \[0, 1\), got 1.0"):
+        activations.teal_thresholds(model.apply, variables, x, sparsity=1.0)
+    with pytest.raises(ValueError, match=r"^paths \['mid'\] are not Dense layers"):
+        activations.nonzero_fractions(model.apply, variables, x, paths=[("mid",)])
+    with pytest.raises(ValueError, match="^eps must"):
+        activations.nonzero_fraction(x, eps=-1.0)
+    with pytest.raises(ValueError, match=r"^k must be an int in \[1, features=8\]"):
+        activations.topk_activations(x, 9)
