@@ -53,7 +53,7 @@ def l0(z: jax.Array) -> jax.Array:
 def dead_fraction(z: jax.Array) -> jax.Array:
     """Fraction of latents never nonzero over the tokens of ``z [tokens, n_latents]``."""
     fired = jnp.any(jnp.asarray(z) != 0, axis=tuple(range(jnp.ndim(z) - 1)))
-    return 1.0 - jnp.mean(fired.astype(jnp.float32))
+    return jnp.mean((~fired).astype(jnp.float32))  # not 1 - mean(fired): that rounds below 0
 
 
 def shrinkage(x: jax.Array, x_hat: jax.Array) -> jax.Array:

@@ -22,6 +22,7 @@ def test_l0_dead_fraction_and_shrinkage():
     z = jnp.array([[0.0, 1.0, 2.0, 0.0], [0.0, 0.0, -3.0, 0.0], [0.0, 5.0, 0.0, 0.0]])
     np.testing.assert_allclose(metrics.l0(z), 4 / 3)
     np.testing.assert_allclose(metrics.dead_fraction(z), 0.5)
+    assert float(metrics.dead_fraction(jnp.ones((3, 7)))) == 0.0
     x = jnp.array([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]])
     np.testing.assert_allclose(metrics.shrinkage(x, 0.5 * x), 0.5)  # the zero token is left out
 
