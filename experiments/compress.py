@@ -61,6 +61,7 @@ from experiments import main as main_lib
 from experiments import models as models_lib
 from experiments import pretrained
 from experiments.pretrained import corpus as corpus_lib
+from experiments.pretrained import distill
 from sparsejax import masks as masks_lib
 from sparsejax import posttrain
 
@@ -583,22 +584,9 @@ def _check_against_model(
     return prune_layers, factorize_layers
 
 
-def _import_distill(plan: CompressPlan):
-    """`experiments.pretrained.distill`, imported only for healing."""
-    try:
-        from experiments.pretrained import distill  # noqa: PLC0415
-    except ImportError as error:
-        raise ValueError(
-            f"heal.steps={plan.heal_steps} needs experiments.pretrained.distill, which cannot "
-            f"be imported ({error}); set heal.steps=0"
-        ) from None
-    return distill
-
-
 def _heal(plan, student, student_params, teacher, teacher_params, tokenizer):
     """Distills the compressed student's embeddings to the dense teacher's (its factorized
     projections train; every other weight, pruned kernels included, stays as it is)."""
-    distill = _import_distill(plan)
     result = distill.distill(
         jax.random.key(plan.seed),
         student,
@@ -727,8 +715,6 @@ def compress(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> C
             ):
                 if value > total:
                     raise ValueError(f"{key}={value} exceeds the {total} there are (0 means all)")
-            if plan.heal_steps:
-                _import_distill(plan)  # fails here, before anything is written
             blocks = {n.split("/")[1] for n in prune_layers}
             bar.total = 5 + plan.factorizes + len(blocks) + bool(plan.heal_steps)
             bar.refresh()

@@ -169,15 +169,6 @@ def test_values_checked_against_the_model_write_nothing(overrides, message, tmp_
     assert not (tmp_path / "run").exists()
 
 
-def test_healing_without_the_distill_module_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "experiments.pretrained.distill", None)
-    config = _config(factorize__format="tt_matrix", heal__steps=2)
-    config.prune.method = "none"
-    with pytest.raises(ValueError, match=r"heal\.steps=2 needs experiments\.pretrained\.distill"):
-        compress.compress(config, tmp_path / "run")
-    assert not (tmp_path / "run").exists()
-
-
 def test_cli_refuses_a_bad_value_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _cli(f"--config={CONFIG}:runlocal", f"--workdir={tmp_path}/run", "--config.prune.method=x")
