@@ -115,6 +115,8 @@ def _settings(quick: bool) -> _Settings:
         learning_rate=3e-4,
         passages=100,
         queries=None,
+        eval_tokens=None,
+        eval_batch_size=32,
     )
 
 
