@@ -13,10 +13,10 @@ this order, each timed:
    ``factorize.budget`` of its parameters);
 3. prune the chosen projections that are still dense with `sparsejax.posttrain.prune_model`
    (one transformer layer per call, each calibrated on the model whose earlier layers are
-   already compressed, so the result is that of one sequential call), or by whole blocks
-   (`prune_blocks`);
-4. heal by distillation to the dense model's embeddings (`experiments.pretrained.distill`,
-   imported only when ``heal.steps > 0``; it trains the factorized projections);
+   already compressed, so the result is that of one sequential call), by weights, N:M or
+   whole blocks (``block_shape``);
+4. heal by distillation to the dense model's embeddings (`experiments.pretrained.distill`;
+   it trains the factorized projections);
 5. evaluate the dense and the compressed model on held-out text: embedding fidelity and
    retrieval (`experiments.pretrained.corpus`);
 6. save the compressed model as a Hugging Face folder (`experiments.pretrained.save`;
@@ -36,16 +36,11 @@ ignored: compression runs in one process.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import json
-import math
-import numbers
 import os
-import re
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
@@ -57,103 +52,22 @@ from absl import app, logging
 from tqdm import tqdm
 
 import tensornets
+from experiments import checkpoints, pretrained
 from experiments import main as main_lib
 from experiments import models as models_lib
-from experiments import pretrained
 from experiments.pretrained import corpus as corpus_lib
 from experiments.pretrained import distill
-from sparsejax import masks as masks_lib
+from experiments.pretrained.compression import CompressPlan, check_config, select_projections
 from sparsejax import posttrain
 
-__all__ = [
-    "FACTORIZE_FORMATS",
-    "LAYER_GROUPS",
-    "PRUNE_METHODS",
-    "CompressPlan",
-    "CompressResult",
-    "check_config",
-    "compress",
-    "count_zeros",
-    "main",
-    "parse_block_structure",
-    "parse_pattern",
-    "prune_blocks",
-    "select_projections",
-]
+__all__ = ["CompressResult", "compress", "count_zeros", "main"]
 
 PyTree = Any
 FLAGS = main_lib.FLAGS
 
-PRUNE_METHODS = ("none", "magnitude", "wanda", "sparsegpt")
-FACTORIZE_FORMATS = ("none", "low_rank", "tucker", "tt_matrix")
-# Which projections a group name selects, as a test on the projection's path.
-LAYER_GROUPS: dict[str, Callable[[str], bool]] = {
-    "all": lambda name: True,
-    "attention": lambda name: "/attention/" in name,
-    "mlp": lambda name: "/attention/" not in name,
-}
-# Block-structured pruning ranks blocks by these scores.
-_BLOCK_METHODS = ("magnitude", "wanda")
 _MODEL_FOLDER = "model"
 _REPORT = "report.json"
 _EMBEDDINGS = "embeddings.npz"
-
-
-class CompressPlan(NamedTuple):
-    """A config's values, checked and parsed (`check_config`).
-
-    Attributes:
-      model: the checkpoint folder or model name.
-      method: a `PRUNE_METHODS` entry.
-      sparsity: fraction pruned per layer (of entries, or of blocks with ``block_shape``).
-      n, m: the N:M pattern, or None.
-      dsnot: refine masks with DSnoT.
-      block_shape: ``(rows, cols)`` of the blocks pruned as units, or None.
-      prune_layers: the ``prune.layers`` selection (resolved against the model later).
-      calibration_sequences, calibration_length, calibration_seed: the calibration windows.
-      block_depth: layers whose paths share this many leading names are calibrated together
-        (`sparsejax.posttrain.prune_model`'s ``block_depth``); None: layer by layer.
-      factorize_format: a `FACTORIZE_FORMATS` entry.
-      factorize_budget: parameters of each factorized kernel over its dense size.
-      factorize_layers: the ``factorize.layers`` selection.
-      heal_steps, heal_learning_rate, heal_batch_size: the distillation.
-      evaluation_passages, evaluation_topics: 0 for all.
-      evaluation_batch_size: sentences per forward pass.
-      progress_bar: show a progress bar.
-      seed: the distillation's random seed.
-    """
-
-    model: str
-    method: str
-    sparsity: float
-    n: int | None
-    m: int | None
-    dsnot: bool
-    block_shape: tuple[int, int] | None
-    prune_layers: str
-    calibration_sequences: int
-    calibration_length: int
-    calibration_seed: int
-    block_depth: int | None
-    factorize_format: str
-    factorize_budget: float
-    factorize_layers: str
-    heal_steps: int
-    heal_learning_rate: float
-    heal_batch_size: int
-    evaluation_passages: int
-    evaluation_topics: int
-    evaluation_batch_size: int
-    progress_bar: bool
-    seed: int
-
-    @property
-    def prunes(self) -> bool:
-        return self.method != "none"
-
-    @property
-    def factorizes(self) -> bool:
-        return self.factorize_format != "none"
 
 
 class CompressResult(NamedTuple):
@@ -175,322 +89,10 @@ class CompressResult(NamedTuple):
 # --- Config checks ------------------------------------------------------------------------
 
 
-def _value(config: ml_collections.ConfigDict, key: str) -> Any:
-    node = config
-    for part in key.split("."):
-        if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
-            raise ValueError(f"the config has no key {key!r}")
-        node = node[part]
-    return node
-
-
-def _int(config, key: str, minimum: int) -> int:
-    value = _value(config, key)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _bool(config, key: str) -> bool:
-    value = _value(config, key)
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{key} must be True or False, got {value!r}")
-    return bool(value)
-
-
-def _choice(config, key: str, choices: Sequence[str]) -> str:
-    value = _value(config, key)
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{key}={value!r} is unknown; known: {list(choices)}")
-    return value
-
-
-def _number(config, key: str) -> float:
-    value = _value(config, key)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(float(value))
-    ):
-        raise ValueError(f"{key} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _selection(config, key: str) -> str:
-    value = _value(config, key)
-    if not isinstance(value, str) or not [t for t in value.split(",") if t.strip()]:
-        raise ValueError(
-            f"{key} must be a comma-separated selection such as 'all', 'mlp' or "
-            f"'encoder/layer_0/*', got {value!r}"
-        )
-    return value
-
-
-def parse_pattern(pattern: Any, key: str = "pattern") -> tuple[int, int] | None:
-    """``"N:M"`` -> ``(n, m)``; ``""`` -> None.
-
-    Raises:
-      ValueError: naming ``key``, for anything else or ``not 1 <= n <= m``.
-    """
-    if pattern == "":
-        return None
-    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern) if isinstance(pattern, str) else None
-    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
-        raise ValueError(
-            f'{key} must be "N:M" with 1 <= N <= M (e.g. "2:4"), or "" for none; got {pattern!r}'
-        )
-    return int(match.group(1)), int(match.group(2))
-
-
-def parse_block_structure(block: Any, key: str = "block_structure") -> tuple[int, int] | None:
-    """``"RxC"`` -> ``(r, c)`` with positive ints; ``""`` -> None.
-
-    Raises:
-      ValueError: naming ``key``, for anything else.
-    """
-    if block == "":
-        return None
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", block) if isinstance(block, str) else None
-    if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
-        raise ValueError(
-            f'{key} must be "RxC" with positive R, C (e.g. "32x32"), or "" for none; got {block!r}'
-        )
-    return int(match.group(1)), int(match.group(2))
-
-
-def check_config(config: ml_collections.ConfigDict) -> CompressPlan:
-    """Checks every value of a compression config (``configs/compress_minilm.py``).
-
-    Args:
-      config: the config.
-
-    Returns:
-      The `CompressPlan` it describes.
-
-    Raises:
-      ValueError: naming the key: a missing key, an unknown ``prune.method`` or
-        ``factorize.format``, a ``prune.sparsity`` outside [0, 1), a ``prune.pattern`` that
-        is not "N:M", both a sparsity and a pattern, a block structure that is not "RxC" or
-        that is combined with a pattern, DSnoT or SparseGPT, a ``factorize.budget`` outside
-        (0, 1], a non-positive count, or healing without a factorization.
-    """
-    model = _value(config, "model.name")
-    if not isinstance(model, str) or not model:
-        raise ValueError(f"model.name must be a folder path or a model name, got {model!r}")
-    method = _choice(config, "prune.method", PRUNE_METHODS)
-    sparsity = _number(config, "prune.sparsity")
-    if not 0 <= sparsity < 1:
-        raise ValueError(f"prune.sparsity must be in [0, 1), got {sparsity!r}")
-    nm = parse_pattern(_value(config, "prune.pattern"), "prune.pattern")
-    if nm is not None and sparsity > 0:
-        raise ValueError(
-            f"give prune.sparsity or prune.pattern, not both: got prune.sparsity={sparsity!r} "
-            f"and prune.pattern={_value(config, 'prune.pattern')!r} (set prune.sparsity=0 for "
-            f"a pattern)"
-        )
-    dsnot = _bool(config, "prune.dsnot")
-    block_shape = parse_block_structure(
-        _value(config, "prune.block_structure"), "prune.block_structure"
-    )
-    if block_shape is not None and method != "none":
-        if nm is not None:
-            raise ValueError(
-                "prune.block_structure and prune.pattern exclude each other: blocks are kept "
-                f"or dropped whole; got {config.prune.block_structure!r} and "
-                f"{config.prune.pattern!r}"
-            )
-        if method not in _BLOCK_METHODS:
-            raise ValueError(
-                f"prune.block_structure needs prune.method in {list(_BLOCK_METHODS)} (block "
-                f"scores), got prune.method={method!r}"
-            )
-        if dsnot:
-            raise ValueError("prune.dsnot swaps single weights; it cannot refine block masks")
-    fmt = _choice(config, "factorize.format", FACTORIZE_FORMATS)
-    budget = _number(config, "factorize.budget")
-    if not 0 < budget <= 1:
-        raise ValueError(
-            f"factorize.budget must be a fraction in (0, 1] of each kernel's parameters, "
-            f"got {budget!r}"
-        )
-    heal_steps = _int(config, "heal.steps", 0)
-    learning_rate = _number(config, "heal.learning_rate")
-    if learning_rate <= 0:
-        raise ValueError(f"heal.learning_rate must be positive, got {learning_rate!r}")
-    if heal_steps and fmt == "none":
-        raise ValueError(
-            f"heal.steps={heal_steps} needs factorize.format other than 'none': the "
-            f"distillation trains the factorized projections (pruned kernels would lose their "
-            f"zeros)"
-        )
-    return CompressPlan(
-        model=model,
-        method=method,
-        sparsity=sparsity,
-        n=None if nm is None else nm[0],
-        m=None if nm is None else nm[1],
-        dsnot=dsnot,
-        block_shape=block_shape,
-        prune_layers=_selection(config, "prune.layers"),
-        calibration_sequences=_int(config, "calibration.sequences", 1),
-        calibration_length=_int(config, "calibration.length", 3),
-        calibration_seed=_int(config, "calibration.seed", 0),
-        block_depth=_int(config, "calibration.block_depth", 0) or None,
-        factorize_format=fmt,
-        factorize_budget=budget,
-        factorize_layers=_selection(config, "factorize.layers"),
-        heal_steps=heal_steps,
-        heal_learning_rate=learning_rate,
-        heal_batch_size=_int(config, "heal.batch_size", 1),
-        evaluation_passages=_int(config, "evaluation.passages", 0),
-        evaluation_topics=_int(config, "evaluation.topics", 0),
-        evaluation_batch_size=_int(config, "evaluation.batch_size", 1),
-        progress_bar=_bool(config, "progress_bar"),
-        seed=_int(config, "seed", 0),
-    )
-
-
-def select_projections(selection: str, names: Sequence[str], key: str = "layers") -> list[str]:
-    """The projections a comma-separated selection names, in call order.
-
-    Args:
-      selection: terms separated by commas, each ``"all"``, ``"attention"`` (query, key,
-        value, attention output), ``"mlp"`` (intermediate and output), or a glob over
-        projection paths (``"encoder/layer_0/*"``).
-      names: the model's projections in call order (`experiments.pretrained.dense_layer_names`).
-      key: the config key, for messages.
-
-    Returns:
-      The selected names, in the order of ``names``.
-
-    Raises:
-      ValueError: naming ``key``, when a term matches no projection.
-    """
-    chosen: set[str] = set()
-    for term in (t.strip() for t in selection.split(",")):
-        if not term:
-            continue
-        if term in LAYER_GROUPS:
-            matched = [n for n in names if LAYER_GROUPS[term](n)]
-        else:
-            matched = fnmatch.filter(names, term)
-        if not matched:
-            raise ValueError(
-                f"{key}={selection!r}: {term!r} matches no projection; use "
-                f"{sorted(LAYER_GROUPS)} or a glob over paths such as {names[0]!r}"
-            )
-        chosen.update(matched)
-    return [n for n in names if n in chosen]
-
-
-# --- Phases -------------------------------------------------------------------------------
-
-
 def _node(tree: PyTree, name: str) -> PyTree:
     for key in name.split("/"):
         tree = tree[key]
     return tree
-
-
-def _replace_kernel(tree: PyTree, name: str, kernel: Any) -> PyTree:
-    """A copy of nested dict ``tree`` with ``tree[name...]["kernel"] = kernel``."""
-
-    def go(node, keys):
-        node = dict(node)
-        if keys:
-            node[keys[0]] = go(node[keys[0]], keys[1:])
-        else:
-            node["kernel"] = kernel
-        return node
-
-    return go(tree, name.split("/"))
-
-
-def _relative_error(x: jax.Array, kernel: jax.Array, pruned: jax.Array) -> float:
-    dense = x @ kernel
-    return float(jnp.linalg.norm(dense - x @ pruned) / jnp.maximum(jnp.linalg.norm(dense), 1e-30))
-
-
-def prune_blocks(
-    apply_fn: Callable[..., Any],
-    params: PyTree,
-    ids: jax.Array,
-    layers: Sequence[str],
-    *,
-    method: str,
-    sparsity: float,
-    block_shape: tuple[int, int],
-    block_depth: int | None = None,
-) -> posttrain.PruneResult:
-    """Drops whole ``block_shape`` blocks of each chosen kernel, in call order.
-
-    Each kernel ``[in, out]`` keeps the ``round((1 - sparsity) * blocks)`` blocks with the
-    largest score sums (`sparsejax.masks.block_mask`): ``|W|`` for ``"magnitude"``, the Wanda
-    score ``|W_ij| * ||X_i||`` for ``"wanda"``, X being the layer's inputs in the model whose
-    earlier layers are already pruned, calibrated as `sparsejax.posttrain.prune_model` does
-    (``block_depth`` included). Whole blocks are what `sparsejax.export` stores as BSR
-    without padding.
-
-    Reference: Gray, Radford & Kingma, "GPU Kernels for Block-Sparse Weights" (2017) for the
-    format; Sun et al., "A Simple and Effective Pruning Approach for Large Language Models"
-    (Wanda, 2024) for the score.
-
-    Args:
-      apply_fn: ``model.apply``.
-      params: the model's params.
-      ids: int32 [batch, tokens] calibration inputs.
-      layers: the Dense projections to prune (paths), in call order.
-      method: ``"magnitude"`` or ``"wanda"``.
-      sparsity: fraction of blocks dropped per kernel, in [0, 1).
-      block_shape: ``(rows, cols)`` dividing each kernel's shape.
-      block_depth: None calibrates each layer on the outputs of every pruned layer before it;
-        an int calibrates consecutive layers whose paths share their first ``block_depth``
-        names in one forward pass (as `sparsejax.posttrain.prune_model`).
-
-    Returns:
-      A `sparsejax.posttrain.PruneResult` (params, masks, relative output errors).
-
-    Raises:
-      ValueError: for another method or a bad ``block_depth``, or a block shape that does
-        not divide a kernel (naming the layer).
-    """
-    if method not in _BLOCK_METHODS:
-        raise ValueError(f"method must be one of {_BLOCK_METHODS}, got {method!r}")
-    if block_depth is not None and (
-        isinstance(block_depth, bool) or not isinstance(block_depth, int) or block_depth < 1
-    ):
-        raise ValueError(f"block_depth must be None or a positive int, got {block_depth!r}")
-    masks = jax.tree.map(lambda _: None, params)
-    errors = {}
-    # Consecutive layers sharing their first block_depth path names are calibrated together.
-    groups: list[list[str]] = []
-    for name in layers:
-        same = block_depth and groups
-        if same and groups[-1][-1].split("/")[:block_depth] == name.split("/")[:block_depth]:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-    for group in groups:
-        paths = [tuple(name.split("/")) for name in group]
-        captured = posttrain.capture_inputs(apply_fn, {"params": params}, ids, paths)
-        for name, path in zip(group, paths):
-            kernel = _node(params, name)["kernel"]
-            x = captured[path].reshape(-1, captured[path].shape[-1]).astype(jnp.float32)
-            if method == "magnitude":
-                scores = jnp.abs(kernel)
-            else:
-                scores = posttrain.wanda_scores(kernel, x)
-            try:
-                mask = masks_lib.block_mask(scores, sparsity, block_shape)
-            except ValueError as error:
-                raise ValueError(f"layer {name!r} of shape {kernel.shape}: {error}") from None
-            pruned = jnp.where(mask, kernel, jnp.zeros_like(kernel))
-            errors[name] = _relative_error(
-                x, kernel.astype(jnp.float32), pruned.astype(jnp.float32)
-            )
-            params = _replace_kernel(params, name, pruned)
-            masks = _replace_kernel(masks, name, mask)
-    return posttrain.PruneResult(params, masks, errors)
 
 
 def _merge_masks(total: PyTree, new: PyTree) -> PyTree:
@@ -507,33 +109,22 @@ def _prune(model, params, ids, plan: CompressPlan, layers: Sequence[str], phase)
     errors: dict[str, float] = {}
     for block, group in groups.items():
         with phase(block):
-            if plan.block_shape is not None:
-                result = prune_blocks(
-                    model.apply,
-                    params,
-                    ids,
-                    group,
-                    method=plan.method,
-                    sparsity=plan.sparsity,
-                    block_shape=plan.block_shape,
-                    block_depth=plan.block_depth,
-                )
-            else:
-                # One call per transformer layer gives the result of one call over all of them
-                # (prune_model is sequential: each layer or block is calibrated on the model
-                # whose earlier ones are already pruned), and a progress bar that moves.
-                result = posttrain.prune_model(
-                    model.apply,
-                    params,
-                    ids,
-                    method=plan.method,
-                    sparsity=plan.sparsity,
-                    n=plan.n,
-                    m=plan.m,
-                    dsnot=plan.dsnot,
-                    skip=[c for c in calls if c not in group],
-                    block_depth=plan.block_depth,
-                )
+            # One call per transformer layer gives the result of one call over all of them
+            # (prune_model is sequential: each layer or block is calibrated on the model whose
+            # earlier ones are already pruned), and a progress bar that moves.
+            result = posttrain.prune_model(
+                model.apply,
+                params,
+                ids,
+                method=plan.method,
+                sparsity=plan.sparsity,
+                n=plan.n,
+                m=plan.m,
+                dsnot=plan.dsnot,
+                skip=[c for c in calls if c not in group],
+                block_depth=plan.block_depth,
+                block_shape=plan.block_shape,
+            )
         params = result.params
         masks = _merge_masks(masks, result.masks)
         errors.update(result.errors)
@@ -645,16 +236,8 @@ def _evaluate(embed_fn, passages, queries, documents, reference=None):
 
 
 def _write_json(path: Path, value: Any) -> None:
-    """Writes JSON to a temporary sibling, then renames it into place (never half-written)."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as f:
-            json.dump(value, f, indent=2)
-            f.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Writes JSON atomically (`experiments.checkpoints.write_atomically`)."""
+    checkpoints.write_atomically(str(path), json.dumps(value, indent=2) + "\n")
 
 
 def _check_workdir(workdir: Any) -> Path:

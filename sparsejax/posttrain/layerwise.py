@@ -14,12 +14,13 @@ import flax.errors
 import jax
 import jax.numpy as jnp
 
+from sparsejax import masks as masks_lib
 from sparsejax.posttrain import calibration
 from sparsejax.posttrain import pattern as pattern_lib
 from sparsejax.posttrain.dsnot import dsnot as dsnot_refine
 from sparsejax.posttrain.magnitude import magnitude
 from sparsejax.posttrain.sparsegpt import sparsegpt
-from sparsejax.posttrain.wanda import wanda
+from sparsejax.posttrain.wanda import wanda, wanda_scores
 
 PyTree = Any
 
@@ -30,6 +31,9 @@ METHODS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
     "sparsegpt": sparsegpt,
     "wanda": wanda,
 }
+
+
+_BLOCK_METHODS = ("magnitude", "wanda")
 
 
 class PruneResult(NamedTuple):
@@ -61,6 +65,7 @@ def prune_layer(
     n: int | None = None,
     m: int | None = None,
     dsnot: bool | Mapping[str, Any] = False,
+    block_shape: tuple[int, int] | None = None,
     **options: Any,
 ) -> tuple[jax.Array, jax.Array]:
     """Prunes one 2D kernel ``[in, out]`` with ``method``, optionally refined by DSnoT.
@@ -72,17 +77,41 @@ def prune_layer(
       sparsity, n, m: the pattern (see `magnitude`).
       dsnot: True (default options) or a mapping of `dsnot` options to refine the mask;
         the refined layer is the dense kernel under the new mask.
+      block_shape: ``(rows, cols)``: drop whole blocks instead, ``sparsity`` being the
+        fraction of blocks dropped; each block is scored by the sum of the method's weight
+        scores inside it (``|W|`` for magnitude, ``|W_ij| * ||X_i||`` for Wanda), the
+        structure BSR kernels store without padding. Magnitude and Wanda only: SparseGPT's
+        weight update and DSnoT's swaps are per weight.
       **options: passed to the method (e.g. ``block_size``, ``dampening`` for SparseGPT).
 
     Returns:
       ``(pruned kernel, mask)``.
+
+    Block scores: Gray, Radford & Kingma, "GPU Kernels for Block-Sparse Weights" (2017) for
+    the format; Sun et al., "A Simple and Effective Pruning Approach for Large Language
+    Models" (Wanda, 2024) for the score summed over a block.
     """
     fn = _get_method(method)
+    if block_shape is not None:
+        return _prune_blocks(method, kernel, x, sparsity, n, dsnot, block_shape)
     pruned, mask = fn(kernel, x, sparsity=sparsity, n=n, m=m, **options)
     if dsnot is not False and dsnot is not None:
         dsnot_options = {} if dsnot is True else dict(dsnot)
         pruned, mask = dsnot_refine(kernel, x, mask, n=n, m=m, **dsnot_options)
     return pruned, mask
+
+
+def _prune_blocks(method, kernel, x, sparsity, n, dsnot, block_shape):
+    if method not in _BLOCK_METHODS:
+        raise ValueError(
+            f"block_shape={tuple(block_shape)} works with methods {list(_BLOCK_METHODS)}, "
+            f"got method={method!r}"
+        )
+    if n is not None or (dsnot is not False and dsnot is not None):
+        raise ValueError(f"block_shape={tuple(block_shape)} takes a sparsity, not N:M or DSnoT")
+    scores = jnp.abs(kernel) if method == "magnitude" else wanda_scores(kernel, x)
+    mask = masks_lib.block_mask(scores, sparsity, block_shape)
+    return jnp.where(mask, kernel, jnp.zeros_like(kernel)), mask
 
 
 def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
@@ -126,6 +155,7 @@ def prune_model(
     dsnot: bool | Mapping[str, Any] = False,
     skip: Sequence[str] = (),
     block_depth: int | None = None,
+    block_shape: tuple[int, int] | None = None,
     **options: Any,
 ) -> PruneResult:
     """Prunes every Dense and Conv kernel of a model, one layer (or block) at a time, in order.
@@ -148,6 +178,8 @@ def prune_model(
         forward pass on the model with the earlier blocks pruned and this block still
         dense: the procedure of the SparseGPT and Wanda reference implementations (one
         transformer block at a time), and one forward pass per block instead of per layer.
+      block_shape: drop whole ``(rows, cols)`` blocks of each kernel (see `prune_layer`);
+        ``sparsity`` is then the fraction of blocks dropped.
       **options: passed to the method.
 
     Returns:
@@ -203,7 +235,15 @@ def prune_model(
                 # Every method, magnitude too: the reported error is measured on these inputs.
                 pattern_lib.check_layer(flat, matrix, pattern)
                 pruned, mask = prune_layer(
-                    method, flat, matrix, sparsity=sparsity, n=n, m=m, dsnot=dsnot, **options
+                    method,
+                    flat,
+                    matrix,
+                    sparsity=sparsity,
+                    n=n,
+                    m=m,
+                    dsnot=dsnot,
+                    block_shape=block_shape,
+                    **options,
                 )
             except ValueError as error:
                 raise ValueError(f"layer {call.name!r}: {error}") from None

@@ -16,9 +16,8 @@ import pallas_kernels
 from configs import compress_minilm
 from experiments import compress, pretrained
 from experiments import main as main_lib
-from experiments.pretrained import corpus
+from experiments.pretrained import compression, corpus
 from sparsejax import export, posttrain
-from sparsejax import masks as masks_lib
 from sparsejax import nn as snn
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -148,7 +147,7 @@ def test_missing_key_is_named():
     config = _config()
     del config.prune["dsnot"]
     with pytest.raises(ValueError, match=r"no key 'prune\.dsnot'"):
-        compress.check_config(config)
+        compression.check_config(config)
 
 
 @pytest.mark.parametrize(
@@ -192,28 +191,28 @@ def test_select_projections_groups_and_globs():
             "output/dense",
         )
     ]
-    assert compress.select_projections("all", names) == names
-    mlp = compress.select_projections("mlp", names)
+    assert compression.select_projections("all", names) == names
+    mlp = compression.select_projections("mlp", names)
     assert mlp == [n for n in names if "/attention/" not in n] and len(mlp) == 4
-    attention = compress.select_projections("attention", names)
+    attention = compression.select_projections("attention", names)
     assert sorted(attention + mlp) == sorted(names)
-    assert compress.select_projections("encoder/layer_1/*, mlp", names) == [
+    assert compression.select_projections("encoder/layer_1/*, mlp", names) == [
         n for n in names if "/layer_1/" in n or "/attention/" not in n
     ]
     with pytest.raises(ValueError, match=r"prune\.layers='nothing'"):
-        compress.select_projections("nothing", names, "prune.layers")
+        compression.select_projections("nothing", names, "prune.layers")
 
 
 def test_parse_pattern_and_block_structure():
-    assert compress.parse_pattern("2:4") == (2, 4) and compress.parse_pattern("") is None
-    assert compress.parse_block_structure("16x32") == (16, 32)
-    assert compress.parse_block_structure("") is None
+    assert compression.parse_pattern("2:4") == (2, 4) and compression.parse_pattern("") is None
+    assert compression.parse_block_structure("16x32") == (16, 32)
+    assert compression.parse_block_structure("") is None
     for bad in ("0:4", "2:", 4, "2:4:8"):
         with pytest.raises(ValueError, match="key"):
-            compress.parse_pattern(bad, "key")
+            compression.parse_pattern(bad, "key")
     for bad in ("0x4", "32", (32, 32)):
         with pytest.raises(ValueError, match="key"):
-            compress.parse_block_structure(bad, "key")
+            compression.parse_block_structure(bad, "key")
 
 
 def test_runlocal_is_a_smaller_run_of_the_same_compression():
@@ -240,8 +239,14 @@ def test_exported_nm_and_bsr_embed_like_the_masked_dense_model(minilm):
     skip = [c for c in calls if c != nm_layer]
     nm = posttrain.prune_model(model.apply, params, ids, method="magnitude", n=2, m=4, skip=skip)
     block = (32, 32)
-    both = compress.prune_blocks(
-        model.apply, nm.params, ids, [bsr_layer], method="wanda", sparsity=0.75, block_shape=block
+    both = posttrain.prune_model(
+        model.apply,
+        nm.params,
+        ids,
+        method="wanda",
+        sparsity=0.75,
+        block_shape=block,
+        skip=[c for c in calls if c != bsr_layer],
     )
     as_nm = export.export(both.params, nm.masks, format="nm", n=2, m=4)
     as_bsr = export.export(both.params, both.masks, format="bsr", block_shape=block)
@@ -262,31 +267,3 @@ def test_exported_nm_and_bsr_embed_like_the_masked_dense_model(minilm):
     np.testing.assert_array_equal(
         np.asarray(_kernel(both.params, nm_layer)), np.asarray(_kernel(nm.params, nm_layer))
     )
-
-
-def test_prune_blocks_calibrates_a_block_on_its_dense_inputs(minilm):
-    """With block_depth=3 the attention output is scored on the inputs it gets while the
-    value projection before it in the same block is still dense; layer by layer, on the
-    inputs after the value projection is pruned."""
-    model, params, tokenizer = minilm
-    ids = jnp.asarray(corpus.calibration_ids(tokenizer, n=4, length=16))
-    value, output = "encoder/layer_0/attention/self/value", "encoder/layer_0/attention/output/dense"
-    kwargs = {"method": "wanda", "sparsity": 0.5, "block_shape": (32, 32)}
-    together = compress.prune_blocks(
-        model.apply, params, ids, [value, output], block_depth=3, **kwargs
-    )
-    apart = compress.prune_blocks(model.apply, params, ids, [value, output], **kwargs)
-    np.testing.assert_array_equal(_kernel(together.masks, value), _kernel(apart.masks, value))
-
-    def expected_mask(weights):
-        x = posttrain.capture_input(model.apply, {"params": weights}, ids, tuple(output.split("/")))
-        scores = posttrain.wanda_scores(_kernel(params, output), x.reshape(-1, x.shape[-1]))
-        return np.asarray(masks_lib.block_mask(scores, 0.5, (32, 32)))
-
-    # The output projection's input does not depend on its own kernel, so apart.params (value
-    # and output pruned) gives the input it was scored on layer by layer.
-    np.testing.assert_array_equal(_kernel(together.masks, output), expected_mask(params))
-    np.testing.assert_array_equal(_kernel(apart.masks, output), expected_mask(apart.params))
-    assert not np.array_equal(_kernel(together.masks, output), _kernel(apart.masks, output))
-    with pytest.raises(ValueError, match="block_depth"):
-        compress.prune_blocks(model.apply, params, ids, [value], block_depth=0, **kwargs)

@@ -205,3 +205,45 @@ def test_outlier_ratios_find_a_scaled_input_feature():
     norms = np.linalg.norm(np.asarray(x).reshape(-1, 4), axis=0)
     np.testing.assert_allclose(ratios["first"], norms.max() / np.median(norms), rtol=1e-5)
     assert ratios["first"] > 20
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_block_shape_drops_whole_blocks_by_their_summed_scores(method):
+    model = _Blocks()
+    x = jax.random.normal(jax.random.key(0), (32, 6)) * jnp.arange(1.0, 7.0)
+    params = model.init(jax.random.key(1), x)["params"]
+    out = posttrain.prune_model(
+        model.apply, params, x, method=method, sparsity=0.5, block_shape=(2, 3), block_depth=1
+    )
+    for i in range(2):
+        for layer in ("inner", "outer"):
+            mask = np.asarray(out.masks[f"block_{i}"][layer]["kernel"])
+            blocks = mask.reshape(3, 2, 2, 3).transpose(0, 2, 1, 3).reshape(3, 2, 6)
+            assert np.all(blocks.all(-1) | ~blocks.any(-1)), "constant on every block"
+            assert blocks.all(-1).sum() == 3  # half of the 6 blocks
+            kernel = np.asarray(out.params[f"block_{i}"][layer]["kernel"])
+            np.testing.assert_array_equal(kernel == 0, ~mask)
+    # The first layer sees x itself: its blocks are ranked by summed |W| (* ||x_i|| for Wanda).
+    w = np.asarray(params["block_0"]["inner"]["kernel"])
+    scores = np.abs(w) * (
+        np.linalg.norm(np.asarray(x), axis=0)[:, None] if method == "wanda" else 1
+    )
+    sums = scores.reshape(3, 2, 2, 3).sum(axis=(1, 3))
+    kept = np.asarray(out.masks["block_0"]["inner"]["kernel"]).reshape(3, 2, 2, 3)[:, 0, :, 0]
+    assert sums[kept].min() >= sums[~kept].max()
+
+
+def test_block_shape_refuses_what_works_per_weight():
+    model, params, x = _setup()
+    with pytest.raises(ValueError, match="block_shape.*method='sparsegpt'"):
+        posttrain.prune_model(
+            model.apply, params, x, method="sparsegpt", sparsity=0.5, block_shape=(2, 2)
+        )
+    with pytest.raises(ValueError, match="not N:M or DSnoT"):
+        posttrain.prune_model(
+            model.apply, params, x, method="wanda", sparsity=0.5, dsnot=True, block_shape=(2, 2)
+        )
+    with pytest.raises(ValueError, match=r"layer 'first': block_shape=\(5, 5\)"):
+        posttrain.prune_model(
+            model.apply, params, x, method="wanda", sparsity=0.5, block_shape=(5, 5)
+        )
