@@ -10,8 +10,8 @@ Prunes every encoder projection (36 Dense kernels) of all-MiniLM-L6-v2 twice:
              ``--calibration`` windows of the corpus, a block of projections at a time),
              exported with `sparsejax.export` to `pallas_kernels.NM` (values and positions
              along each kernel's input axis);
-  RxC@s      whole R x C blocks dropped by block score (`experiments.compress.prune_blocks`,
-             a fraction s of the blocks), exported to `pallas_kernels.BSR`;
+  RxC@s      whole R x C blocks dropped by block score (`sparsejax.posttrain.prune_model`
+             with ``block_shape``, a fraction s of the blocks), exported to `pallas_kernels.BSR`;
 
 then embeds ``--sentences`` held-out passages of the corpus with `experiments.pretrained.embed`:
 the dense model, each masked dense model (zeros stored densely: what a pruned checkpoint
@@ -38,9 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import compress as compress_lib
 from experiments import pretrained
-from experiments.pretrained import corpus
+from experiments.pretrained import compression, corpus
 from sparsejax import export, posttrain
 from sparsejax import nn as snn
 
@@ -49,7 +48,7 @@ def _block_variant(text: str) -> tuple[tuple[int, int], float]:
     """``"32x32@0.7"`` -> ((32, 32), 0.7)."""
     block, _, sparsity = text.partition("@")
     try:
-        return compress_lib.parse_block_structure(block, "--blocks"), float(sparsity)
+        return compression.parse_block_structure(block, "--blocks"), float(sparsity)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"{text!r}: want RxC@sparsity, {error}") from None
 
@@ -98,21 +97,21 @@ def main():
     if not args.no_nm:
         start = time.perf_counter()
         result = posttrain.prune_model(
-            model.apply, params, ids, method=args.method, n=2, m=4, block_depth=3
+            model.apply, params, ids, method=args.method, n=2, m=4, block_depth=2
         )
         exported = export.export(result.params, result.masks, format="nm", n=2, m=4)
         variants["2:4"] = (result.params, exported, result.masks, "nm")
         print(f"2:4 pruned and exported in {time.perf_counter() - start:.1f} s")
     for block, sparsity in args.blocks:
         start = time.perf_counter()
-        result = compress_lib.prune_blocks(
+        result = posttrain.prune_model(
             model.apply,
             params,
             ids,
-            layers,
             method=args.method,
             sparsity=sparsity,
             block_shape=block,
+            block_depth=2,
         )
         exported = export.export(result.params, result.masks, format="bsr", block_shape=block)
         name = f"{block[0]}x{block[1]}@{sparsity:g}"
