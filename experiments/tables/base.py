@@ -32,6 +32,7 @@ __all__ = [
     "mnist1d_base",
     "percent",
     "register",
+    "vit1d_config",
     "with_sparsity",
 ]
 
@@ -189,6 +190,28 @@ def mnist1d_base(quick: bool) -> ml_collections.ConfigDict:
     else:
         config.total_steps = 3000
         config.eval_every_steps = 3000
+    return config
+
+
+def vit1d_config(quick: bool) -> ml_collections.ConfigDict:
+    """The MNIST-1D transformer the post-training tables prune and measure: `ViT1D` with patch 4
+    (10 tokens), width 32, depth 2, 4 heads, MLP 64, 2000 steps of Adam at 3e-3 (``quick``:
+    width 16, depth 1, MLP 32, 300 steps), progress bar off."""
+    config = get_base_config()
+    config.progress_bar = False
+    config.total_steps = 300 if quick else 2000
+    config.eval_every_steps = config.total_steps
+    config.model = ml_collections.ConfigDict(
+        {
+            "name": "vit1d",
+            "patch_size": 4,
+            "width": 16 if quick else 32,
+            "depth": 1 if quick else 2,
+            "num_heads": 4,
+            "mlp_dim": 32 if quick else 64,
+        }
+    )
+    config.optimizer.learning_rate = 3e-3
     return config
 
 

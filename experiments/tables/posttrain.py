@@ -43,23 +43,12 @@ def _models(quick: bool) -> tuple[str, ...]:
 
 def _config(model: str, quick: bool) -> tuple[ml_collections.ConfigDict, tuple[str, ...]]:
     """A model's training config and the layers left dense (input embedding and classifier)."""
+    if model == "transformer":
+        return base.vit1d_config(quick), ("embed", "head")
     config = get_base_config()
     config.progress_bar = False
     config.total_steps = 300 if quick else 2000
     config.eval_every_steps = config.total_steps
-    if model == "transformer":
-        config.model = ml_collections.ConfigDict(
-            {
-                "name": "vit1d",
-                "patch_size": 4,
-                "width": 16 if quick else 32,
-                "depth": 1 if quick else 2,
-                "num_heads": 4,
-                "mlp_dim": 32 if quick else 64,
-            }
-        )
-        config.optimizer.learning_rate = 3e-3
-        return config, ("embed", "head")
     if model == "CNN":
         config.model.channels = 16 if quick else 32
         return config, ("conv1", "dense")

@@ -28,11 +28,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from configs.base import get_base_config
 from experiments import data as data_lib
 from experiments import models as models_lib
 from experiments import pretrained, stats, sweep
@@ -98,21 +96,9 @@ def _skip(config, layers: int | None) -> list[str]:
 
 def _vit_outliers(quick: bool) -> dict[str, float]:
     """Outlier ratios of the project's MNIST-1D transformer, trained dense (seed 0)."""
-    config = get_base_config()
-    config.progress_bar = False
-    config.total_steps = 100 if quick else 2000
-    config.eval_every_steps = config.total_steps
-    config.model = ml_collections.ConfigDict(
-        {
-            "name": "vit1d",
-            "patch_size": 4,
-            "width": 16 if quick else 32,
-            "depth": 1 if quick else 2,
-            "num_heads": 4,
-            "mlp_dim": 32 if quick else 64,
-        }
-    )
-    config.optimizer.learning_rate = 3e-3
+    config = base.vit1d_config(quick)
+    if quick:
+        config.total_steps = config.eval_every_steps = 100
     data = data_lib.load_mnist1d()
     trained = sweep.train_seeds(config, [0], dataset=data, progress=False)
     model = models_lib.make_model(config, data.num_classes)
