@@ -15,6 +15,7 @@ import pytest
 
 from experiments import activations, models, pretrained
 from experiments import data as data_lib
+from experiments.pretrained import corpus as corpus_lib
 from sparsejax import sae as sae_lib
 
 WIDTHS = (32, 16)
@@ -130,6 +131,25 @@ def test_bert_layer_token_states_equal_a_truncated_forward_without_padding(minil
     kept["encoder"] = {f"layer_{i}": params["encoder"][f"layer_{i}"] for i in range(2)}
     states = short.apply({"params": kept}, enc["input_ids"], enc["attention_mask"])
     np.testing.assert_allclose(shards.array(), np.asarray(states)[mask], rtol=1e-4, atol=1e-4)
+
+
+def test_corpus_windows_give_one_row_a_token_and_record_the_corpus(minilm, tmp_path):
+    model, params, tokenizer = minilm
+    layers = ["encoder/layer_0/intermediate", "encoder/layer_0/output/dense"]
+    out = activations.write_corpus_activations(
+        str(tmp_path), model, params, tokenizer, layers[:1], n=2, length=16, batch_size=2
+    )
+    mlp_hidden = out["encoder/layer_0/intermediate"]
+    assert (mlp_hidden.rows, mlp_hidden.d) == (2 * 16, model.config.intermediate_size)
+    assert (
+        mlp_hidden.source["split"] == "calibration" and len(mlp_hidden.source["text_sha256"]) == 64
+    )
+    # The MLP's hidden layer (its activation's output) is the down projection's input.
+    ids = corpus_lib.calibration_ids(tokenizer, n=2, length=16)
+    down = activations.capture(
+        model.apply, {"params": params}, ids, layers=layers[1], capture="input"
+    )[layers[1]]
+    np.testing.assert_allclose(mlp_hidden.array(), np.asarray(down).reshape(32, -1), atol=1e-5)
 
 
 def _numbered_shards(folder, rows=53, d=3, shard_rows=20, dtype="float32"):
