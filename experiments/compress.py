@@ -53,7 +53,6 @@ from tqdm import tqdm
 
 import tensornets
 from experiments import checkpoints, pretrained
-from experiments import main as main_lib
 from experiments import models as models_lib
 from experiments.pretrained import corpus as corpus_lib
 from experiments.pretrained import distill
@@ -63,7 +62,6 @@ from sparsejax import posttrain
 __all__ = ["CompressResult", "compress", "count_zeros", "main"]
 
 PyTree = Any
-FLAGS = main_lib.FLAGS
 
 _MODEL_FOLDER = "model"
 _REPORT = "report.json"
@@ -423,7 +421,11 @@ def compress(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> C
 # --- Command line -------------------------------------------------------------------------
 
 
-def _fail(message: str, status: int = main_lib.EXIT_BAD_INPUT) -> NoReturn:
+# As experiments.main: bad input, nothing written.
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str, status: int = EXIT_BAD_INPUT) -> NoReturn:
     one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
     print(f"error: {one_line}", file=sys.stderr)
     sys.exit(status)
@@ -432,6 +434,12 @@ def _fail(message: str, status: int = main_lib.EXIT_BAD_INPUT) -> NoReturn:
 def main(argv: Sequence[str]) -> None:
     """The command line (after `experiments.main.parse_flags`): runs `compress` and prints a
     one-line summary; a bad value ends the program with one ``error:`` line, status 2."""
+    # experiments.main defines the flags this command shares (--config, --workdir) when it is
+    # imported, so it is imported only here: a process that imports this module for
+    # `compress` itself (a test, a notebook) keeps its flag namespace to itself.
+    from experiments import main as main_lib  # noqa: PLC0415
+
+    FLAGS = main_lib.FLAGS
     if len(argv) > 1:
         _fail(f"unexpected arguments: {list(argv[1:])}")
     if not FLAGS["verbosity"].present:
@@ -457,4 +465,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    from experiments import main as main_lib
+
     app.run(main, flags_parser=main_lib.parse_flags)
