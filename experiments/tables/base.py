@@ -22,6 +22,8 @@ from configs.base import get_base_config
 from experiments import stats, sweep
 
 __all__ = [
+    "POSTTRAIN_METHODS",
+    "POSTTRAIN_PATTERNS",
     "TABLES",
     "Cell",
     "CellCache",
@@ -191,6 +193,18 @@ def mnist1d_base(quick: bool) -> ml_collections.ConfigDict:
         config.total_steps = 3000
         config.eval_every_steps = 3000
     return config
+
+
+# The post-training tables' pruners (row label, `sparsejax.posttrain` method) and patterns
+# (column label -> (sparsity, n, m) of `prune_model`).
+POSTTRAIN_METHODS = (("magnitude", "magnitude"), ("Wanda", "wanda"), ("SparseGPT", "sparsegpt"))
+POSTTRAIN_PATTERNS = {
+    "50%": (0.5, None, None),
+    "60%": (0.6, None, None),
+    "70%": (0.7, None, None),
+    "2:4": (0.0, 2, 4),
+    "4:8": (0.0, 4, 8),
+}
 
 
 def vit1d_config(quick: bool) -> ml_collections.ConfigDict:

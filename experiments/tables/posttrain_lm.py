@@ -39,14 +39,8 @@ from experiments.tables import base
 from sparsejax import posttrain
 
 _MODEL = "all-MiniLM-L6-v2"
-_METHODS = (("magnitude", "magnitude"), ("Wanda", "wanda"), ("SparseGPT", "sparsegpt"))
-_PATTERNS = {
-    "50%": (0.5, None, None),
-    "60%": (0.6, None, None),
-    "70%": (0.7, None, None),
-    "2:4": (0.0, 2, 4),
-    "4:8": (0.0, 4, 8),
-}
+_METHODS = base.POSTTRAIN_METHODS
+_PATTERNS = base.POSTTRAIN_PATTERNS
 _RECALL = "retrieval recall@1 on the evaluation topics (%)"
 _MRR = "retrieval MRR on the evaluation topics (%)"
 _ERRORS = "mean relative output error of the pruned layers on the calibration inputs, seed 0"
