@@ -12,15 +12,16 @@ import fnmatch
 import math
 import numbers
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import ml_collections
 import numpy as np
 
+from experiments.pretrained.distill import LAYER_GROUPS
+
 __all__ = [
     "FACTORIZE_FORMATS",
-    "LAYER_GROUPS",
     "PRUNE_METHODS",
     "CompressPlan",
     "check_config",
@@ -31,12 +32,6 @@ __all__ = [
 
 PRUNE_METHODS = ("none", "magnitude", "wanda", "sparsegpt")
 FACTORIZE_FORMATS = ("none", "low_rank", "tucker", "tt_matrix")
-# Which projections a group name selects, as a test on the projection's path.
-LAYER_GROUPS: dict[str, Callable[[str], bool]] = {
-    "all": lambda name: True,
-    "attention": lambda name: "/attention/" in name,
-    "mlp": lambda name: "/attention/" not in name,
-}
 # Block-structured pruning ranks blocks by these scores.
 _BLOCK_METHODS = ("magnitude", "wanda")
 
@@ -294,7 +289,8 @@ def select_projections(selection: str, names: Sequence[str], key: str = "layers"
         if not term:
             continue
         if term in LAYER_GROUPS:
-            matched = [n for n in names if LAYER_GROUPS[term](n)]
+            # A group names paths relative to "encoder/layer_{i}/" (`distill.LAYER_GROUPS`).
+            matched = [n for n in names if n.split("/", 2)[-1] in LAYER_GROUPS[term]]
         else:
             matched = fnmatch.filter(names, term)
         if not matched:
