@@ -339,6 +339,8 @@ def embed(
     tokenizer: Any,
     sentences: Sequence[str],
     batch_size: int = 32,
+    *,
+    forward: Callable[[PyTree, jax.Array, jax.Array], jax.Array] | None = None,
 ) -> np.ndarray:
     """Sentence embeddings as sentence-transformers computes them: mean pooling, L2 norm.
 
@@ -351,9 +353,15 @@ def embed(
         `sparsejax.nn.sparse_dense_calls`).
       sentences: a non-empty list of strings.
       batch_size: sentences per forward pass.
+      forward: ``(params, input_ids, attention_mask) -> float[batch, hidden]``, the
+        embeddings of one padded batch; default the model's mean-pooled output under
+        ``jax.jit``. Pass a jitted function of your own to embed with the model changed at
+        run time (an interceptor active while it traces: TEAL's thresholds, an SAE spliced
+        in), since the default's compiled program is cached per model and ignores contexts
+        entered after its first call.
 
     Returns:
-      ``float32[len(sentences), hidden]``, rows of unit norm.
+      ``float32[len(sentences), hidden]``, rows of unit norm (with the default ``forward``).
 
     Raises:
       ValueError: for an empty list, a non-string entry or a bad ``batch_size``.
@@ -375,7 +383,11 @@ def embed(
         ids = np.zeros((batch_size, length), np.int32)
         mask = np.zeros((batch_size, length), np.int32)
         ids[:rows], mask[:rows] = batch["input_ids"], batch["attention_mask"]
-        out[chosen] = np.asarray(_embed_batch(model, params, ids, mask))[:rows]
+        if forward is None:
+            pooled = _embed_batch(model, params, ids, mask)
+        else:
+            pooled = forward(params, ids, mask)
+        out[chosen] = np.asarray(pooled)[:rows]
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import zipfile
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,6 +57,41 @@ def test_embed_is_independent_of_batching_and_padding(minilm):
     one = pretrained.embed(*minilm, sentences, batch_size=1)
     all_at_once = pretrained.embed(*minilm, sentences, batch_size=8)
     np.testing.assert_allclose(one, all_at_once, atol=2e-6)
+
+
+def test_embed_with_a_custom_forward_sees_an_interceptor_the_default_would_miss(minilm):
+    model, params, tokenizer = minilm
+    sentences = ["a short one", "mid length sentence here"]
+    plain = pretrained.embed(model, params, tokenizer, sentences)
+
+    def zero_last_layer(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and "/".join(context.module.path) == (
+            "encoder/layer_5/output/dense"
+        ):
+            return jnp.zeros_like(out)
+        return out
+
+    @jax.jit
+    def forward(p, ids, mask):
+        with nn.intercept_methods(zero_last_layer):
+            states = model.apply({"params": p}, ids, mask)
+        return pretrained.mean_pool(states, mask)
+
+    same = pretrained.embed(
+        model,
+        params,
+        tokenizer,
+        sentences,
+        forward=jax.jit(
+            lambda p, ids, mask: pretrained.mean_pool(model.apply({"params": p}, ids, mask), mask)
+        ),
+    )
+    np.testing.assert_allclose(same, plain, atol=1e-6)
+    changed = pretrained.embed(model, params, tokenizer, sentences, forward=forward)
+    assert np.min(np.sum(changed * plain, axis=1)) < 0.999
+    # The default path's cached program is unaffected by the custom one.
+    np.testing.assert_allclose(pretrained.embed(model, params, tokenizer, sentences), plain)
 
 
 def test_long_input_is_truncated_at_max_seq_length(minilm):
