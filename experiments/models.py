@@ -430,16 +430,23 @@ class _SelfAttention(nn.Module):
         return nn.Dense(width, name="out")(out)
 
 
+# ViT1D's MLP activations. "gelu" is flax's default `nn.gelu` (the tanh approximation), as
+# the model has always used, so results measured before the attribute existed are unchanged.
+_VIT_ACTIVATIONS: dict[str, Any] = {"gelu": nn.gelu, "relu": nn.relu}
+
+
 class _EncoderBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)) with a GELU MLP."""
+    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)) (GELU or ReLU MLP)."""
 
     num_heads: int
     mlp_dim: int
+    activation: str = "gelu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + _SelfAttention(self.num_heads, name="attention")(nn.LayerNorm(name="norm1")(x))
-        h = nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(nn.LayerNorm(name="norm2")(x)))
+        act = _VIT_ACTIVATIONS[self.activation]
+        h = act(nn.Dense(self.mlp_dim, name="mlp_in")(nn.LayerNorm(name="norm2")(x)))
         return x + nn.Dense(x.shape[-1], name="mlp_out")(h)
 
 
@@ -449,8 +456,8 @@ class ViT1D(nn.Module):
     The input ``[batch, length, channels]`` is cut into ``length / patch_size`` tokens of
     ``patch_size * channels`` values, embedded by a ``Dense`` plus a learned position
     embedding, passed through ``depth`` pre-norm encoder blocks (self-attention with Dense
-    query/key/value/out projections and a GELU MLP), layer-normalized, averaged over tokens
-    and classified by a ``Dense`` head. For MNIST-1D with ``patch_size=1`` the 40 positions
+    query/key/value/out projections and a GELU or ReLU MLP), layer-normalized, averaged over
+    tokens and classified by a ``Dense`` head. For MNIST-1D with ``patch_size=1`` the 40 positions
     are the 40 tokens. Every weight matrix is an ``nn.Dense``, so the attention and MLP
     blocks can be pruned like the linear layers of a language model.
 
@@ -461,6 +468,8 @@ class ViT1D(nn.Module):
       num_heads: attention heads.
       mlp_dim: hidden width of each block's MLP.
       num_classes: output width.
+      activation: the MLPs' activation, ``"gelu"`` (``nn.gelu``, its tanh approximation;
+        the default) or ``"relu"`` (exact zeros, for measuring activation sparsity).
 
     Input ``float[batch, length, channels]``, output logits ``float32[batch, num_classes]``.
     Submodules ``embed``, ``block_{i}`` (``attention/{query,key,value,out}``, ``mlp_in``,
@@ -477,10 +486,15 @@ class ViT1D(nn.Module):
     num_heads: int = 4
     mlp_dim: int = 64
     num_classes: int = 10
+    activation: str = "gelu"
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "width", "depth", "num_heads", "mlp_dim", "num_classes"):
             _check_positive_int(getattr(self, name), name)
+        if not isinstance(self.activation, str) or self.activation not in _VIT_ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {sorted(_VIT_ACTIVATIONS)}, got {self.activation!r}"
+            )
         if self.width % self.num_heads:
             raise ValueError(
                 f"num_heads must divide width, got num_heads={self.num_heads}, width={self.width}"
@@ -502,7 +516,7 @@ class ViT1D(nn.Module):
         )
         x = x + position[None]
         for i in range(self.depth):
-            x = _EncoderBlock(self.num_heads, self.mlp_dim, name=f"block_{i}")(x)
+            x = _EncoderBlock(self.num_heads, self.mlp_dim, self.activation, name=f"block_{i}")(x)
         x = jnp.mean(nn.LayerNorm(name="norm")(x), axis=1)
         return nn.Dense(self.num_classes, name="head")(x)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -413,3 +414,43 @@ def test_vit1d_shapes_layers_and_errors():
         models.ViT1D(width=10, num_heads=4)
     with pytest.raises(ValueError, match="patch_size=3 must divide"):
         models.ViT1D(patch_size=3).init(jax.random.key(0), x)
+
+
+def _mlp_hidden(model, variables, x):
+    """{block: (mlp_in's output, mlp_out's input)} of one forward pass."""
+    seen = {}
+
+    def capture(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and context.module.name in ("mlp_in", "mlp_out"):
+            block = context.module.path[0]
+            value = out if context.module.name == "mlp_in" else args[0]
+            seen.setdefault(block, {})[context.module.name] = value
+        return out
+
+    with nn.intercept_methods(capture):
+        model.apply(variables, x)
+    return {block: (v["mlp_in"], v["mlp_out"]) for block, v in seen.items()}
+
+
+def test_vit1d_activation_is_gelu_by_default_relu_on_request_and_set_from_a_config():
+    x = jax.random.normal(jax.random.key(0), (3, 40, 1))
+    sizes = {"patch_size": 4, "width": 8, "depth": 2, "num_heads": 2, "mlp_dim": 16}
+    assert models.get_model("vit1d", **sizes).activation == "gelu"
+    variables = _init(models.get_model("vit1d", **sizes), x)
+    for activation, fn in (("gelu", nn.gelu), ("relu", nn.relu)):
+        config = ml_collections.ConfigDict({"model": {"name": "vit1d", **sizes}})
+        config.model.activation = activation
+        model = models.make_model(config, num_classes=10)
+        assert model.activation == activation
+        hidden = _mlp_hidden(model, variables, x)  # the same params: activations have none
+        assert sorted(hidden) == ["block_0", "block_1"]
+        for pre, post in hidden.values():
+            # "gelu" is flax's default (tanh-approximate) GELU, as before the attribute existed.
+            np.testing.assert_allclose(post, fn(pre), rtol=1e-6, atol=1e-6)
+            zeros = float(jnp.mean(post == 0))
+            assert 0.2 < zeros < 0.8 if activation == "relu" else zeros == 0.0
+    with pytest.raises(
+        ValueError, match=r"^activation must be one of \['gelu', 'relu'\], got 'tanh'"
+    ):
+        models.ViT1D(activation="tanh")
