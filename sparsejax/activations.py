@@ -10,6 +10,7 @@ Two measurements and one intervention on any Flax Linen model, through
   a target sparsity, calibrated per layer from activation magnitudes (TEAL).
 - `topk_activations`: keep the k largest activations of each token, a trainable alternative
   to thresholds for a model's own MLPs.
+- `random_drop`: TEAL's control, the same fraction of each input zeroed at random.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ __all__ = [
     "dense_inputs",
     "nonzero_fraction",
     "nonzero_fractions",
+    "random_drop",
+    "random_drop_interceptor",
     "teal",
     "teal_interceptor",
     "teal_thresholds",
@@ -173,14 +176,16 @@ def teal_interceptor(thresholds: dict[Path, float]):
     """A `flax.linen.intercept_methods` interceptor applying TEAL's thresholds.
 
     Args:
-      thresholds: ``{path: t}`` from `teal_thresholds`.
+      thresholds: ``{path: t}`` from `teal_thresholds`. A ``t`` may also be a scalar
+        array, traced included: with the thresholds an argument of a jitted function, one
+        compiled program serves every sparsity.
 
     Returns:
       An interceptor that, whenever a Dense layer at one of the paths is called, zeroes
       the entries of its input with ``|a| <= t`` before the layer runs. The model, its
       params and its call signature are unchanged.
     """
-    thresholds = {tuple(p): float(t) for p, t in thresholds.items()}
+    thresholds = {tuple(p): t for p, t in thresholds.items()}
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
@@ -205,6 +210,68 @@ def teal(thresholds: dict[Path, float]) -> Iterator[None]:
             logits = model.apply(variables, x)   # works under jax.jit too
     """
     with nn.intercept_methods(teal_interceptor(thresholds)):
+        yield
+
+
+def _check_rate(path: Path, rate: Any) -> None:
+    # Arrays may be traced (rates passed to a jitted function): only numbers are checked.
+    number = isinstance(rate, int | float | np.floating) and not isinstance(rate, bool)
+    if not (number or isinstance(rate, jax.Array | np.ndarray)) or (number and not 0 <= rate <= 1):
+        raise ValueError(f"rates[{'/'.join(path)!r}] must be in [0, 1], got {rate!r}")
+
+
+def random_drop_interceptor(key: jax.Array, rates: dict[Path, Any]):
+    """A `flax.linen.intercept_methods` interceptor zeroing random entries of Dense inputs.
+
+    The control for TEAL: the same fraction of each projection's input dropped at random
+    instead of by magnitude. Nothing is rescaled (unlike dropout), as TEAL rescales nothing.
+
+    Args:
+      key: a PRNG key. The layer at ``sorted(rates)[i]`` draws with ``fold_in(key, i)``, so
+        its mask does not depend on the order or number of the other layers' calls (a layer
+        called twice with one input shape draws the same mask twice).
+      rates: ``{path: p}``: each entry of that Dense layer's input is zeroed independently
+        with probability ``p`` in [0, 1] (a float or a scalar array, traced included, so the
+        rates can be arguments of a jitted function).
+
+    Returns:
+      An interceptor that, whenever a Dense layer at one of the paths is called, zeroes a
+      Bernoulli(``p``) draw of its input entries before the layer runs.
+
+    Raises:
+      ValueError: for a rate outside [0, 1], naming its path.
+    """
+    rates = {tuple(p): r for p, r in rates.items()}
+    for path, rate in rates.items():
+        _check_rate(path, rate)
+    index = {path: i for i, path in enumerate(sorted(rates))}
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, nn.Dense):
+            path = tuple(module.path)
+            if path in rates:
+                a = args[0]
+                drop = jax.random.bernoulli(
+                    jax.random.fold_in(key, index[path]), rates[path], jnp.shape(a)
+                )
+                args = (jnp.where(drop, jnp.zeros_like(a), a),) + tuple(args[1:])
+        return next_fun(*args, **kwargs)
+
+    return interceptor
+
+
+@contextlib.contextmanager
+def random_drop(key: jax.Array, rates: dict[Path, Any]) -> Iterator[None]:
+    """Context in which ``model.apply`` runs with random entries of Dense inputs zeroed.
+
+    Example::
+
+        rates = {path: 0.4 for path in thresholds}       # TEAL's paths and sparsity
+        with random_drop(jax.random.key(0), rates):
+            logits = model.apply(variables, x)
+    """
+    with nn.intercept_methods(random_drop_interceptor(key, rates)):
         yield
 
 

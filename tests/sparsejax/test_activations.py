@@ -123,3 +123,99 @@ def test_bad_input_names_the_argument():
         activations.nonzero_fraction(x, eps=-1.0)
     with pytest.raises(ValueError, match=r"^k must be an int in \[1, features=8\]"):
         activations.topk_activations(x, 9)
+
+
+def test_teal_thresholds_can_be_jit_arguments_one_program_for_every_sparsity():
+    model, variables, x = _setup(gelu=True)
+    traces = []
+
+    @jax.jit
+    def run(variables, x, thresholds):
+        traces.append(1)
+        with activations.teal(thresholds):
+            return model.apply(variables, x)
+
+    for sparsity in (0.25, 0.5):
+        thresholds = activations.teal_thresholds(model.apply, variables, x, sparsity=sparsity)
+        with activations.teal(thresholds):
+            expected = model.apply(variables, x)
+        as_arrays = {p: jnp.float32(t) for p, t in thresholds.items()}
+        np.testing.assert_allclose(run(variables, x, as_arrays), expected, rtol=1e-5, atol=1e-5)
+    assert len(traces) == 1
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 0.7, 1.0])
+def test_random_drop_zeroes_the_rate_of_entries_at_random_and_keeps_the_rest(rate):
+    model, variables, x = _setup(gelu=True, tokens=512)
+    key = jax.random.key(3)
+    rates = {("up",): rate, ("down",): rate}
+    seen, outputs = {}, {}
+
+    def record(next_fun, args, kwargs, context):  # runs after the drop: entered inside it
+        seen[tuple(context.module.path)] = args[0]
+        outputs[tuple(context.module.path)] = next_fun(*args, **kwargs)
+        return outputs[tuple(context.module.path)]
+
+    with activations.random_drop(key, rates), nn.intercept_methods(record):
+        out = model.apply(variables, x)
+    # What each layer would have received without its own drop (upstream drops included).
+    inputs = {("up",): x, ("down",): nn.gelu(outputs[("up",)], approximate=False)}
+    for path, original in inputs.items():
+        dropped = np.asarray(seen[path]) == 0
+        if rate == 1:
+            assert dropped.all()
+            continue
+        # Among entries that were nonzero (a token whose inputs were all dropped upstream
+        # reaches GELU(bias) = 0), Binomial(n, rate): within 5 standard deviations.
+        nonzero = np.asarray(original) != 0
+        n = nonzero.sum()
+        assert n > dropped.size // 2
+        fraction = dropped[nonzero].mean()
+        assert abs(fraction - rate) <= 5 * np.sqrt(rate * (1 - rate) / n) + 1e-9
+        np.testing.assert_array_equal(
+            np.asarray(seen[path])[~dropped], np.asarray(original)[~dropped]
+        )
+    if rate == 0:
+        np.testing.assert_array_equal(out, model.apply(variables, x))
+    # The two layers draw different masks, and a jitted run with traced rates and key agrees.
+    if 0 < rate < 1:
+        up, down = (np.asarray(seen[p]) == 0 for p in (("up",), ("down",)))
+        assert not np.array_equal(up[:, : down.shape[1]], down)
+
+    @jax.jit
+    def run(variables, x, key, rates):
+        with activations.random_drop(key, rates):
+            return model.apply(variables, x)
+
+    traced = {p: jnp.float32(r) for p, r in rates.items()}
+    np.testing.assert_allclose(run(variables, x, key, traced), out, rtol=1e-5, atol=1e-5)
+
+
+def test_random_drop_touches_only_the_listed_layers_and_depends_on_the_key():
+    model, variables, x = _setup(gelu=True)
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        seen[tuple(context.module.path)] = np.asarray(args[0])
+        return next_fun(*args, **kwargs)
+
+    masks = []
+    for key in (0, 0, 1):
+        with activations.random_drop(jax.random.key(key), {("down",): 0.5}):
+            with nn.intercept_methods(record):
+                model.apply(variables, x)
+        np.testing.assert_array_equal(seen[("up",)], x)  # not listed: untouched
+        masks.append(seen[("down",)] == 0)
+    np.testing.assert_array_equal(masks[0], masks[1])  # one key, one mask
+    assert not np.array_equal(masks[0], masks[2])
+    p = variables["params"]
+    with activations.random_drop(jax.random.key(0), {("down",): 1.0}):
+        out = model.apply(variables, x)
+    np.testing.assert_allclose(out, jnp.broadcast_to(p["down"]["bias"], out.shape))
+
+
+def test_random_drop_names_a_bad_rate():
+    with pytest.raises(ValueError, match=r"^rates\['down'\] must be in \[0, 1\], got 1.5"):
+        activations.random_drop_interceptor(jax.random.key(0), {("down",): 1.5})
+    with pytest.raises(ValueError, match=r"^rates\['up'\] must be in \[0, 1\], got 'half'"):
+        activations.random_drop_interceptor(jax.random.key(0), {("up",): "half"})
