@@ -180,7 +180,7 @@ def test_random_drop_zeroes_the_rate_of_entries_at_random_and_keeps_the_rest(rat
     # The two layers draw different masks, and a jitted run with traced rates and key agrees.
     if 0 < rate < 1:
         up, down = (np.asarray(seen[p]) == 0 for p in (("up",), ("down",)))
-        assert not np.array_equal(up[:, : down.shape[1]], down)
+        assert not np.array_equal(up, down[:, : up.shape[1]])
 
     @jax.jit
     def run(variables, x, key, rates):
