@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import pkgutil
 from collections.abc import Callable
@@ -29,6 +30,7 @@ __all__ = [
     "CellCache",
     "Table",
     "TableRun",
+    "calibrate_penalty",
     "compare",
     "load_tables",
     "mnist1d_base",
@@ -173,6 +175,48 @@ def load_tables() -> dict[str, Table]:
     for info in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{package.__name__}.{info.name}")
     return TABLES
+
+
+def calibrate_penalty(
+    l0_of: Callable[[float], float],
+    k: float,
+    *,
+    start: float,
+    max_fits: int = 6,
+    tolerance: float = 1.1,
+) -> dict[str, float]:
+    """The sparsity-penalty coefficient at which a penalized SAE's L0 is nearest ``k``.
+
+    A secant search on log L0 against log coefficient (L0 falls as the penalty grows): the
+    first step assumes L0 inversely proportional to the coefficient, later ones use the
+    slope through the two tries nearest the target, and every step is limited to a factor
+    of 8. It stops when L0 is within a factor ``tolerance`` of ``k`` or after ``max_fits``.
+
+    Args:
+      l0_of: coefficient -> the L0 reached by an SAE trained with it (one fit).
+      k: the target L0.
+      start: the first coefficient tried.
+      max_fits, tolerance: the search's budget and stopping rule.
+
+    Returns:
+      ``{"coeff", "l0", "fits"}``: the best coefficient tried, its L0 and the fits made.
+    """
+    log_k = math.log(k)
+    tried: list[tuple[float, float]] = []  # (log coefficient, log L0)
+    log_c = math.log(start)
+    for _ in range(max_fits):
+        tried.append((log_c, math.log(max(l0_of(math.exp(log_c)), 1e-2))))
+        if abs(tried[-1][1] - log_k) <= math.log(tolerance):
+            break
+        slope = -1.0
+        if len(tried) >= 2:
+            (c1, y1), (c2, y2) = sorted(tried, key=lambda t: abs(t[1] - log_k))[:2]
+            if c1 != c2 and (y1 - y2) / (c1 - c2) < -0.05:
+                slope = (y1 - y2) / (c1 - c2)
+        best_c, best_y = min(tried, key=lambda t: abs(t[1] - log_k))
+        log_c = best_c + max(-math.log(8), min(math.log(8), (log_k - best_y) / slope))
+    best_c, best_y = min(tried, key=lambda t: abs(t[1] - log_k))
+    return {"coeff": math.exp(best_c), "l0": math.exp(best_y), "fits": len(tried)}
 
 
 def percent(x: float) -> str:

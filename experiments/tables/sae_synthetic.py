@@ -200,32 +200,16 @@ def _measure(sae, held_out, s: dict[str, Any]) -> dict[str, float]:
 
 
 def _calibrate(row: str, k: int, s: dict[str, Any]) -> dict[str, float]:
-    """The penalty coefficient of ``row`` whose L0 on the calibration seed is nearest ``k``.
-
-    A secant search on log L0 against log coefficient (L0 falls as the penalty grows); the
-    first step assumes L0 inversely proportional to the coefficient, and every step is
-    limited to a factor of 8.
-    """
+    """The penalty coefficient of ``row`` whose L0 on the calibration seed is nearest ``k``."""
     x, held_out = _data(_CALIBRATION_SEED, s)
-    log_k = math.log(k)
-    tried: list[tuple[float, float]] = []  # (log coefficient, log L0)
-    log_c = math.log(_START[row])
-    for _ in range(_MAX_CALIBRATION_FITS):
-        sae = _fit(row, k, _CALIBRATION_SEED, x, s, math.exp(log_c))
-        l0 = sae_lib.evaluate(sae, held_out.x)["l0"]
-        tried.append((log_c, math.log(max(l0, 1e-2))))
-        if abs(tried[-1][1] - log_k) <= math.log(_L0_TOLERANCE):
-            break
-        slope = -1.0
-        if len(tried) >= 2:
-            (c1, y1), (c2, y2) = sorted(tried, key=lambda t: abs(t[1] - log_k))[:2]
-            if c1 != c2 and (y1 - y2) / (c1 - c2) < -0.05:
-                slope = (y1 - y2) / (c1 - c2)
-        best_c, best_y = min(tried, key=lambda t: abs(t[1] - log_k))
-        step = (log_k - best_y) / slope
-        log_c = best_c + max(-math.log(8), min(math.log(8), step))
-    best_c, best_y = min(tried, key=lambda t: abs(t[1] - log_k))
-    return {"coeff": math.exp(best_c), "l0": math.exp(best_y), "fits": len(tried)}
+
+    def l0_of(coeff: float) -> float:
+        sae = _fit(row, k, _CALIBRATION_SEED, x, s, coeff)
+        return sae_lib.evaluate(sae, held_out.x)["l0"]
+
+    return base.calibrate_penalty(
+        l0_of, k, start=_START[row], max_fits=_MAX_CALIBRATION_FITS, tolerance=_L0_TOLERANCE
+    )
 
 
 def _run(quick, seeds, dataset, workdir, progress) -> base.TableRun:

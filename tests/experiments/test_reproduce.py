@@ -53,7 +53,7 @@ def test_register_refuses_a_second_table_with_a_taken_name():
 
 def test_every_table_has_its_module_and_the_cli_sees_every_registered_table():
     assert reproduce.TABLES is base.TABLES
-    assert len(base.TABLES) == 14
+    assert len(base.TABLES) == 15
     for name, table in base.TABLES.items():
         assert table.name == name
         assert os.path.isfile(os.path.join(_ROOT, "experiments", "tables", f"{name}.py")), name
@@ -163,3 +163,19 @@ def test_cell_cache_resumes_matching_runs_and_skips_torn_lines(tmp_path):
     memory = base.CellCache(None, {})
     memory.put("a", 1, 0, {"x": 1})
     assert memory.get("a", 1, 0) == {"x": 1}
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0, 2.5])
+def test_calibrate_penalty_finds_the_coefficient_of_a_target_l0(power):
+    calls = []
+
+    def l0_of(coeff):
+        calls.append(coeff)
+        return 300.0 / coeff**power
+
+    found = base.calibrate_penalty(l0_of, 16, start=1.0, max_fits=8, tolerance=1.1)
+    assert found["fits"] == len(calls) <= 8
+    assert abs(np.log(found["l0"] / 16)) <= np.log(1.1)
+    assert found["l0"] == pytest.approx(300.0 / found["coeff"] ** power)
+    # Every step is limited to a factor of 8.
+    assert all(1 / 8 - 1e-9 <= b / a <= 8 + 1e-9 for a, b in zip(calls, calls[1:]))
