@@ -35,6 +35,7 @@ __all__ = [
     "teal",
     "teal_interceptor",
     "teal_thresholds",
+    "teal_thresholds_from_inputs",
     "topk_activations",
 ]
 
@@ -164,12 +165,38 @@ def teal_thresholds(
     """
     sparsity = _check_sparsity(sparsity)
     inputs = dense_inputs(apply_fn, variables, x, paths=paths)
-    if sparsity == 0:
-        return {p: -1.0 for p in inputs}
-    return {
-        p: float(jnp.quantile(jnp.abs(a.astype(jnp.float32)).reshape(-1), sparsity))
-        for p, a in inputs.items()
-    }
+    return teal_thresholds_from_inputs(inputs, [sparsity])[sparsity]
+
+
+def teal_thresholds_from_inputs(
+    inputs: dict[Path, jax.Array], sparsities: Sequence[float]
+) -> dict[float, dict[Path, float]]:
+    """`teal_thresholds` at several sparsities from one capture of the layers' inputs.
+
+    Args:
+      inputs: ``{path: input array}``, e.g. from `dense_inputs` on a calibration batch.
+      sparsities: target fractions of zeroed entries, each in [0, 1).
+
+    Returns:
+      ``{sparsity: {path: t}}``, ``t`` the ``sparsity`` quantile of ``|input|`` (linear
+      interpolation, as ``jnp.quantile``), or -1 for sparsity 0 (nothing is zeroed).
+
+    Raises:
+      ValueError: for a sparsity outside [0, 1).
+    """
+    sparsities = [_check_sparsity(x) for x in sparsities]
+    nonzero = [x for x in sparsities if x > 0]
+    out: dict[float, dict[Path, float]] = {x: {} for x in sparsities}
+    for p, a in inputs.items():
+        # On the host: numpy's selection-based quantile is much faster than a full sort on
+        # XLA:CPU (seconds instead of minutes for the 36 inputs of a BERT-small on 2k tokens).
+        magnitudes = np.abs(np.asarray(a, np.float32)).reshape(-1)
+        quantiles = np.quantile(magnitudes, nonzero) if nonzero else []
+        for x in sparsities:
+            out[x][p] = -1.0
+        for x, t in zip(nonzero, quantiles, strict=True):
+            out[x][p] = float(t)
+    return out
 
 
 def teal_interceptor(thresholds: dict[Path, float]):

@@ -219,3 +219,19 @@ def test_random_drop_names_a_bad_rate():
         activations.random_drop_interceptor(jax.random.key(0), {("down",): 1.5})
     with pytest.raises(ValueError, match=r"^rates\['up'\] must be in \[0, 1\], got 'half'"):
         activations.random_drop_interceptor(jax.random.key(0), {("up",): "half"})
+
+
+def test_teal_thresholds_from_inputs_match_one_sparsity_at_a_time_and_jnp_quantile():
+    model, variables, x = _setup(gelu=True)
+    inputs = activations.dense_inputs(model.apply, variables, x)
+    sparsities = [0.0, 0.25, 0.4, 0.5]
+    together = activations.teal_thresholds_from_inputs(inputs, sparsities)
+    assert list(together) == sparsities
+    for sparsity in sparsities:
+        alone = activations.teal_thresholds(model.apply, variables, x, sparsity=sparsity)
+        assert together[sparsity] == alone
+        for path, a in inputs.items():
+            reference = -1.0 if sparsity == 0 else jnp.quantile(jnp.abs(a), sparsity)
+            np.testing.assert_allclose(together[sparsity][path], reference, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"^sparsity must be in \[0, 1\), got 1.5"):
+        activations.teal_thresholds_from_inputs(inputs, [0.5, 1.5])
