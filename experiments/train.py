@@ -32,6 +32,7 @@ from experiments import checkpoints, distributed, optim
 from experiments import data as data_lib
 from experiments import models as models_lib
 from experiments import state as state_lib
+from experiments import tensorboard as tensorboard_lib
 from sparsejax import algorithms, masks
 
 __all__ = [
@@ -189,7 +190,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mappi
     object a line with ``step``, ``train_loss``, ``train_accuracy``, ``test_loss``,
     ``test_accuracy``, ``sparsity``, ``steps_per_second``; a NaN or infinite value
     is written as ``null``) and orbax checkpoints in ``workdir/checkpoints`` every
-    ``checkpoint_every_steps`` and at the end. The workdir is locked for the
+    ``checkpoint_every_steps`` and at the end. With tensorboardX (or tensorboard)
+    installed, the same rows also go to TensorBoard event files in
+    ``workdir/tensorboard`` (`experiments.tensorboard`). The workdir is locked for the
     whole run (`checkpoints.lock_workdir`). On resume, metric lines that are not
     JSON records (a line torn by a crash) are moved aside with a warning.
 
@@ -302,6 +305,10 @@ def _run(
     skip_run, skip_run_start = 0, None
     tick = time.perf_counter()
     tick_step = start_step
+    # Opened last before the loop, so the `finally` below always closes it.
+    scalar_writer = tensorboard_lib.open_writer(
+        os.path.join(workdir, "tensorboard"), start_step=start_step, enabled=is_chief
+    )
 
     def check_pending():
         """Mean loss and accuracy since the last check; raises on a non-finite loss."""
@@ -385,6 +392,7 @@ def _run(
                 if is_chief:
                     with open(metrics_path, "a") as f:
                         f.write(_json_line(record))
+                    scalar_writer.write(done, record)
                 tick, tick_step = time.perf_counter(), done
             pending.clear()
             if is_ckpt:
@@ -402,6 +410,7 @@ def _run(
                 last_good = done
     finally:
         bar.close()
+        scalar_writer.close()
         manager.wait_until_finished()
         manager.close()
     return record
