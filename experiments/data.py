@@ -415,7 +415,11 @@ def check_dataset_config(config: Any) -> None:
                 f"('{_CIFAR10_FOLDER}/' or a folder containing it) for "
                 "config.dataset.name='cifar10'"
             )
-        _find_cifar10_folder(os.fspath(kwargs["data_dir"]))
+        try:
+            _find_cifar10_folder(os.fspath(kwargs["data_dir"]))
+        except ValueError as error:
+            # The loader's message starts "data_dir=...": name the config key it came from.
+            raise ValueError(f"config.dataset.{error}") from None
 
 
 def load_from_config(config: Any) -> Dataset:
