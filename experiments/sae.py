@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, logging
+from tqdm import tqdm
 
 import experiments.activations as acts
 from experiments import checkpoints
@@ -54,7 +55,6 @@ from sparsejax.sae import training as training_lib
 
 EXIT_BAD_INPUT = 2
 SOURCES = ("minilm", "folder")
-_MODEL = "all-MiniLM-L6-v2"
 _SAE_KEYS = ("kind", "n_latents", "k", "steps", "batch_size", "options")
 
 
@@ -83,6 +83,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                     f"experiments.activations.write_activations (with {INDEX_FILE})"
                 )
     else:
+        name = config.get("model", {}).get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"config.model.name must name a pretrained model, got {name!r}")
         if not isinstance(config.get("layer"), str) or not config.layer:
             raise ValueError(f"config.layer must name a module path, got {config.get('layer')!r}")
         for key in ("windows", "length", "passages"):
@@ -142,7 +145,7 @@ def _activations(config, workdir: str):
     from experiments import pretrained  # noqa: PLC0415 -- the tokenizer's packages
     from experiments.pretrained import corpus as corpus_lib  # noqa: PLC0415
 
-    model, params, tokenizer = pretrained.load(_MODEL)
+    model, params, tokenizer = pretrained.load(config.model.name)
     train = acts.write_corpus_activations(
         os.path.join(folder, "train"),
         model,
@@ -181,7 +184,7 @@ def _spliced_scores(config, sae) -> dict[str, float]:
     from experiments import pretrained  # noqa: PLC0415
     from experiments.pretrained import corpus as corpus_lib  # noqa: PLC0415
 
-    model, params, tokenizer = pretrained.load(_MODEL)
+    model, params, tokenizer = pretrained.load(config.model.name)
 
     @jax.jit
     def spliced(p, replacement, ids, mask):
@@ -237,9 +240,11 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
             for _ in range(done):  # the same stream as an uninterrupted run
                 next(batches)
             steps = int(config.sae.steps)
+            bar = tqdm(total=steps, initial=done, disable=not config.progress_bar, desc="sae")
             while done < steps:
                 state, metrics = step_fn(state, jnp.asarray(next(batches)))
                 done += 1
+                bar.update(1)
                 if done % config.log_every_steps == 0 or done == steps:
                     record = {"step": done, **{k: float(v) for k, v in metrics.items()}}
                     with open(metrics_path, "a") as f:
@@ -248,6 +253,7 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
                     checkpoints.save(manager, done, state)
                     # The train step donates its state: the save must have read it first.
                     manager.wait_until_finished()
+            bar.close()
         finally:
             manager.wait_until_finished()
             manager.close()
