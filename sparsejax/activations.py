@@ -247,6 +247,20 @@ def _check_rate(path: Path, rate: Any) -> None:
         raise ValueError(f"rates[{'/'.join(path)!r}] must be in [0, 1], got {rate!r}")
 
 
+def _bernoulli16(key: jax.Array, p: Any, shape: tuple[int, ...]) -> jax.Array:
+    """Bernoulli(``p``) booleans from 16 random bits an entry (``p`` rounded to 1/65536).
+
+    Half as many 32-bit words as entries, each split in two: on XLA:CPU this is about 4x
+    faster than `jax.random.bernoulli`'s 32-bit uniforms, whose cost over every projection
+    input of a transformer exceeds the model's own.
+    """
+    *lead, n = shape
+    words = jax.random.bits(key, (*lead, -(-n // 2)), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*lead, -1)[..., :n]
+    threshold = jnp.round(jnp.asarray(p, jnp.float32) * 65536).astype(jnp.int32)
+    return halves.astype(jnp.int32) < threshold
+
+
 def random_drop_interceptor(key: jax.Array, rates: dict[Path, Any]):
     """A `flax.linen.intercept_methods` interceptor zeroing random entries of Dense inputs.
 
@@ -258,8 +272,8 @@ def random_drop_interceptor(key: jax.Array, rates: dict[Path, Any]):
         its mask does not depend on the order or number of the other layers' calls (a layer
         called twice with one input shape draws the same mask twice).
       rates: ``{path: p}``: each entry of that Dense layer's input is zeroed independently
-        with probability ``p`` in [0, 1] (a float or a scalar array, traced included, so the
-        rates can be arguments of a jitted function).
+        with probability ``p`` in [0, 1], rounded to a multiple of 1/65536 (a float or a
+        scalar array, traced included, so the rates can be arguments of a jitted function).
 
     Returns:
       An interceptor that, whenever a Dense layer at one of the paths is called, zeroes a
@@ -279,9 +293,7 @@ def random_drop_interceptor(key: jax.Array, rates: dict[Path, Any]):
             path = tuple(module.path)
             if path in rates:
                 a = args[0]
-                drop = jax.random.bernoulli(
-                    jax.random.fold_in(key, index[path]), rates[path], jnp.shape(a)
-                )
+                drop = _bernoulli16(jax.random.fold_in(key, index[path]), rates[path], a.shape)
                 args = (jnp.where(drop, jnp.zeros_like(a), a),) + tuple(args[1:])
         return next_fun(*args, **kwargs)
 

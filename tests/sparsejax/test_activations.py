@@ -235,3 +235,23 @@ def test_teal_thresholds_from_inputs_match_one_sparsity_at_a_time_and_jnp_quanti
             np.testing.assert_allclose(together[sparsity][path], reference, rtol=1e-6)
     with pytest.raises(ValueError, match=r"^sparsity must be in \[0, 1\), got 1.5"):
         activations.teal_thresholds_from_inputs(inputs, [0.5, 1.5])
+
+
+@pytest.mark.parametrize("features", [1, 7, 64])
+def test_random_drop_on_odd_widths_and_batched_tokens(features):
+    layer = nn.Dense(3)
+    x = jnp.asarray(np.random.default_rng(2).uniform(1, 2, (5, 301, features)), jnp.float32)
+    variables = layer.init(jax.random.key(0), x)
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        seen["x"] = np.asarray(args[0])
+        return next_fun(*args, **kwargs)
+
+    with activations.random_drop(jax.random.key(4), {(): 0.123}), nn.intercept_methods(record):
+        out = layer.apply(variables, x)
+    assert out.shape == (5, 301, 3) and seen["x"].shape == x.shape
+    dropped = seen["x"] == 0
+    assert abs(dropped.mean() - 0.123) <= 5 * np.sqrt(0.123 * 0.877 / x.size)
+    # Every position of the last axis is drawn (the 16-bit halves cover odd widths too).
+    assert features == 1 or dropped.any(axis=(0, 1)).all()
