@@ -15,7 +15,13 @@ from sparsejax.posttrain.calibration import (
     outlier_ratios,
 )
 from sparsejax.posttrain.dsnot import dsnot
-from sparsejax.posttrain.layerwise import METHODS, PruneResult, prune_layer, prune_model
+from sparsejax.posttrain.layerwise import (
+    METHODS,
+    PruneResult,
+    prune_calls,
+    prune_layer,
+    prune_model,
+)
 from sparsejax.posttrain.magnitude import magnitude
 from sparsejax.posttrain.sparsegpt import hessian_inverse_factor, sparsegpt
 from sparsejax.posttrain.wanda import wanda, wanda_scores
@@ -32,6 +38,7 @@ __all__ = [
     "layer_calls",
     "magnitude",
     "outlier_ratios",
+    "prune_calls",
     "prune_layer",
     "prune_model",
     "sparsegpt",

@@ -24,7 +24,7 @@ from sparsejax.posttrain.wanda import wanda, wanda_scores
 
 PyTree = Any
 
-__all__ = ["METHODS", "PruneResult", "prune_layer", "prune_model"]
+__all__ = ["METHODS", "PruneResult", "prune_calls", "prune_layer", "prune_model"]
 
 METHODS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
     "magnitude": magnitude,
@@ -143,6 +143,17 @@ def _blocks(calls: list, depth: int | None) -> list[list]:
     return blocks
 
 
+def _check_options(method: str, sparsity: Any, n: Any, m: Any, block_depth: Any):
+    """The pattern of ``sparsity`` / ``n``, ``m``, after checking every option of `prune_calls`."""
+    _get_method(method)
+    pattern = pattern_lib.make_pattern(sparsity, n, m)
+    if block_depth is not None and (
+        isinstance(block_depth, bool) or not isinstance(block_depth, int) or block_depth < 1
+    ):
+        raise ValueError(f"block_depth must be None or a positive int, got {block_depth!r}")
+    return pattern
+
+
 def prune_model(
     apply_fn: Callable[..., Any],
     params: PyTree,
@@ -194,14 +205,10 @@ def prune_model(
     The calibration input of layer l is captured (`calibration.capture_input`) from the model
     whose layers before l are already pruned; a Conv's input becomes im2col patches
     (`calibration.input_matrix`) and its kernel ``[window..., in, out]`` the matrix
-    ``[window * in, out]``.
+    ``[window * in, out]``. The loop itself is `prune_calls`, shared with the Flax NNX
+    front end (`sparsejax.nnx.prune_model`).
     """
-    _get_method(method)
-    pattern = pattern_lib.make_pattern(sparsity, n, m)
-    if block_depth is not None and (
-        isinstance(block_depth, bool) or not isinstance(block_depth, int) or block_depth < 1
-    ):
-        raise ValueError(f"block_depth must be None or a positive int, got {block_depth!r}")
+    _check_options(method, sparsity, n, m, block_depth)
     if not jax.tree.leaves(params):
         raise ValueError(f"params must hold the model's parameters, got an empty tree {params!r}")
     x = jnp.asarray(x)
@@ -213,6 +220,61 @@ def prune_model(
         raise ValueError(f"x of shape {x.shape} does not fit the model's params: {error}") from None
     except flax.errors.FlaxError as error:
         raise ValueError(f"params do not fit the model: {error}") from None
+    return prune_calls(
+        calls,
+        lambda current, paths: calibration.capture_inputs(
+            apply_fn, {"params": current}, x, paths
+        ),
+        params,
+        method=method,
+        sparsity=sparsity,
+        n=n,
+        m=m,
+        dsnot=dsnot,
+        skip=skip,
+        block_depth=block_depth,
+        block_shape=block_shape,
+        **options,
+    )
+
+
+def prune_calls(
+    calls: Sequence[calibration.LayerCall],
+    capture: Callable[[PyTree, list[tuple[str, ...]]], Mapping[tuple[str, ...], jax.Array]],
+    params: PyTree,
+    *,
+    method: str,
+    sparsity: Any = 0.0,
+    n: int | None = None,
+    m: int | None = None,
+    dsnot: bool | Mapping[str, Any] = False,
+    skip: Sequence[str] = (),
+    block_depth: int | None = None,
+    block_shape: tuple[int, int] | None = None,
+    **options: Any,
+) -> PruneResult:
+    """The layer-by-layer loop of `prune_model`, for any way of running the model.
+
+    `prune_model` calls it for a Linen model, `sparsejax.nnx.prune_model` for an NNX one;
+    only how layers are found and their inputs captured differs between the two.
+
+    Args:
+      calls: the layers in call order (`calibration.LayerCall`: a path of strings and a
+        Linen ``Dense`` / ``Conv`` carrying the layer's hyperparameters for
+        `calibration.input_matrix`).
+      capture: ``(params, paths) -> {path: input}``, the inputs the layers at ``paths``
+        receive when the model runs on ``params`` (with the earlier layers pruned).
+      params: nested dicts with each layer's kernel at ``params[path...]['kernel']``.
+      method, sparsity, n, m, dsnot, skip, block_depth, block_shape, **options: as for
+        `prune_model`.
+
+    Returns:
+      A `PruneResult`, ``params`` and ``masks`` in the layout of ``params``.
+
+    Raises:
+      ValueError: as `prune_model`.
+    """
+    pattern = _check_options(method, sparsity, n, m, block_depth)
     names = [c.name for c in calls]
     unknown = sorted(set(skip) - set(names))
     if unknown:
@@ -223,9 +285,7 @@ def prune_model(
     errors: dict[str, float] = {}
     pruned_calls = [c for c in calls if c.name not in skip]
     for block in _blocks(pruned_calls, block_depth):
-        block_inputs = calibration.capture_inputs(
-            apply_fn, {"params": params}, x, [c.path for c in block]
-        )
+        block_inputs = capture(params, [c.path for c in block])
         for call in block:
             matrix = calibration.input_matrix(call.module, block_inputs[call.path])
             matrix = matrix.astype(jnp.float32)
