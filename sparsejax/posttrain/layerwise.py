@@ -222,9 +222,7 @@ def prune_model(
         raise ValueError(f"params do not fit the model: {error}") from None
     return prune_calls(
         calls,
-        lambda current, paths: calibration.capture_inputs(
-            apply_fn, {"params": current}, x, paths
-        ),
+        lambda current, paths: calibration.capture_inputs(apply_fn, {"params": current}, x, paths),
         params,
         method=method,
         sparsity=sparsity,
