@@ -167,10 +167,8 @@ def test_training_matches_linen(name):
         chex.assert_trees_all_equal(sparse, nnx.as_pure(nnx.state(model, nnx.Param)))
 
 
-def test_snip_at_init_matches_linen():
-    algorithm = algorithms.PruneAtInit(score="snip", rounds=1, sparsity=0.8)
-    linen, params, model = _twins()
-    x, y = _data(steps=20)
+def _masks_at_init(algorithm, linen, params, model, x, y):
+    """The algorithm's masks of the Linen model and of its NNX twin."""
     key = jax.random.key(4)
     linen_masks = algorithm.masks_from_model(
         params,
@@ -181,6 +179,23 @@ def test_snip_at_init_matches_linen():
     )
     nnx_masks = snnx.masks_from_model(algorithm, model, key=key, batch=(x[0], y[0]), loss_fn=_loss)
     _assert_same_masks(nnx_masks, linen_masks)
+    return linen_masks, nnx_masks
+
+
+@pytest.mark.parametrize("score,rounds", [("grasp", 1), ("synflow", 5)])
+def test_pruning_at_init_matches_linen(score, rounds):
+    algorithm = algorithms.PruneAtInit(score=score, rounds=rounds, sparsity=0.8)
+    linen, params, model = _twins()
+    x, y = _data(steps=1)
+    _masks_at_init(algorithm, linen, params, model, x, y)
+
+
+def test_snip_at_init_then_training_matches_linen():
+    # The model's masks reach masked(..., masks=...) through the adapter's optimizer.
+    algorithm = algorithms.PruneAtInit(score="snip", rounds=1, sparsity=0.8)
+    linen, params, model = _twins()
+    x, y = _data(steps=20)
+    linen_masks, nnx_masks = _masks_at_init(algorithm, linen, params, model, x, y)
     params, opt_state = _train_linen(
         linen,
         params,
