@@ -19,18 +19,17 @@ matrix, ties to the lower index) and ``*_update`` (RigL/SET: drop the lowest-sco
 blocks, grow the highest-scoring absent ones, counts preserved, new blocks at zero).
 
 Why the XLA path is shaped this way (measured on a 2-core AVX-512 CPU, X 256x4096 @ W
-4096x4096, 10% of 32x32 blocks): materialising the gathered slab of every column at once
-(13x the size of X) costs more than the dense GEMM, because large fresh buffers are slow to
-write; XLA's gather is fast only when each gathered slice is one contiguous run. So X is
-first rearranged into contiguous blocks (``(K/bk, B*bk)``, one cheap pass), and the columns
-are processed in chunks of ``g`` inside a loop whose gathered slab stays cache-sized (about
-`_CHUNK_BYTES`). In a chunk, the fan-in forward is one batched GEMM of depth ``f*bk`` per
-column; the slab goes through an optimization barrier because letting XLA fuse the gather
-into the GEMM measured 1.5-2x slower. Backward: ``dvalues[j] = X^T-blocks[rows[j]] @ dY[:, j]``
-reads X^T in contiguous ``(bk, B)`` blocks, and ``dX`` scatter-adds ``values[j] @ dY[:, j]^T``
-into ``dX^T`` blocks (the scatter costs little next to the GEMMs). Large batches run in row
-pieces so the slab stays cache-sized. The loops run on one core; XLA's dense GEMM may use
-several, so the advantage over dense shrinks on an idle multi-core machine.
+4096x4096 at 10% of 32x32 blocks): gathering every column's blocks at once (13x the size of
+X) costs more than the dense GEMM, since large fresh buffers are slow to write, and XLA's
+gather is fast only when each slice is one contiguous run. So X is first rearranged into
+contiguous blocks (one cheap pass), and a loop walks chunks of columns (blocks for COO)
+whose gathered slab stays near `_CHUNK_BYTES`; large batches also run in row pieces. The
+slab passes an optimization barrier: letting XLA fuse the gather into the GEMM measured
+1.5-2x slower. Fan-in forward: per-block GEMMs summed over the f blocks of a column for
+blocks of 32 and up, one GEMM of depth ``f*bk`` on X^T blocks below that. Backward:
+``dvalues[j] = X^T-blocks[rows[j]] @ dY[:, j]`` and a scatter-add of ``values[j] @ dY[:, j]^T``
+into ``dX^T`` blocks (cheap next to the GEMMs). The loops run on one core while XLA's dense
+GEMM may use several, so the ratio to dense shrinks on an idle multi-core machine.
 
 References:
   Lasby et al., "Dynamic Sparse Training with Structured Sparsity", ICLR 2024 (SRigL).
@@ -75,18 +74,16 @@ def _is_concrete(*arrays: Any) -> bool:
     return not any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
-# ----------------------------------------------------------------------------- checks
-
-
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
 
 
-def _check_index_dtype(a: Any, name: str) -> None:
-    if not jnp.issubdtype(jnp.result_type(a), jnp.integer):
-        raise ValueError(f"{name} must be an integer array, got dtype {jnp.result_type(a)}")
+def _check_index(name: str, a: Any, shape: tuple[int, ...]) -> None:
+    if jnp.shape(a) != shape or not jnp.issubdtype(jnp.result_type(a), jnp.integer):
+        got = f"{jnp.result_type(a)} {jnp.shape(a)}"
+        raise ValueError(f"{name} must be an int array of shape {shape}, got {got}")
 
 
 def _check_fan_in(values: Any, rows: Any, k: int | None) -> tuple[int, int, int, int, int]:
@@ -94,11 +91,7 @@ def _check_fan_in(values: Any, rows: Any, k: int | None) -> tuple[int, int, int,
     if jnp.ndim(values) != 4:
         raise ValueError(f"values must be float[N/bn, f, bk, bn], got shape {jnp.shape(values)}")
     nbc, f, bk, bn = jnp.shape(values)
-    if jnp.shape(rows) != (nbc, f):
-        raise ValueError(
-            f"rows must have shape {(nbc, f)} (values.shape[:2]), got {jnp.shape(rows)}"
-        )
-    _check_index_dtype(rows, "rows")
+    _check_index("rows", rows, (nbc, f))
     if k is None:
         return nbc, f, bk, bn, 0
     if k % bk:
@@ -122,10 +115,8 @@ def _check_coo(values: Any, rows: Any, cols: Any, shape: Any) -> tuple[int, ...]
     if jnp.ndim(values) != 3:
         raise ValueError(f"values must be float[nb, bk, bn], got shape {jnp.shape(values)}")
     nb, bk, bn = jnp.shape(values)
-    for name, idx in (("rows", rows), ("cols", cols)):
-        if jnp.shape(idx) != (nb,):
-            raise ValueError(f"{name} must have shape {(nb,)}, got {jnp.shape(idx)}")
-        _check_index_dtype(idx, name)
+    _check_index("rows", rows, (nb,))
+    _check_index("cols", cols, (nb,))
     k, n = (_positive_int(v, f"shape[{i}]") for i, v in enumerate(shape))
     if k % bk or n % bn:
         raise ValueError(f"block shape {(bk, bn)} (values.shape[1:]) must divide shape={(k, n)}")
@@ -142,15 +133,11 @@ def _check_coo(values: Any, rows: Any, cols: Any, shape: Any) -> tuple[int, ...]
     return nb, bk, bn, kb, nbc
 
 
-def _flatten(x: Any, k: int | None = None) -> tuple[jax.Array, tuple[int, ...]]:
+def _flatten(x: Any) -> tuple[jax.Array, tuple[int, ...]]:
     x = jnp.asarray(x)
-    if x.ndim < 1 or (k is not None and x.shape[-1] != k):
-        raise ValueError(f"x must have shape (..., {k if k is not None else 'K'}), got {x.shape}")
-    lead = x.shape[:-1]
-    return x.reshape(math.prod(lead), x.shape[-1]), lead
-
-
-# ----------------------------------------------------------------------------- XLA helpers
+    if x.ndim < 1:
+        raise ValueError(f"x must have shape (..., K), got {x.shape}")
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), x.shape[:-1]
 
 
 def _take_blocks(xb: jax.Array, idx: jax.Array) -> jax.Array:
@@ -159,6 +146,11 @@ def _take_blocks(xb: jax.Array, idx: jax.Array) -> jax.Array:
         offset_dims=(idx.ndim,), collapsed_slice_dims=(0,), start_index_map=(0,)
     )
     return lax.gather(xb, idx[..., None], dnums, slice_sizes=(1, xb.shape[1]), mode=_PIB)
+
+
+def _bdot(a: jax.Array, b: jax.Array, a_dim: int, b_dim: int) -> jax.Array:
+    """Batched (axis 0) product contracting ``a``'s axis ``a_dim`` with ``b``'s ``b_dim``."""
+    return lax.dot_general(a, b, (((a_dim,), (b_dim,)), ((0,), (0,))))
 
 
 def _blocks(x2: jax.Array, width: int) -> jax.Array:
@@ -227,10 +219,9 @@ def _by_row_pieces(fn, bytes_per_row: int, x2: jax.Array, *rest: jax.Array):
 def _fan_in_forward(x2: jax.Array, values: jax.Array, rows: jax.Array) -> jax.Array:
     b = x2.shape[0]
     nbc, f, bk, bn = values.shape
-    # Measured on 2 cores (module doc): for blocks of 32 and up, one small GEMM per block
-    # and a sum over the f products beat one deep GEMM per column, whose slab must first be
-    # transposed to (B, f*bk); for narrower blocks the per-block GEMMs are too small, and a
-    # deep GEMM on X^T blocks, which need no transpose, wins (1.5x at 16x16, 90%).
+    # Measured (module doc): from 32x32 blocks on, per-block GEMMs summed over f beat one
+    # deep GEMM per column (whose slab needs a transpose to (B, f*bk)); smaller blocks make
+    # GEMMs too small, and a deep GEMM on X^T blocks wins (1.5x at 16x16, 90%).
     per_block = bk >= 32
     xb = _blocks(x2, bk) if per_block else _blocks_t(x2, bk)
 
@@ -238,14 +229,10 @@ def _fan_in_forward(x2: jax.Array, values: jax.Array, rows: jax.Array) -> jax.Ar
         g = r.shape[0]
         slab = lax.optimization_barrier(_take_blocks(xb, r.reshape(-1)))
         if per_block:  # (g*f, B, bk) @ (g*f, bk, bn), summed over f
-            p = lax.dot_general(
-                slab.reshape(g * f, b, bk), v.reshape(g * f, bk, bn), (((2,), (1,)), ((0,), (0,)))
-            )
+            p = _bdot(slab.reshape(g * f, b, bk), v.reshape(g * f, bk, bn), 2, 1)
             return carry, p.reshape(g, f, b, bn).sum(axis=1)
         slab_t = slab.reshape(g, f * bk, b)  # Y[:, j]^T = values[j]^T @ X^T-slab
-        return carry, lax.dot_general(
-            v.reshape(g, f * bk, bn), slab_t, (((1,), (1,)), ((0,), (0,)))
-        )
+        return carry, _bdot(v.reshape(g, f * bk, bn), slab_t, 1, 1)
 
     g = _chunk(b * f * bk * x2.dtype.itemsize, nbc)
     _, y = _scan_chunks(chunk, (), g, values, rows)  # (N/bn, B, bn) or (N/bn, bn, B)
@@ -254,7 +241,7 @@ def _fan_in_forward(x2: jax.Array, values: jax.Array, rows: jax.Array) -> jax.Ar
     return y.reshape(nbc * bn, b).T
 
 
-def _fan_in_backward(x2, values, rows, dy):
+def _fan_in_backward(x2, dy, *, values, rows):
     """``(dx, dvalues)`` for one row piece; dvalues summed over its rows."""
     b, k = x2.shape
     nbc, f, bk, bn = values.shape
@@ -264,9 +251,8 @@ def _fan_in_backward(x2, values, rows, dy):
     def chunk(dxt, v, r, d):
         g = r.shape[0]
         slab_t = lax.optimization_barrier(_take_blocks(xt, r).reshape(g, f * bk, b))
-        dv = lax.dot_general(slab_t, d, (((2,), (1,)), ((0,), (0,))))  # (g, f*bk, bn)
-        v2 = v.reshape(g, f * bk, bn)
-        dslab_t = lax.dot_general(v2, d, (((2,), (2,)), ((0,), (0,))))  # (g, f*bk, B)
+        dv = _bdot(slab_t, d, 2, 1)  # (g, f*bk, bn)
+        dslab_t = _bdot(v.reshape(g, f * bk, bn), d, 2, 2)  # (g, f*bk, B)
         dxt = dxt.at[r.reshape(-1)].add(dslab_t.reshape(g * f, bk * b), mode=_PIB)
         return dxt, dv
 
@@ -276,17 +262,10 @@ def _fan_in_backward(x2, values, rows, dy):
     return dxt.reshape(k, b).T, dv.reshape(nbc, f, bk, bn)
 
 
-def _fan_in_fwd_rows(x2, values, rows):
-    f, bk = values.shape[1:3]
-    out, _ = _by_row_pieces(
-        lambda xp: (_fan_in_forward(xp, values, rows), ()), f * bk * x2.dtype.itemsize, x2
-    )
-    return out
-
-
 @jax.custom_vjp
 def _fan_in_mm(x2, values, rows):
-    return _fan_in_fwd_rows(x2, values.astype(x2.dtype), rows)
+    v, row_bytes = values.astype(x2.dtype), values.shape[1] * values.shape[2] * x2.dtype.itemsize
+    return _by_row_pieces(lambda xp: (_fan_in_forward(xp, v, rows), ()), row_bytes, x2)[0]
 
 
 def _fan_in_mm_fwd(x2, values, rows):
@@ -295,14 +274,9 @@ def _fan_in_mm_fwd(x2, values, rows):
 
 def _fan_in_mm_bwd(res, dy):
     x2, values, rows = res
-    f, bk = values.shape[1:3]
-    v = values.astype(dy.dtype)
-    dx, dv = _by_row_pieces(
-        lambda xp, dp: _fan_in_backward(xp, v, rows, dp),
-        2 * f * bk * dy.dtype.itemsize,
-        x2.astype(dy.dtype),
-        dy,
-    )
+    v, row_bytes = values.astype(dy.dtype), 2 * values.shape[1] * values.shape[2] * dy.itemsize
+    fn = functools.partial(_fan_in_backward, values=v, rows=rows)
+    dx, dv = _by_row_pieces(fn, row_bytes, x2.astype(dy.dtype), dy)
     return dx.astype(x2.dtype), dv.astype(values.dtype), np.zeros(rows.shape, jax.dtypes.float0)
 
 
@@ -319,17 +293,15 @@ def _coo_forward(x2, values, rows, cols, nbc):
 
     def chunk(yb, v, r, c):
         xg = lax.optimization_barrier(_take_blocks(xb, r).reshape(-1, b, bk))
-        p = lax.dot_general(xg, v, (((2,), (1,)), ((0,), (0,))))  # (chunk, B, bn)
+        p = _bdot(xg, v, 2, 1)  # (chunk, B, bn)
         return yb.at[c].add(p.reshape(-1, b * bn), mode=_PIB), None
 
-    yb, _ = _scan_chunks(
-        chunk, jnp.zeros((nbc, b * bn), x2.dtype), _chunk(b * bk * x2.dtype.itemsize, nb),
-        values, rows, cols,
-    )  # fmt: skip
+    zeros, step = jnp.zeros((nbc, b * bn), x2.dtype), _chunk(b * bk * x2.dtype.itemsize, nb)
+    yb, _ = _scan_chunks(chunk, zeros, step, values, rows, cols)
     return yb.reshape(nbc, b, bn).transpose(1, 0, 2).reshape(b, nbc * bn)
 
 
-def _coo_backward(x2, values, rows, cols, dy):
+def _coo_backward(x2, dy, *, values, rows, cols):
     b, k = x2.shape
     nb, bk, bn = values.shape
     xt, dyt = _blocks_t(x2, bk), _blocks_t(dy, bn)  # (K/bk, bk*B), (N/bn, bn*B)
@@ -337,8 +309,8 @@ def _coo_backward(x2, values, rows, cols, dy):
     def chunk(dxt, v, r, c):
         xg = lax.optimization_barrier(_take_blocks(xt, r).reshape(-1, bk, b))
         dg = lax.optimization_barrier(_take_blocks(dyt, c).reshape(-1, bn, b))
-        dv = lax.dot_general(xg, dg, (((2,), (2,)), ((0,), (0,))))  # (chunk, bk, bn)
-        dxg = lax.dot_general(v, dg, (((2,), (1,)), ((0,), (0,))))  # (chunk, bk, B)
+        dv = _bdot(xg, dg, 2, 2)  # (chunk, bk, bn)
+        dxg = _bdot(v, dg, 2, 1)  # (chunk, bk, B)
         return dxt.at[r].add(dxg.reshape(-1, bk * b), mode=_PIB), dv
 
     zeros = jnp.zeros((k // bk, bk * b), x2.dtype)
@@ -349,13 +321,9 @@ def _coo_backward(x2, values, rows, cols, dy):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _coo_mm(x2, values, rows, cols, nbc):
-    bk = values.shape[1]
-    out, _ = _by_row_pieces(
-        lambda xp: (_coo_forward(xp, values.astype(x2.dtype), rows, cols, nbc), ()),
-        4 * bk * x2.dtype.itemsize,
-        x2,
-    )
-    return out
+    # Row pieces only for huge batches: one piece holds at least 4 blocks' slabs.
+    v, row_bytes = values.astype(x2.dtype), 4 * values.shape[1] * x2.dtype.itemsize
+    return _by_row_pieces(lambda xp: (_coo_forward(xp, v, rows, cols, nbc), ()), row_bytes, x2)[0]
 
 
 def _coo_mm_fwd(x2, values, rows, cols, nbc):
@@ -364,14 +332,12 @@ def _coo_mm_fwd(x2, values, rows, cols, nbc):
 
 def _coo_mm_bwd(nbc, res, dy):
     x2, values, rows, cols = res
-    bk, bn = values.shape[1:]
-    v = values.astype(dy.dtype)
-    dx, dv = _by_row_pieces(
-        lambda xp, dp: _coo_backward(xp, v, rows, cols, dp),
-        4 * (2 * bk + bn) * dy.dtype.itemsize,
-        x2.astype(dy.dtype),
-        dy,
+    v, row_bytes = (
+        values.astype(dy.dtype),
+        4 * (2 * values.shape[1] + values.shape[2]) * dy.itemsize,
     )
+    fn = functools.partial(_coo_backward, values=v, rows=rows, cols=cols)
+    dx, dv = _by_row_pieces(fn, row_bytes, x2.astype(dy.dtype), dy)
     zero = np.zeros(rows.shape, jax.dtypes.float0)
     return dx.astype(x2.dtype), dv.astype(values.dtype), zero, zero
 
@@ -397,12 +363,11 @@ def fan_in_matmul(x: Any, values: Any, rows: Any) -> jax.Array:
 
     Raises:
       ValueError: wrong ranks or shapes, ``bk`` not dividing K, ``f > K/bk``, non-integer
-        ``rows``; and, when ``rows`` is concrete, an index out of range or repeated in a
-        column.
+        ``rows``; when ``rows`` is concrete, an index out of range or repeated in a column.
 
-    Equation: ``Y[:, j] = sum_p X[:, rows[j, p]] @ values[j, p]`` (block slices), computed
-    as one GEMM of depth ``f*bk`` per column. Gradients reach ``x`` (``dY @ W^T``) and
-    ``values`` (``X[:, rows[j, p]]^T @ dY[:, j]``), not ``rows``.
+    Equation: ``Y[:, j] = sum_p X[:, rows[j, p]] @ values[j, p]`` (block slices; the module
+    doc says how it runs). Gradients reach ``x`` (``dY @ W^T``) and ``values``
+    (``X[:, rows[j, p]]^T @ dY[:, j]``), not ``rows``.
     Reference: Lasby et al., "Dynamic Sparse Training with Structured Sparsity", 2024.
     """
     x2, lead = _flatten(x)
@@ -444,26 +409,28 @@ def coo_matmul(x: Any, values: Any, rows: Any, cols: Any, *, n: int) -> jax.Arra
     return y.reshape(*lead, n)
 
 
+def _scatter_dense(values, rows, cols, grid: tuple[int, int]) -> jax.Array:
+    """Blocks ``values[..., bk, bn]`` added at ``(rows, cols)`` of a zero ``grid`` of blocks."""
+    values = jnp.asarray(values)
+    bk, bn = values.shape[-2:]
+    dense = jnp.zeros((*grid, bk, bn), values.dtype)
+    dense = dense.at[jnp.asarray(rows), jnp.asarray(cols)].add(values, mode="drop")
+    return dense.transpose(0, 2, 1, 3).reshape(grid[0] * bk, grid[1] * bn)
+
+
 def fan_in_to_dense(values: Any, rows: Any, k: int) -> jax.Array:
     """The dense ``(K, N)`` weight of a fan-in layout (blocks not stored are zero).
 
     Args:
-      values: float[N/bn, f, bk, bn].
-      rows: int[N/bn, f].
-      k: K, the number of input rows (static).
+      values: float[N/bn, f, bk, bn]. rows: int[N/bn, f]. k: K, input rows (static).
 
     Returns:
-      float[K, N/bn * bn] in ``values``' dtype. Repeated indices would add up, as the
-      matmul does.
-
-    Raises:
-      ValueError: as `fan_in_matmul`.
+      float[K, N] in ``values``' dtype (repeated indices would add up, as in the matmul).
+      Raises ValueError as `fan_in_matmul`.
     """
     nbc, f, bk, bn, kb = _check_fan_in(values, rows, _positive_int(k, "k"))
     cols = jnp.broadcast_to(jnp.arange(nbc)[:, None], (nbc, f))
-    dense = jnp.zeros((kb, nbc, bk, bn), jnp.asarray(values).dtype)
-    dense = dense.at[jnp.asarray(rows), cols].add(values, mode="drop")
-    return dense.transpose(0, 2, 1, 3).reshape(k, nbc * bn)
+    return _scatter_dense(values, rows, cols, (kb, nbc))
 
 
 def coo_to_dense(values: Any, rows: Any, cols: Any, shape: tuple[int, int]) -> jax.Array:
@@ -473,31 +440,27 @@ def coo_to_dense(values: Any, rows: Any, cols: Any, shape: tuple[int, int]) -> j
       values: float[nb, bk, bn]. rows, cols: int[nb]. shape: ``(K, N)`` (static).
 
     Returns:
-      float[K, N] in ``values``' dtype.
-
-    Raises:
-      ValueError: as `coo_matmul`.
+      float[K, N] in ``values``' dtype. Raises ValueError as `coo_matmul`.
     """
-    _, bk, bn, kb, nbc = _check_coo(values, rows, cols, shape)
-    dense = jnp.zeros((kb, nbc, bk, bn), jnp.asarray(values).dtype)
-    dense = dense.at[jnp.asarray(rows), jnp.asarray(cols)].add(values, mode="drop")
-    return dense.transpose(0, 2, 1, 3).reshape(shape)
+    _, _, _, kb, nbc = _check_coo(values, rows, cols, shape)
+    return _scatter_dense(values, rows, cols, (kb, nbc))
+
+
+def _dense_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    dtype = jnp.result_type(x.dtype, w.dtype)
+    return jnp.dot(x.astype(dtype), w.astype(dtype), precision=lax.Precision.HIGHEST)
 
 
 def fan_in_matmul_reference(x: Any, values: Any, rows: Any) -> jax.Array:
     """Plain-jnp reference: ``x @ fan_in_to_dense(values, rows, K)``, float[..., K] -> [..., N]."""
     x = jnp.asarray(x)
-    w = fan_in_to_dense(values, rows, x.shape[-1])
-    dtype = jnp.result_type(x.dtype, w.dtype)
-    return jnp.dot(x.astype(dtype), w.astype(dtype), precision=lax.Precision.HIGHEST)
+    return _dense_dot(x, fan_in_to_dense(values, rows, x.shape[-1]))
 
 
 def coo_matmul_reference(x: Any, values: Any, rows: Any, cols: Any, *, n: int) -> jax.Array:
     """Plain-jnp reference: ``x @ coo_to_dense(values, rows, cols, (K, n))``."""
     x = jnp.asarray(x)
-    w = coo_to_dense(values, rows, cols, (x.shape[-1], n))
-    dtype = jnp.result_type(x.dtype, w.dtype)
-    return jnp.dot(x.astype(dtype), w.astype(dtype), precision=lax.Precision.HIGHEST)
+    return _dense_dot(x, coo_to_dense(values, rows, cols, (x.shape[-1], n)))
 
 
 # ----------------------------------------------------------------------------- selection
@@ -509,11 +472,6 @@ def _check_scores(scores: Any, name: str = "scores") -> jax.Array:
         raise ValueError(f"{name} must be a [K/bk, N/bn] block-score matrix, got {scores.shape}")
     # Comparisons on float32 (bool and unsigned scores cannot be negated).
     return scores if jnp.issubdtype(scores.dtype, jnp.floating) else scores.astype(jnp.float32)
-
-
-def _descending(scores: jax.Array, axis: int) -> jax.Array:
-    """Indices sorting ``scores`` high to low along ``axis``; ties to the lower index, NaN last."""
-    return jnp.argsort(-scores, axis=axis, stable=True)
 
 
 def fan_in_select(scores: Any, fan_in: int) -> jax.Array:
@@ -534,7 +492,7 @@ def fan_in_select(scores: Any, fan_in: int) -> jax.Array:
     fan_in = _positive_int(fan_in, "fan_in")
     if fan_in > scores.shape[0]:
         raise ValueError(f"fan_in={fan_in} exceeds the K/bk={scores.shape[0]} block rows")
-    top = _descending(scores, axis=0)[:fan_in]  # (f, N/bn)
+    top = jnp.argsort(-scores, axis=0, stable=True)[:fan_in]  # ties: lower row; NaN last
     return jnp.sort(top.T, axis=1).astype(jnp.int32)
 
 
@@ -557,26 +515,20 @@ def coo_select(scores: Any, num_blocks: int) -> tuple[jax.Array, jax.Array]:
     num_blocks = _positive_int(num_blocks, "num_blocks")
     if num_blocks > kb * nbc:
         raise ValueError(f"num_blocks={num_blocks} exceeds the {kb * nbc} blocks of scores")
-    flat = jnp.sort(_descending(scores.T.reshape(-1), axis=0)[:num_blocks])  # col * kb + row
+    best = jnp.argsort(-scores.T.reshape(-1), stable=True)[:num_blocks]  # index col * kb + row
+    flat = jnp.sort(best)
     return (flat % kb).astype(jnp.int32), (flat // kb).astype(jnp.int32)
 
 
-def _block_mask(w: Any, block_mask: Any) -> tuple[np.ndarray, np.ndarray, int, int]:
+def _block_mask(w: Any, block_mask: Any) -> tuple[jax.Array, np.ndarray]:
+    """``w`` as blocks ``(K/bk, N/bn, bk, bn)`` and the concrete bool ``block_mask``."""
     if not _is_concrete(block_mask):
         raise ValueError("block_mask must be concrete here (call outside jax.jit)")
     w, mask = jnp.asarray(w), np.asarray(block_mask).astype(bool)
-    if w.ndim != 2 or mask.ndim != 2:
-        raise ValueError(f"w and block_mask must be 2D, got shapes {w.shape} and {mask.shape}")
-    if w.shape[0] % mask.shape[0] or w.shape[1] % mask.shape[1]:
-        raise ValueError(
-            f"block_mask shape {mask.shape} must divide w shape {w.shape} (one entry a block)"
-        )
-    return w, mask, w.shape[0] // mask.shape[0], w.shape[1] // mask.shape[1]
-
-
-def _dense_blocks(w: jax.Array, bk: int, bn: int) -> jax.Array:
-    k, n = w.shape
-    return w.reshape(k // bk, bk, n // bn, bn).transpose(0, 2, 1, 3)  # (kb, nbc, bk, bn)
+    if w.ndim != 2 or mask.ndim != 2 or w.shape[0] % mask.shape[0] or w.shape[1] % mask.shape[1]:
+        raise ValueError(f"block_mask shape {mask.shape} must divide w shape {w.shape} (2D each)")
+    (kb, nbc), (k, n) = mask.shape, w.shape
+    return w.reshape(kb, k // kb, nbc, n // nbc).transpose(0, 2, 1, 3), mask
 
 
 def fan_in_from_dense(w: Any, block_mask: Any) -> tuple[jax.Array, jax.Array]:
@@ -594,7 +546,7 @@ def fan_in_from_dense(w: Any, block_mask: Any) -> tuple[jax.Array, jax.Array]:
       ValueError: shapes that do not divide, a traced mask, columns with different counts
         (the message lists them) or an empty mask.
     """
-    w, mask, bk, bn = _block_mask(w, block_mask)
+    blocks, mask = _block_mask(w, block_mask)
     counts = mask.sum(axis=0)
     if counts.size == 0 or counts.min() != counts.max() or counts[0] == 0:
         found = sorted(set(counts.tolist()))
@@ -604,15 +556,14 @@ def fan_in_from_dense(w: Any, block_mask: Any) -> tuple[jax.Array, jax.Array]:
         )
     rows = np.stack([np.nonzero(col)[0] for col in mask.T]).astype(np.int32)
     cols = np.arange(mask.shape[1])[:, None]
-    return _dense_blocks(w, bk, bn)[rows, cols], jnp.asarray(rows)
+    return blocks[rows, cols], jnp.asarray(rows)
 
 
 def coo_from_dense(w: Any, block_mask: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The COO block layout of ``w`` keeping the blocks of a concrete ``block_mask``.
 
     Args:
-      w: float[K, N].
-      block_mask: bool[K/bk, N/bn], concrete, with at least one kept block.
+      w: float[K, N]. block_mask: bool[K/bk, N/bn], concrete, keeping at least one block.
 
     Returns:
       ``(values float[nb, bk, bn], rows int32[nb], cols int32[nb])`` in column-major order.
@@ -620,12 +571,12 @@ def coo_from_dense(w: Any, block_mask: Any) -> tuple[jax.Array, jax.Array, jax.A
     Raises:
       ValueError: shapes that do not divide, a traced or empty mask.
     """
-    w, mask, bk, bn = _block_mask(w, block_mask)
+    blocks, mask = _block_mask(w, block_mask)
     cols, rows = np.nonzero(mask.T)
     if rows.size == 0:
         raise ValueError("block_mask keeps no block; a layout needs at least one")
     rows, cols = rows.astype(np.int32), cols.astype(np.int32)
-    return _dense_blocks(w, bk, bn)[rows, cols], jnp.asarray(rows), jnp.asarray(cols)
+    return blocks[rows, cols], jnp.asarray(rows), jnp.asarray(cols)
 
 
 # ----------------------------------------------------------------------------- updates
@@ -651,12 +602,9 @@ def _swap(pos, drop, grow, n):
     grown_grid = jnp.zeros(m, bool).at[cand].set(chosen)
     freed = dropped & ~grown_grid[pos]
     new = chosen & ~old_grid[cand]
-    freed_sorted = freed[drop_order]
-    slot_of = (
-        jnp.full(s, s)
-        .at[jnp.where(freed_sorted, jnp.cumsum(freed_sorted) - 1, s)]
-        .set(drop_order, mode="drop")
-    )
+    freed_sorted = freed[drop_order]  # slot_of[i]: the i-th freed slot in drop order
+    rank = jnp.where(freed_sorted, jnp.cumsum(freed_sorted) - 1, s)
+    slot_of = jnp.full(s, s).at[rank].set(drop_order, mode="drop")
     target = jnp.where(new, slot_of[jnp.cumsum(new) - 1], s)
     new_pos = pos.at[target].set(cand.astype(pos.dtype), mode="drop")
     return new_pos, jnp.zeros(s, bool).at[target].set(True, mode="drop")
@@ -708,11 +656,10 @@ def fan_in_update(
     Reference: Evci et al., "Rigging the Lottery", 2020; Lasby et al. 2024 (constant fan-in).
     """
     grow_scores = _check_scores(grow_scores, "grow_scores")
-    nbc, f, _, _, _ = _check_fan_in(values, rows, None)
-    if grow_scores.shape[1] != nbc or grow_scores.shape[0] < f:
-        raise ValueError(
-            f"grow_scores must be [K/bk >= {f}, {nbc}] for this layout, got {grow_scores.shape}"
-        )
+    bk = jnp.shape(values)[2] if jnp.ndim(values) == 4 else 1  # ranks are checked next
+    nbc, f, _, _, _ = _check_fan_in(values, rows, grow_scores.shape[0] * bk)
+    if grow_scores.shape[1] != nbc:
+        raise ValueError(f"grow_scores must have N/bn={nbc} columns, got {grow_scores.shape}")
     drop = _check_drop(drop_scores, (nbc, f))
     n = _check_swap(n_swap, f)
     rows = jnp.asarray(rows, jnp.int32)
@@ -743,9 +690,7 @@ def coo_update(
     """
     grow_scores = _check_scores(grow_scores, "grow_scores")
     kb, nbc = grow_scores.shape
-    if jnp.ndim(values) != 3:
-        raise ValueError(f"values must be float[nb, bk, bn], got shape {jnp.shape(values)}")
-    _, bk, bn = jnp.shape(values)
+    bk, bn = jnp.shape(values)[1:] if jnp.ndim(values) == 3 else (1, 1)  # ranks checked next
     nb, *_ = _check_coo(values, rows, cols, (kb * bk, nbc * bn))
     drop = _check_drop(drop_scores, (nb,))
     n = _check_swap(n_swap, nb)

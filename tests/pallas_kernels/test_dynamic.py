@@ -299,8 +299,11 @@ def test_bad_inputs_raise_naming_the_argument():
     cases = [
         (lambda: pk.fan_in_matmul(jnp.ones((2, 30)), values, rows), "bk=8"),
         (lambda: pk.fan_in_matmul(jnp.ones((2, 8)), values, rows), "fan-in f=2"),
-        (lambda: pk.fan_in_matmul(x, values, rows[:, :1]), "rows must have shape"),
-        (lambda: pk.fan_in_matmul(x, values, rows.astype(jnp.float32)), "rows must be an int"),
+        (lambda: pk.fan_in_matmul(x, values, rows[:, :1]), "rows must be an int array of shape"),
+        (
+            lambda: pk.fan_in_matmul(x, values, rows.astype(jnp.float32)),
+            r"shape \(3, 2\), got float32",
+        ),
         (lambda: pk.fan_in_matmul(x, values, rows.at[0, 0].set(4)), "rows must lie in"),
         (lambda: pk.fan_in_matmul(x, values, rows.at[1].set(0)), "column 1 repeats"),
         (lambda: pk.fan_in_matmul(x, values[0], rows), "values must be"),
@@ -338,5 +341,5 @@ def test_under_jit_only_static_shapes_are_checked():
     values, rows = _fan_in(rng, 4, 3, 2, 8, 8)
     y = jax.jit(lambda r: pk.fan_in_matmul(jnp.ones((2, 32)), values, r))(rows)
     assert y.shape == (2, 24)
-    with pytest.raises(ValueError, match="rows must have shape"):
+    with pytest.raises(ValueError, match="rows must be an int array of shape"):
         jax.jit(lambda r: pk.fan_in_matmul(jnp.ones((2, 32)), values, r))(rows[:, :1])
