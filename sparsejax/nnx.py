@@ -3,18 +3,22 @@
 Every algorithm, mask, score and pruner of sparsejax is one implementation over parameter
 pytrees. This module is the only place where Linen and NNX differ, and it only adapts inputs:
 
-- **Parameters.** Linen keeps them in a dict handed to ``model.apply``; an NNX module owns
-  them as `nnx.Param` Variables. `functional` splits a module into its params as a pure
-  `nnx.State` of arrays (keyed like ``nnx.state(model, nnx.Param)``) and a pure
-  ``apply_fn(params, x)``: what the model-based algorithms take (`masks_from_model`: SNIP,
-  GraSP and SynFlow of `sparsejax.algorithms.PruneAtInit`).
+- **Parameters.** Linen keeps them in nested dicts handed to ``model.apply``; an NNX
+  module owns them as `nnx.Param` Variables. Here the pure side is always the Linen
+  layout: ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``, nested dicts of arrays keyed
+  by attribute names (and list indices), which ``nnx.update`` and ``nnx.merge`` take back.
+  `functional` splits a module into those params and a pure ``apply_fn(params, x)``: what
+  the model-based algorithms take (`masks_from_model`: SNIP, GraSP and SynFlow of
+  `sparsejax.algorithms.PruneAtInit`).
 - **The optimizer.** A Linen trainer calls ``tx.init(params)`` and ``tx.update`` on the same
-  arrays. ``nnx.Optimizer`` hands ``tx.init`` the Variables, ``tx.update`` plain arrays, and
-  writes the new state back into one Variable per leaf. ``masked(tx, algorithm)`` works
-  under it as is for the masks it draws itself, but a bit-packed mask (``packed=True``, a
-  pytree) does not survive that write-back and masks given as ``masked(..., masks=...)`` are
-  keyed like arrays, not Variables; `optimizer` builds an ``nnx.Optimizer`` whose ``tx.init``
-  sees the arrays too, which serves all cases. `get_masks` and `sparsify` read an optimizer.
+  dicts of arrays. ``nnx.Optimizer`` hands ``tx.init`` an `nnx.State` of Variables,
+  ``tx.update`` an `nnx.State` of arrays, and writes the new state back into one Variable
+  per leaf. ``masked(tx, algorithm)`` works under it as is for the masks sparsejax's own
+  algorithms draw, but a bit-packed mask (``packed=True``, a pytree) does not survive that
+  write-back, masks given as ``masked(..., masks=...)`` are not keyed like Variables, and
+  algorithms that rebuild dicts (tensornets' rank-adaptive ones) change the tree type.
+  `optimizer` builds an ``nnx.Optimizer`` whose ``tx`` sees the Linen layout in both calls,
+  which serves all cases. `get_masks` and `sparsify` read an optimizer.
 - **The forward pass.** A Linen step runs ``model.apply`` on
   ``algorithm.forward_params_with_state(...)`` inside ``algorithm.model_context(...)``, a
   Linen method interceptor. An NNX model computes with its own Variables, so
@@ -90,7 +94,12 @@ def _check_optimizer(optimizer: Any) -> None:
         )
 
 
-def functional(model: nnx.Module, *, wrt: Any = nnx.Param) -> tuple[Callable[..., Any], nnx.State]:
+def _params(model: nnx.Module, wrt: Any = nnx.Param) -> dict:
+    """The model's params in the Linen layout: nested dicts of arrays."""
+    return nnx.to_pure_dict(nnx.state(model, wrt))
+
+
+def functional(model: nnx.Module, *, wrt: Any = nnx.Param) -> tuple[Callable[..., Any], dict]:
     """The model as a pure function and its params: ``(apply_fn, params)``.
 
     Args:
@@ -98,12 +107,12 @@ def functional(model: nnx.Module, *, wrt: Any = nnx.Param) -> tuple[Callable[...
       wrt: the filter of the Variables that are params (``nnx.Param``).
 
     Returns:
-      ``params``: a pure `nnx.State` of the model's arrays selected by ``wrt`` (a pytree
-      keyed like ``nnx.state(model, wrt)``). ``apply_fn(params, *args, **kwargs)``: the
-      output of ``model(*args, **kwargs)`` computed with ``params``; jit- and
-      differentiable. It runs on a copy of the model's other state (batch statistics,
-      RNG counters), so it never changes ``model``; put the model in the mode you want
-      (``model.eval()``) before calling this.
+      ``params``: ``nnx.to_pure_dict(nnx.state(model, wrt))``, nested dicts of arrays in
+      the Linen layout. ``apply_fn(params, *args, **kwargs)``: the output of
+      ``model(*args, **kwargs)`` computed with ``params``; jit- and differentiable. It
+      runs on a copy of the model's other state (batch statistics, RNG counters), so it
+      never changes ``model``; put the model in the mode you want (``model.eval()``)
+      before calling this.
 
     Raises:
       ValueError: if ``model`` is not an ``nnx.Module``.
@@ -114,10 +123,10 @@ def functional(model: nnx.Module, *, wrt: Any = nnx.Param) -> tuple[Callable[...
     # pass that updates batch statistics updates the copy only (and leaks no tracer).
     rest = nnx.as_pure(rest)
 
-    def apply_fn(params: nnx.State, *args: Any, **kwargs: Any) -> Any:
+    def apply_fn(params: dict, *args: Any, **kwargs: Any) -> Any:
         return nnx.merge(graphdef, params, rest)(*args, **kwargs)
 
-    return apply_fn, nnx.as_pure(params)
+    return apply_fn, nnx.to_pure_dict(params)
 
 
 def masks_from_model(
@@ -139,9 +148,9 @@ def masks_from_model(
         (``loss_fn(model(x) / temperature, y)`` is the scored loss).
 
     Returns:
-      A mask tree keyed like ``nnx.state(model, nnx.Param)`` (a pure `nnx.State`), or None
-      for algorithms that draw their own masks. Pass it as ``masked(..., masks=masks)`` to
-      an optimizer built by `optimizer`.
+      A mask tree in the layout of `functional`'s params, or None for algorithms that
+      draw their own masks. Pass it as ``masked(..., masks=masks)`` to an optimizer built
+      by `optimizer`.
     """
     apply_fn, params = functional(model)
     return algorithm.masks_from_model(
@@ -152,14 +161,14 @@ def masks_from_model(
 def optimizer(
     model: nnx.Module, tx: optax.GradientTransformation, *, wrt: Any = nnx.Param
 ) -> nnx.Optimizer:
-    """``nnx.Optimizer(model, tx, wrt=wrt)`` whose ``tx.init`` sees arrays, as ``tx.update`` does.
+    """``nnx.Optimizer(model, tx, wrt=wrt)`` whose ``tx`` sees params in the Linen layout.
 
-    ``nnx.Optimizer`` initializes ``tx`` on the Variables and updates it on their arrays;
-    a `sparsejax.transforms.masked` state built from Variables keeps a bit-packed mask
-    inside one Variable, which the optimizer's write-back breaks after the first update,
-    and masks given as ``masked(..., masks=...)`` cannot be matched to Variables. Built
-    here, the state is made from arrays, so every ``masked`` option works. (The optimizer
-    state then carries no Variable metadata such as ``optimizer_sharding``.)
+    ``nnx.Optimizer`` initializes ``tx`` on an `nnx.State` of Variables and updates it on
+    an `nnx.State` of arrays. Built here, ``tx.init`` and ``tx.update`` both get nested
+    dicts of arrays (`functional`'s layout) and the updates go back as an `nnx.State`, so
+    ``masked`` keeps exactly the state it keeps for the Linen twin: bit-packed masks,
+    ``masked(..., masks=...)`` and algorithms that rebuild dicts all work. (The optimizer
+    state carries no Variable metadata such as ``optimizer_sharding``.)
 
     Args:
       model: the NNX model.
@@ -176,19 +185,29 @@ def optimizer(
     _check_model(model)
     if not isinstance(tx, optax.GradientTransformation):
         raise ValueError(f"tx must be an optax.GradientTransformation, got tx={type(tx)!r}")
+
+    def init(params):
+        return tx.init(nnx.to_pure_dict(params))
+
+    def update(updates, state, params=None, **extra_args):
+        pure = None if params is None else nnx.to_pure_dict(params)
+        updates, state = tx.update(nnx.to_pure_dict(updates), state, pure, **extra_args)
+        return nnx.State(updates), state
+
     # _replace keeps the class (GradientTransformationExtraArgs too).
-    return nnx.Optimizer(model, tx._replace(init=lambda p: tx.init(nnx.as_pure(p))), wrt=wrt)
+    return nnx.Optimizer(model, tx._replace(init=init, update=update), wrt=wrt)
 
 
-def get_masks(optimizer: nnx.Optimizer) -> nnx.State:
+def get_masks(optimizer: nnx.Optimizer) -> dict:
     """The masks of the `masked` state inside ``optimizer``, keyed like the model's params.
 
     Args:
-      optimizer: an ``nnx.Optimizer`` with ``masked(...)`` in its transformation.
+      optimizer: an ``nnx.Optimizer`` with ``masked(...)`` in its transformation (built
+        by `optimizer`, or a plain one).
 
     Returns:
-      A pure `nnx.State` of bool arrays (bit-packed masks unpacked), None on the leaves
-      that are not sparsified.
+      Nested dicts of bool arrays in `functional`'s layout (bit-packed masks unpacked),
+      None on the leaves that are not sparsified.
 
     Raises:
       ValueError: as `sparsejax.transforms.get_masks`, for an ``optimizer`` that is not an
@@ -204,7 +223,8 @@ def get_masks(optimizer: nnx.Optimizer) -> nnx.State:
                 f"{masks_lib.path_name(path)}: bit-packed masks do not survive a plain "
                 "nnx.Optimizer's update; build it with sparsejax.nnx.optimizer(model, tx)"
             )
-    return masks
+    # A plain nnx.Optimizer keeps them in an nnx.State.
+    return nnx.to_pure_dict(masks) if isinstance(masks, nnx.State) else masks
 
 
 def _algo_state(opt_state: PyTree) -> PyTree:
@@ -226,8 +246,7 @@ def sparsify(model: nnx.Module, optimizer: nnx.Optimizer) -> None:
       ValueError: as `get_masks`, and if ``model`` is not an ``nnx.Module``.
     """
     _check_model(model)
-    params = nnx.as_pure(nnx.state(model, optimizer.wrt))
-    nnx.update(model, masks_lib.apply_masks(params, get_masks(optimizer)))
+    nnx.update(model, masks_lib.apply_masks(_params(model, optimizer.wrt), get_masks(optimizer)))
 
 
 @contextlib.contextmanager
@@ -337,7 +356,7 @@ def forward_context(
         version here.
     """
     _check_model(model)
-    dense = nnx.as_pure(nnx.state(model, optimizer.wrt))
+    dense = _params(model, optimizer.wrt)
     masks_tree = get_masks(optimizer)
     algo_state = _algo_state(nnx.as_pure(optimizer.opt_state))
     layers = _model_context(algorithm, model, dense, masks_tree, algo_state)
@@ -375,8 +394,8 @@ def _names(path: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(str(k) for k in path)
 
 
-def _nested(params: nnx.State) -> dict:
-    """A pure State as nested dicts with string keys (`prune_calls`'s layout)."""
+def _nested(params: dict) -> dict:
+    """``params`` with every key a string (`prune_calls`'s layout; list indices are ints)."""
     out: dict = {}
     for path, leaf in _flat(params).items():
         node = out
@@ -386,7 +405,7 @@ def _nested(params: nnx.State) -> dict:
     return out
 
 
-def _state_like(nested: dict, like: nnx.State) -> nnx.State:
+def _keys_like(nested: dict, like: dict) -> dict:
     """The inverse of `_nested`: ``nested``'s leaves at the key paths of ``like``."""
 
     def leaf(path, _):
@@ -428,8 +447,8 @@ def prune_model(
       skip: layer names left dense, the layer's path joined by '/' (``'layers/0'``).
 
     Returns:
-      A `sparsejax.posttrain.PruneResult` whose ``params`` and ``masks`` are pure
-      `nnx.State` trees keyed like ``nnx.state(model, nnx.Param)``.
+      A `sparsejax.posttrain.PruneResult` whose ``params`` and ``masks`` are in the layout
+      of `functional`'s params (``nnx.to_pure_dict(nnx.state(model, nnx.Param))``).
 
     Raises:
       ValueError: as `sparsejax.posttrain.prune_model`, and if ``model`` is not an
@@ -440,11 +459,11 @@ def prune_model(
     if x.ndim == 0 or x.shape[0] == 0:
         raise ValueError(f"x must be a batch of at least one example, got shape {x.shape}")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+    params, rest = nnx.to_pure_dict(params), nnx.as_pure(rest)
     if not jax.tree.leaves(params):
         raise ValueError(f"model must have nnx.Param arrays, got none in {type(model).__name__}")
 
-    def run(state: nnx.State, call: Callable[..., Any]) -> Any:
+    def run(state: dict, call: Callable[..., Any]) -> Any:
         copy = nnx.merge(graphdef, state, rest)
         with _patched_layers(copy, call):
             return copy(x)
@@ -475,7 +494,7 @@ def prune_model(
             return original(layer, *args, **kwargs)
 
         try:
-            run(_state_like(nested, params), grab)
+            run(_keys_like(nested, params), grab)
         except _Captured:
             return seen
         missing = sorted("/".join(p) for p in wanted - set(seen))
@@ -496,5 +515,5 @@ def prune_model(
         **options,
     )
     return posttrain.PruneResult(
-        _state_like(result.params, params), _state_like(result.masks, params), result.errors
+        _keys_like(result.params, params), _keys_like(result.masks, params), result.errors
     )

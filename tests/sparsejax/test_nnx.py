@@ -70,7 +70,7 @@ def _loss(logits, y):
 
 
 def _named(tree) -> dict:
-    """``{'dense_0/kernel': leaf}`` of a Linen dict or a pure nnx.State (None leaves kept)."""
+    """``{'dense_0/kernel': leaf}`` of a params or mask tree (None leaves kept)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=masks_lib.is_none)[0]
     return {masks_lib.path_name(path): leaf for path, leaf in leaves}
 
@@ -85,7 +85,7 @@ def _assert_same_masks(nnx_masks, linen_masks):
 
 
 def _assert_same_params(model, params, rtol=1e-5, atol=1e-6):
-    a, b = _named(nnx.as_pure(nnx.state(model, nnx.Param))), _named(params)
+    a, b = _named(nnx.to_pure_dict(nnx.state(model, nnx.Param))), _named(params)
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=atol, err_msg=name)
@@ -157,14 +157,13 @@ def test_training_matches_linen(name):
     _assert_same_masks(snnx.get_masks(opt), transforms.get_masks(opt_state))
     _assert_same_params(model, params)
     # The masks are keyed like the model's params and the pruned weights are exactly zero.
-    assert jax.tree.structure(snnx.get_masks(opt), is_leaf=masks_lib.is_none) == jax.tree.structure(
-        jax.tree.map(lambda _: 0, nnx.as_pure(nnx.state(model, nnx.Param)))
+    trained = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    masks_tree = snnx.get_masks(opt)
+    assert jax.tree.structure(masks_tree, is_leaf=masks_lib.is_none) == jax.tree.structure(
+        jax.tree.map(lambda _: 0, trained)
     )
     if not algorithm.straight_through:
-        sparse = masks_lib.apply_masks(
-            nnx.as_pure(nnx.state(model, nnx.Param)), snnx.get_masks(opt)
-        )
-        chex.assert_trees_all_equal(sparse, nnx.as_pure(nnx.state(model, nnx.Param)))
+        chex.assert_trees_all_equal(masks_lib.apply_masks(trained, masks_tree), trained)
 
 
 def _masks_at_init(algorithm, linen, params, model, x, y):
@@ -315,7 +314,7 @@ def test_prune_model_matches_linen(method, twins):
     want = posttrain.prune_model(linen.apply, params, x, method=method, sparsity=0.5)
     got = snnx.prune_model(model, x, method=method, sparsity=0.5)
     _assert_same_masks(got.masks, want.masks)
-    chex.assert_trees_all_close(nnx.to_pure_dict(got.params), want.params, atol=1e-6)
+    chex.assert_trees_all_close(got.params, want.params, atol=1e-6)
     assert got.errors.keys() == want.errors.keys()
     np.testing.assert_allclose(list(got.errors.values()), list(want.errors.values()), rtol=1e-5)
     # The model itself is unchanged until the result is applied.
