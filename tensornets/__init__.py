@@ -4,14 +4,15 @@ Formats are pytrees with jit-able ``from_dense`` and ``to_dense`` and a
 factorized ``apply``; `tensornets.contract` plans contractions with opt_einsum and
 chooses factorized vs reconstruct-then-matmul by FLOPs; `tensornets.layers`
 holds Flax layers (``Factorized(nn.Dense(...), format=..., rank=...)``) and
-`factorize_params` to convert a trained dense model; `tensornets.rank` holds rank
+`factorize_params` to convert a trained dense model (`tensornets.nnx.Factorized` for Flax
+NNX models); `tensornets.rank` holds rank
 masks and `compact`, `tensornets.adaptive` rank-adaptive training (spectral
 truncation, greedy growth) and `tensornets.regularizers` tensor dropout.
 Importing or using it never changes tensorly's backend or JAX's x64 flag
 (tensorly is not imported at all).
 """
 
-from tensornets import adaptive, contract, formats, layers, rank, regularizers, sltrain
+from tensornets import adaptive, contract, formats, layers, nnx, rank, regularizers, sltrain
 from tensornets.adaptive import GreedyGrowth, SpectralTruncation
 from tensornets.formats import (
     CP,
@@ -79,6 +80,7 @@ __all__ = [
     "formats",
     "init_rank_masks",
     "layers",
+    "nnx",
     "num_live_params",
     "param_masks",
     "rank",
