@@ -4,10 +4,10 @@ Formats are pytrees with jit-able ``from_dense`` and ``to_dense`` and a
 factorized ``apply``; `tensornets.contract` plans contractions with opt_einsum and
 chooses factorized vs reconstruct-then-matmul by FLOPs; `tensornets.layers`
 holds Flax layers (``Factorized(nn.Dense(...), format=..., rank=...)``) and
-`factorize_params` to convert a trained dense model (`tensornets.nnx.Factorized` for Flax
-NNX models); `tensornets.rank` holds rank
-masks and `compact`, `tensornets.adaptive` rank-adaptive training (spectral
-truncation, greedy growth) and `tensornets.regularizers` tensor dropout.
+`factorize_params` to convert a trained dense model, `tensornets.nnx` the same
+layers for Flax NNX models; `tensornets.rank` holds rank masks and `compact`,
+`tensornets.adaptive` rank-adaptive training (spectral truncation, greedy growth)
+and `tensornets.regularizers` tensor dropout.
 Importing or using it never changes tensorly's backend or JAX's x64 flag
 (tensorly is not imported at all).
 """
