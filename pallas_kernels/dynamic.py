@@ -121,8 +121,8 @@ def _check_coo(values: Any, rows: Any, cols: Any, shape: Any) -> tuple[int, ...]
     if k % bk or n % bn:
         raise ValueError(f"block shape {(bk, bn)} (values.shape[1:]) must divide shape={(k, n)}")
     kb, nbc = k // bk, n // bn
-    if nb > kb * nbc:
-        raise ValueError(f"values holds {nb} blocks, more than the {kb * nbc} of shape={(k, n)}")
+    if not 1 <= nb <= kb * nbc:
+        raise ValueError(f"values must hold 1 to {kb * nbc} blocks for shape={(k, n)}, got {nb}")
     if _is_concrete(rows, cols) and nb:
         r, c = np.asarray(rows), np.asarray(cols)
         for name, idx, hi in (("rows", r, kb), ("cols", c, nbc)):

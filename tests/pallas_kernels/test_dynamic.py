@@ -328,6 +328,7 @@ def test_bad_inputs_raise_naming_the_argument():
         ),
         (lambda: pk.coo_matmul(x, values[0], rows[0], jnp.array([0, 3]), n=24), "cols must lie"),
         (lambda: pk.coo_select(np.ones((2, 2)), 5), "num_blocks=5"),
+        (lambda: pk.coo_to_dense(values[0, :0], rows[0, :0], rows[0, :0], (32, 24)), "1 to 12"),
         (lambda: pk.coo_from_dense(np.ones((4, 4)), np.zeros((2, 2))), "keeps no block"),
     ]
     for fn, message in cases:
