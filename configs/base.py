@@ -24,6 +24,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "cnn1d"
+    # The Flax API the model is written in: "linen", or "nnx" for the NNX twins of the
+    # MLP and the CNN (experiments/nnx_models.py; same params tree and initial params).
+    config.model.api = "linen"
     config.model.channels = 64
 
     config.optimizer = ml_collections.ConfigDict()

@@ -32,6 +32,7 @@ def get_config(arg=None):
     config.model = ml_collections.ConfigDict(
         {
             "name": "mlp",
+            "api": "linen",
             "features": (width, width),
             "factorize": {
                 "hidden_0": {"format": "low_rank", "rank": min(40, width)},

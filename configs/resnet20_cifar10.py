@@ -36,6 +36,7 @@ def get_config(arg=None):
     config.model = ml_collections.ConfigDict(
         {
             "name": "resnet",
+            "api": "linen",
             "num_blocks_per_stage": 1 if runlocal else 3,
             "stage_widths": (8, 16, 32) if runlocal else (16, 32, 64),
             "norm": "group",

@@ -25,6 +25,7 @@ def get_config(arg=None):
     config.model = ml_collections.ConfigDict(
         {
             "name": "sparse_ift_mlp",
+            "api": "linen",
             "features": (16, 16) if runlocal else (128, 128, 128),
             "family": "wide",
             "sparsity": 0.9,

@@ -20,6 +20,7 @@ def get_config(arg=None):
     config.model = ml_collections.ConfigDict(
         {
             "name": "mlp",
+            "api": "linen",
             "features": (64, 64) if runlocal else (256, 256),
             "factorize": {"hidden_1": {"format": "tt_matrix", "rank": 0.1}},
         }

@@ -16,6 +16,7 @@ def get_config(arg=None):
     config.model = ml_collections.ConfigDict(
         {
             "name": "vit1d",
+            "api": "linen",
             "patch_size": 4,
             "width": 8 if runlocal else 32,
             "depth": 2,

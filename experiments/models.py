@@ -19,6 +19,9 @@ validates it. The factors sit where the kernel was (``params['hidden_1']['core_0
 ``['bias']``). ``"low_rank"`` is the matrix baseline W = U diag(w) V^T (a 2-factor CP
 of the (in, out) kernel, r (in + out + 1) parameters); neither it nor ``"tubal"`` (a
 t-product layer) applies to a Conv (`tensornets.LAYER_FORMATS`).
+
+``MLP`` and ``CNN1D`` have Flax NNX twins (`experiments.nnx_models`), which a run selects
+with ``config.model.api = "nnx"`` (`make_model`).
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ import jax
 import jax.numpy as jnp
 
 import tensornets
+from experiments import nnx_models
 from experiments.sparse_ift import SparseIFTMLP
 
 __all__ = [
     "CNN1D",
     "FACTORIZE_FORMATS",
     "MLP",
+    "MODEL_APIS",
     "ResNet",
     "ResidualMLP",
     "ViT1D",
@@ -51,6 +56,8 @@ __all__ = [
 ]
 
 FACTORIZE_FORMATS = tuple(sorted(tensornets.FORMATS))
+# The values of config.model.api: which Flax API the model is written in (see `make_model`).
+MODEL_APIS = ("linen", "nnx")
 
 # ((layer name, ((key, value), ...)), ...), sorted: hashable, so a module attribute.
 Factorize = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
@@ -602,19 +609,32 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
     return _MODELS[name](**attributes)
 
 
-def make_model(config: Any, num_classes: int) -> nn.Module:
+def make_model(config: Any, num_classes: int) -> nn.Module | nnx_models.NNXAdapter:
     """The model a run config names: ``get_model(config.model.name, num_classes=, **others)``.
+
+    With ``config.model.api = "nnx"`` the model is the Flax NNX twin of that Linen model
+    behind Linen's ``init`` / ``apply`` (`experiments.nnx_models.NNXAdapter`: same params
+    tree, and the Linen init for the same key), so the trainer runs it unchanged.
 
     Args:
       config: a run config (an ``ml_collections.ConfigDict``; only ``config.model`` is read:
-        ``name`` and the module's attributes).
+        ``name``, ``api`` (``"linen"``, the default when absent, or ``"nnx"``) and the
+        module's attributes).
       num_classes: the size of the output layer (the dataset's ``num_classes``).
 
     Returns:
-      The (unbound) Flax module.
+      The (unbound) Flax module, or its `experiments.nnx_models.NNXAdapter`.
 
     Raises:
-      ValueError: as `get_model` (unknown name, invalid attribute).
+      ValueError: as `get_model` (unknown name, invalid attribute); for an unknown
+        ``config.model.api``, and with ``"nnx"`` for a model without an NNX version or a
+        factorized one (`experiments.nnx_models.adapt`).
     """
-    kwargs = {k: v for k, v in config.model.items() if k != "name"}
-    return get_model(config.model.name, num_classes=num_classes, **kwargs)
+    api = config.model.get("api", "linen")
+    if api not in MODEL_APIS:
+        raise ValueError(f"config.model.api={api!r} is unknown; known: {list(MODEL_APIS)}")
+    kwargs = {k: v for k, v in config.model.items() if k not in ("name", "api")}
+    model = get_model(config.model.name, num_classes=num_classes, **kwargs)
+    if api == "nnx":
+        return nnx_models.adapt(config.model.name, model)
+    return model

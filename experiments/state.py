@@ -22,7 +22,7 @@ import optax
 # greedy_growth to `sparsejax.algorithms`, which `from_config` below resolves names in.
 import tensornets  # noqa: F401
 from experiments import data as data_lib
-from experiments import distributed, optim
+from experiments import distributed, nnx_models, optim
 from sparsejax import algorithms, masks, transforms
 
 PyTree = Any
@@ -188,7 +188,12 @@ def step_functions(model, tx, algorithm, *, skip_nonfinite: bool = False):
     params and optimizer state unchanged (the step counter still advances, so
     the batch order stays that of an uninterrupted run) and reports
     ``skipped = 1`` in its metrics.
+
+    Raises:
+      ValueError: for an algorithm ``model`` cannot run (`nnx_models.check_algorithm`: a
+        Linen method interceptor with an NNX model).
     """
+    nnx_models.check_algorithm(model, algorithm)
 
     def effective(state: TrainState):
         return algorithm.forward_params_with_state(

@@ -28,7 +28,7 @@ from tqdm import tqdm
 # Imported for its registrations too: `import tensornets` adds spectral_truncation and
 # greedy_growth to `sparsejax.algorithms`, which `from_config` below resolves names in.
 import tensornets  # noqa: F401
-from experiments import checkpoints, distributed, optim
+from experiments import checkpoints, distributed, nnx_models, optim
 from experiments import data as data_lib
 from experiments import models as models_lib
 from experiments import state as state_lib
@@ -102,8 +102,8 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     # Build the cheap pieces now, so a bad optimizer, sparsity or model value fails
     # before any data is loaded or anything is compiled or written.
     optim.make_optimizer(config, config.total_steps)
-    algorithms.from_config(config.sparsity, config.total_steps)
-    models_lib.make_model(config, 10)
+    algorithm = algorithms.from_config(config.sparsity, config.total_steps)
+    nnx_models.check_algorithm(models_lib.make_model(config, 10), algorithm)
 
 
 @jax.jit

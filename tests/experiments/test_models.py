@@ -337,8 +337,7 @@ def test_tensor_mnist1d_config_builds_a_tt_matrix_mlp_at_ten_percent():
 
     for arg, width in ((None, 256), ("runlocal", 64)):
         config = tensor_mnist1d.get_config(arg)
-        kwargs = {k: v for k, v in config.model.items() if k != "name"}
-        model = models.get_model(config.model.name, num_classes=10, **kwargs)
+        model = models.make_model(config, num_classes=10)
         hidden = _init_shapes(model, (1, 40, 1))["params"]["hidden_1"]
         assert "core_2" in hidden
         n = sum(int(np.prod(s)) for k, s in hidden.items() if k != "bias")
