@@ -26,7 +26,7 @@ import pytest
 from flax import nnx
 
 from configs import rigl_mnist1d, rigl_nnx_cnn_mnist1d
-from experiments import models, nnx_models, train
+from experiments import models, nnx_models, sweep, train
 from experiments import state as state_lib
 from sparsejax import algorithms, transforms
 from sparsejax import masks as masks_lib
@@ -233,6 +233,23 @@ def test_prune_at_init_scores_the_nnx_model_as_the_linen_one():
     masks = {api: transforms.get_masks(s.opt_state) for api, s in states.items()}
     _assert_trees_equal(masks["nnx"], masks["linen"])
     _assert_trees_equal(states["nnx"].params, states["linen"].params)
+
+
+@pytest.mark.slow
+def test_a_sweep_over_seeds_of_the_nnx_config_is_the_linen_sweep():
+    """`experiments.sweep` (the tables' trainer) vmaps the adapter's init and steps.
+
+    About 20 s on 2 cores (run with -m slow); its fast twin is the single run below,
+    through the same step functions.
+    """
+    results = {}
+    for module in (rigl_nnx_cnn_mnist1d, rigl_mnist1d):
+        config = module.get_config("runlocal")
+        config.total_steps = 5
+        results[module] = sweep.train_seeds(config, [0, 1], progress=False)
+    nnx_result, linen_result = results[rigl_nnx_cnn_mnist1d], results[rigl_mnist1d]
+    _assert_trees_equal(nnx_result.final_state, linen_result.final_state)
+    np.testing.assert_array_equal(nnx_result.test_accuracy, linen_result.test_accuracy)
 
 
 # ------------------------------------------------------------------ end to end
