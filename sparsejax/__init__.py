@@ -3,6 +3,7 @@
 from sparsejax import (
     activations,
     algorithms,
+    block_sparse,
     distributions,
     export,
     flops,
@@ -20,6 +21,7 @@ from sparsejax import (
 __all__ = [
     "activations",
     "algorithms",
+    "block_sparse",
     "distributions",
     "export",
     "flops",
