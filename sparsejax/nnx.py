@@ -33,6 +33,10 @@ pytrees. This module is the only place where Linen and NNX differ, and it only a
   the wrapped calls, describes each layer by its Linen twin (an unbound ``nn.Dense`` /
   ``nn.Conv`` with the same hyperparameters, for `sparsejax.posttrain.input_matrix`) and runs
   the one layer loop, `sparsejax.posttrain.prune_calls`.
+- **Real sparse storage.** `SparseLinear` (the NNX `sparsejax.nn.SparseDense`) stores a
+  Linear kernel as BSR or N:M values, and `export_model` turns a trained model and its
+  masks into one (`sparsejax.export.export` for Linen params); both live in
+  `sparsejax.nnx_sparse` and are re-exported here.
 
 A training step, with any registered algorithm::
 
@@ -65,10 +69,14 @@ from flax import nnx
 from sparsejax import algorithms, posttrain, transforms
 from sparsejax import masks as masks_lib
 from sparsejax.algorithms.nm_bimask import bidirectional_matmul
+from sparsejax.nnx_sparse import SparseIndices, SparseLinear, export_model
 
 PyTree = Any
 
 __all__ = [
+    "SparseIndices",
+    "SparseLinear",
+    "export_model",
     "forward_context",
     "functional",
     "get_masks",
