@@ -13,7 +13,9 @@ train step serves the whole run. Two layouts:
   drop the ``round(f(t) * k)`` live blocks of lowest pooled |w|, grow as many of highest
   pooled grow score among the others, ties to the lower row-major grid position, f(t) the
   cosine drop fraction, the optimizer step skipped on update steps, grown blocks at zero
-  with zero moments. From the same key, training in both modes picks the same blocks.
+  with zero moments. From the same key, training in both modes picks the same blocks and
+  reaches the same weights up to float rounding (the block products sum in another order;
+  near-ties of scores or ReLU kinks can amplify that, as between any two summation orders).
 * fan-in (`FanInBlocks`): every block column keeps the same number f of blocks, the
   constant fan-in of SRigL. Its update swaps ``round(f(t) * f)`` blocks within every
   column (`pallas_kernels.fan_in_update`): a per-column rule, not RigL's per-layer one, so
