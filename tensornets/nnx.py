@@ -19,6 +19,10 @@ this module adds is the NNX spelling and what differs:
   optimizer's state (`tensornets.rank.param_masks`), not in a variable collection.
 - **Compaction.** `compact` builds the smaller layer from a layer and its rank masks (a
   Linen model is rebuilt by its author with `tensornets.rank.compact_ranks`).
+- **Conversion of trained layers.** `factorize` decomposes a trained ``nnx.Linear`` /
+  ``nnx.Conv`` / ``nnx.Embed`` into a `Factorized` layer with the Linen conversion,
+  `tensornets.layers.factorize_params` (Lebedev et al. 2015's decompose-then-fine-tune);
+  `factorize_model` does it for the layers a factorize spec names, in a copy of the model.
 
 Tensor dropout (``rank_dropout``) is on when the layer's ``rngs`` have a ``'dropout'``
 stream: the bridge hands the wrapped Linen layer every stream at every call (the
@@ -40,7 +44,10 @@ from tensornets import rank as rank_lib
 
 PyTree = Any
 
-__all__ = ["Factorized", "compact"]
+__all__ = ["Factorized", "compact", "factorize", "factorize_model"]
+
+# The NNX layer types and their kinds in `tensornets.layers.LAYER_FORMATS`.
+_KINDS = ((nnx.Linear, "dense"), (nnx.Conv, "conv"), (nnx.Embed, "embed"))
 
 
 def _linen_twin(layer: nnx.Module) -> tuple[nn.Module, jax.Array]:
@@ -175,4 +182,148 @@ def compact(layer: Factorized, rank_masks: PyTree) -> Factorized:
     # The Linen layer's params are flat (factors and bias share its scope): one Param each.
     for name, value in small.items():
         setattr(out, name, nnx.Param(value))
+    return out
+
+
+def _kind(layer: Any) -> str | None:
+    return next((kind for cls, kind in _KINDS if isinstance(layer, cls)), None)
+
+
+def factorize(
+    layer: nnx.Linear | nnx.Conv | nnx.Embed,
+    *,
+    format: str,
+    rank: Any,
+    rngs: nnx.Rngs | None = None,
+    in_shape: tuple[int, ...] | None = None,
+    out_shape: tuple[int, ...] | None = None,
+    contraction: str = "auto",
+    init_variance: float | None = None,
+    rank_dropout: float = 0.0,
+    n_iter_max: int = 100,
+) -> Factorized:
+    """A `Factorized` layer whose factors are decomposed from ``layer``'s trained weights.
+
+    The NNX form of `tensornets.layers.factorize_params` (which does the decomposition):
+    the kernel (or embedding table) is fitted at the ranks the `Factorized` layer
+    resolves (CP and low_rank: ALS from the truncated SVD, Tucker: HOOI, TT and
+    TT-matrix: TT-SVD, tubal: the truncated t-SVD), the bias is copied, and the result is
+    ready for fine-tuning. At full rank it computes what ``layer`` computes (up to float
+    error); below, low_rank is the truncated SVD (Eckart & Young's best approximation).
+    ``layer`` is not changed. Runs eagerly.
+
+    Args:
+      layer: the trained ``nnx.Linear``, ``nnx.Conv`` (no ``mask``) or ``nnx.Embed``.
+      format, rank, in_shape, out_shape, contraction, init_variance, rank_dropout: as for
+        `Factorized`.
+      rngs: the layer's ``nnx.Rngs`` (a ``dropout`` stream turns tensor dropout on); None
+        gives ``nnx.Rngs(0)``: the factors come from ``layer``, not from the stream.
+      n_iter_max: iterations of the ALS / HOOI fits (CP, low_rank, Tucker).
+
+    Returns:
+      A new `Factorized`.
+
+    Raises:
+      ValueError: naming the argument, as `Factorized` (layer type, format, rank,
+        shapes) and `tensornets.layers.factorize_params`.
+
+    References: Lebedev et al., "Speeding-up Convolutional Neural Networks Using
+    Fine-tuned CP-Decomposition", 2015; Kim et al., "Compression of Deep Convolutional
+    Neural Networks for Fast and Low Power Mobile Applications", 2016 (Tucker-2);
+    Novikov et al., "Tensorizing Neural Networks", 2015 (TT-matrix); Oseledets,
+    "Tensor-Train Decomposition", 2011 (TT-SVD).
+    """
+    kind = _kind(layer)
+    out = Factorized(
+        layer,
+        format=format,
+        rank=rank,
+        rngs=nnx.Rngs(0) if rngs is None else rngs,
+        in_shape=in_shape,
+        out_shape=out_shape,
+        contraction=contraction,
+        init_variance=init_variance,
+        rank_dropout=rank_dropout,
+    )
+    if kind == "embed":
+        node = {"embedding": layer.embedding[...]}
+    else:
+        node = {"kernel": layer.kernel[...]}
+        if layer.bias is not None:
+            node["bias"] = layer.bias[...]
+    entry = {"format": format, "rank": rank, "kind": kind, "n_iter_max": n_iter_max}
+    given = {"in_shape": in_shape, "out_shape": out_shape}
+    entry.update({k: v for k, v in given.items() if v is not None})
+    if kind == "conv":
+        entry["feature_group_count"] = layer.feature_group_count
+    factors = layers.factorize_params({"layer": node}, {"layer": entry})["layer"]
+    state = nnx.state(out, nnx.Param)
+    initial = nnx.to_pure_dict(state)
+    # The same layout functions resolve the ranks of both; a mismatch would be a bug here.
+    shapes, wanted = jax.tree.map(jnp.shape, factors), jax.tree.map(jnp.shape, initial)
+    if shapes != wanted:
+        raise AssertionError(f"factors {shapes} do not fit the layer's params {wanted}")
+    nnx.replace_by_pure_dict(
+        state, jax.tree.map(lambda new, old: new.astype(old.dtype), factors, initial)
+    )
+    nnx.update(out, state)
+    return out
+
+
+def _set_child(model: nnx.Module, path: tuple[Any, ...], child: nnx.Module) -> None:
+    """Puts ``child`` at ``path`` (attribute names, ``nnx.List`` / ``nnx.Dict`` keys)."""
+    parent = model
+    for key in path[:-1]:
+        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+    if isinstance(path[-1], int) or isinstance(parent, (nnx.Dict, dict, list)):
+        parent[path[-1]] = child
+    else:
+        setattr(parent, path[-1], child)
+
+
+def factorize_model(model: nnx.Module, spec: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
+    """A copy of ``model`` whose layers named in ``spec`` are factorized (`factorize`).
+
+    The NNX form of ``factorize_params`` on a whole model: each path of ``spec`` names an
+    ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.Embed`` of ``model`` (its attribute path joined
+    by '/', ``'layers/0'`` for an ``nnx.List`` item), replaced in a copy by
+    ``factorize(layer, **entry)``. ``model`` is not changed (``nnx.clone``, as
+    `compact` and ``sparsejax.nnx_sparse.export_model`` do). Runs eagerly.
+
+    Args:
+      model: the trained NNX model.
+      spec: ``{"path": {"format": ..., "rank": ..., optional "in_shape", "out_shape",
+        "contraction", "init_variance", "rank_dropout", "n_iter_max"}}``
+        (`tensornets.layers.check_factorize_spec`; "kind", "feature_group_count" and
+        "kernel_size" come from the layer itself, and a layer keeps its path, so "to"
+        does not apply).
+      rngs: for the new layers, as for `factorize`.
+
+    Returns:
+      The model with factorized layers.
+
+    Raises:
+      ValueError: for a ``model`` that is not an ``nnx.Module``, a ``spec`` path that is
+        not one of its layers (listing them), unknown spec keys, and as `factorize`.
+    """
+    if not isinstance(model, nnx.Module):
+        raise ValueError(f"model must be an nnx.Module, got model={type(model).__name__}")
+    out = nnx.clone(model)
+    found = {
+        "/".join(str(k) for k in path): (tuple(path), node)
+        for path, node in nnx.iter_graph(out)
+        if path and _kind(node) is not None
+    }
+    spec = layers.check_factorize_spec(
+        spec,
+        keys=(*layers.LAYER_KEYS, "n_iter_max"),
+        kinds={name: _kind(node) for name, (_, node) in found.items()},
+    )
+    for name, entry in spec.items():
+        path, layer = found[name]
+        try:
+            new = factorize(layer, rngs=rngs, **entry)
+        except ValueError as err:
+            raise ValueError(f"spec[{name!r}]: {err}") from None
+        _set_child(out, path, new)
     return out

@@ -146,3 +146,136 @@ def test_errors_name_the_argument():
         tnx.Factorized(nnx.Linear(4, 4, rngs=rngs), format="nope", rank=2, rngs=rngs)
     with pytest.raises(ValueError, match="layer must be a tensornets.nnx.Factorized"):
         tnx.compact(nnx.Linear(4, 4, rngs=rngs), {})
+
+
+# --------------------------------------------------------- conversion of trained layers
+def _grouped_conv(rngs):
+    layer = nnx.Conv(4, 6, (3,), feature_group_count=2, rngs=rngs)
+    linen = nn.Conv(6, (3,), feature_group_count=2)
+    return layer, linen, jax.random.normal(jax.random.key(1), (2, 9, 4))
+
+
+def _trained(build):
+    """A layer with a nonzero bias, as a trained one has (a dropped bias would show)."""
+    layer, linen, x = build(nnx.Rngs(0))
+    if getattr(layer, "bias", None) is not None:
+        layer.bias[...] = jax.random.normal(jax.random.key(5), layer.bias.shape)
+    return layer, linen, x
+
+
+# (builder, format, the largest rank the layer takes, extra options): every one is an exact
+# decomposition there (SVD, HOOI at full multilinear rank, TT-SVD at full bonds).
+FULL_RANK = [
+    (_dense, "low_rank", 8, {}),
+    (_dense, "tucker", (8, 8), {}),
+    (_dense, "tt_matrix", (4, 6), {}),
+    (_dense, "tt", (2, 8), {"in_shape": (2, 4)}),
+    (_conv, "tucker", (4, 6), {}),
+    (_conv, "tt_matrix", 9, {}),
+    (_grouped_conv, "tucker", (2, 3), {}),
+    (_embed, "tt_matrix", 6, {}),
+    (_embed, "low_rank", 8, {}),
+]
+
+
+@pytest.mark.parametrize("build,fmt,rank,options", FULL_RANK)
+def test_factorize_at_full_rank_reproduces_the_layer(build, fmt, rank, options):
+    layer, _, x = _trained(build)
+    before = _params(layer)
+    factorized = tnx.factorize(layer, format=fmt, rank=rank, **options)
+    assert isinstance(factorized, tnx.Factorized)
+    np.testing.assert_allclose(factorized(x), layer(x), rtol=1e-4, atol=2e-5)
+    jax.tree.map(np.testing.assert_array_equal, _params(layer), before)  # layer unchanged
+
+
+# Below full rank: the same factors as the Linen conversion of the same kernel.
+LOW_RANK = [
+    (_dense, "low_rank", 3, {}),
+    (_dense, "tucker", (3, 3), {}),
+    (_dense, "tt_matrix", 2, {}),
+    (_dense, "cp", 4, {}),
+    (_conv, "tucker", 3, {}),
+    (_conv, "tt_matrix", 3, {}),
+    (_embed, "tt_matrix", 3, {}),
+]
+
+
+@pytest.mark.parametrize("build,fmt,rank,options", LOW_RANK)
+def test_factorize_equals_the_linen_conversion_and_compacts(build, fmt, rank, options):
+    layer, linen, x = _trained(build)
+    factorized = tnx.factorize(layer, format=fmt, rank=rank, rngs=nnx.Rngs(3), **options)
+    spec = {"layer": {"format": fmt, "rank": rank, **options}}
+    # The trained layer's params are in the Linen layout factorize_params converts.
+    converted = tn.factorize_params({"layer": _params(layer)}, spec)["layer"]
+    params = _params(factorized)
+    jax.tree.map(np.testing.assert_array_equal, params, converted)
+    twin = tn.Factorized(linen, format=fmt, rank=rank, **options)
+    np.testing.assert_allclose(
+        factorized(x), twin.apply({"params": converted}, x), rtol=1e-5, atol=1e-6
+    )
+    # Compaction works on a converted layer as on an initialized one.
+    rank_masks = jax.tree.map(lambda v: v.at[0].set(False), tn.init_rank_masks(params))
+    small = tnx.compact(factorized, rank_masks)
+    masked = twin.apply({"params": tn.apply_rank_masks(params, rank_masks)}, x)
+    np.testing.assert_allclose(small(x), masked, rtol=1e-4, atol=1e-5)
+
+
+def test_factorize_low_rank_is_the_truncated_svd():
+    # Eckart & Young: the rank-r factorization's error is the norm of the dropped singular
+    # values, the smallest any rank-r matrix reaches.
+    layer, _, _ = _trained(_dense)
+    kernel = np.asarray(layer.kernel[...], np.float64)
+    sigma = np.linalg.svd(kernel, compute_uv=False)
+    factors = _params(tnx.factorize(layer, format="low_rank", rank=3))
+    rebuilt = tn.densify_params({"d": factors}, {"d": {"format": "low_rank"}})["d"]["kernel"]
+    error = np.linalg.norm(np.asarray(rebuilt, np.float64) - kernel)
+    np.testing.assert_allclose(error, np.linalg.norm(sigma[3:]), rtol=1e-4)
+
+
+class _DenseNet(nnx.Module):
+    def __init__(self, rngs):
+        self.hidden = nnx.List([nnx.Linear(12, 16, rngs=rngs), nnx.Linear(16, 16, rngs=rngs)])
+        self.head = nnx.Linear(16, 8, rngs=rngs)
+
+    def __call__(self, x):
+        for layer in self.hidden:
+            x = jax.nn.relu(layer(x))
+        return self.head(x)
+
+
+def test_factorize_model_replaces_the_named_layers():
+    model = _DenseNet(nnx.Rngs(0))
+    before = _params(model)
+    spec = {
+        "hidden/1": {"format": "tucker", "rank": (16, 16)},
+        "head": {"format": "low_rank", "rank": 8},
+    }
+    x = jax.random.normal(jax.random.key(1), (4, 12))
+    full = tnx.factorize_model(model, spec)
+    assert isinstance(full.hidden[1], tnx.Factorized) and isinstance(full.head, tnx.Factorized)
+    assert isinstance(full.hidden[0], nnx.Linear)
+    np.testing.assert_allclose(full(x), model(x), rtol=1e-4, atol=2e-5)
+    jax.tree.map(np.testing.assert_array_equal, _params(model), before)  # model unchanged
+    # Each layer is what factorize makes of it.
+    small = tnx.factorize_model(model, {"head": {"format": "low_rank", "rank": 2}})
+    alone = tnx.factorize(model.head, format="low_rank", rank=2)
+    jax.tree.map(np.testing.assert_array_equal, _params(small.head), _params(alone))
+
+
+def test_factorize_errors_name_the_argument():
+    rngs = nnx.Rngs(0)
+    with pytest.raises(ValueError, match="layer must be an nnx.Linear"):
+        tnx.factorize(nnx.BatchNorm(4, rngs=rngs), format="cp", rank=2)
+    with pytest.raises(ValueError, match="rank"):
+        tnx.factorize(nnx.Linear(8, 12, rngs=rngs), format="low_rank", rank=9)
+    with pytest.raises(ValueError, match="format must be one of"):
+        tnx.factorize(nnx.Embed(8, 4, rngs=rngs), format="tucker", rank=2)
+    model = _DenseNet(rngs)
+    with pytest.raises(ValueError, match="model must be an nnx.Module"):
+        tnx.factorize_model({"head": 1}, {})
+    with pytest.raises(ValueError, match=r"names 'hidden/2', which is not one of the layers"):
+        tnx.factorize_model(model, {"hidden/2": {"format": "cp", "rank": 2}})
+    with pytest.raises(ValueError, match=r"spec\['head'\] has unknown keys \['to'\]"):
+        tnx.factorize_model(model, {"head": {"format": "cp", "rank": 2, "to": "fc"}})
+    with pytest.raises(ValueError, match=r"spec\['head'\]: .*rank"):
+        tnx.factorize_model(model, {"head": {"format": "low_rank", "rank": 99}})
