@@ -148,6 +148,7 @@ class SparseLinear(nnx.Module):
         in_features = _check_features(in_features, "in_features")
         out_features = _check_features(out_features, "out_features")
         format = _check_format(format)
+        impl = _check_impl(impl)
         if layout is not None and not isinstance(layout, BSRLayout):
             raise ValueError(f"layout must be a BSRLayout or None, got {type(layout).__name__}")
         if layout is not None and layout.shape != (in_features, out_features):
@@ -172,11 +173,11 @@ class SparseLinear(nnx.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.dtype = dtype
-        self.impl = _check_impl(impl)
+        self.impl = impl
         self._hold(dataclasses.replace(kernel, values=kernel.values.astype(param_dtype)), bias)
 
     def _hold(self, kernel: BSR | NM, bias: jax.Array | None) -> None:
-        """Stores ``kernel``'s values as the Param and its structure as below."""
+        """Holds ``kernel``: values in the Param, the rest as the module docstring says."""
         self.format = "bsr" if isinstance(kernel, BSR) else "nm"
         self.values = nnx.Param(jnp.asarray(kernel.values))
         self.layout = kernel.layout if isinstance(kernel, BSR) else None
