@@ -41,6 +41,11 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     config.sparsity = ml_collections.ConfigDict()
     config.sparsity.algorithm = "dense"
+    # "masked": dense weights times masks; "bsr": sparse nn.Dense kernels held and run as
+    # their stored blocks (experiments/block_execution.py; block-structured Static, SET or
+    # RigL), in the block layout "coo" (blocks anywhere) or "fan_in" (constant fan-in).
+    config.sparsity.execution = "masked"
+    config.sparsity.block_layout = "coo"
 
     config.total_steps = 8000
     config.batch_size = 100

@@ -35,6 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "decay_schedule": "mask_exponential",
             "begin_fraction": 0.0,
             "end_fraction": 0.5,
+            "execution": "masked",
+            "block_layout": "coo",
         }
     )
     if runlocal:

@@ -63,6 +63,8 @@ def get_config(arg=None):
             "update_every_steps": ra.update_every_steps,
             "begin_step": ra.begin_step,
             "end_step": ra.end_step,
+            "execution": "masked",
+            "block_layout": "coo",
         }
     )
     return config

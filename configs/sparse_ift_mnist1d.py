@@ -40,6 +40,8 @@ def get_config(arg=None):
             "update_every_steps": 100,
             "end_fraction": 0.75,
             "drop_fraction": 0.3,
+            "execution": "masked",
+            "block_layout": "coo",
         }
     )
     config.total_steps = 3000

@@ -6,6 +6,11 @@ of the key (vmap it over seeds); `create_train_state` builds one run's state fro
 its config, on a mesh or not; `step_functions` / `make_step_functions` give the
 train and eval steps every trainer uses (`experiments.train`, `experiments.sweep`,
 the tables), so a step is the same wherever it runs.
+
+With ``config.sparsity.execution = "bsr"`` (`experiments.block_execution`) the
+state's params are the stored block values, its optimizer state a
+`sparsejax.block_sparse.SparseBlocksState` holding the block positions, and the
+steps run the model block-sparse (``step_functions(..., execution="bsr")``).
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ import optax
 # Imported for its registrations too: `import tensornets` adds spectral_truncation and
 # greedy_growth to `sparsejax.algorithms`, which `from_config` below resolves names in.
 import tensornets  # noqa: F401
+from experiments import block_execution, distributed, nnx_models, optim
 from experiments import data as data_lib
-from experiments import distributed, nnx_models, optim
-from sparsejax import algorithms, masks, transforms
+from sparsejax import algorithms, block_sparse, masks, transforms
 
 PyTree = Any
 
@@ -44,8 +49,9 @@ class TrainState(NamedTuple):
 
     Attributes:
       step: int32 scalar, the number of optimizer steps taken.
-      params: model parameters.
-      opt_state: optimizer state; holds the masks (`sparsejax.transforms.MaskedState`).
+      params: model parameters (block values with ``execution="bsr"``).
+      opt_state: optimizer state; holds the masks (`sparsejax.transforms.MaskedState`),
+        or the block layouts (`sparsejax.block_sparse.SparseBlocksState`).
       rng: uint32 key data of the run's key (``jax.random.key_data``).
     """
 
@@ -130,13 +136,22 @@ def create_train_state(
         (``config.mesh.fsdp_min_size``); None: the default device.
 
     Returns:
-      (state, tx, algorithm): ``tx`` is `optim.make_masked_optimizer` of the config.
+      (state, tx, algorithm): ``tx`` is `optim.make_masked_optimizer` of the config, or
+      with ``config.sparsity.execution="bsr"`` `block_execution.make_optimizer` (the
+      state's params then are block values; built eagerly, not vmappable over seeds).
+
+    Raises:
+      ValueError: a bsr config `sparsejax.block_sparse` cannot run
+        (`block_execution.check_config`).
     """
     algorithm = algorithms.from_config(config.sparsity, config.total_steps)
     calibration = data_lib.batch_at(
         dataset.x_train, dataset.y_train, batch_size=config.batch_size, seed=config.seed, step=0
     )
     x_example = dataset.x_train[:1]
+    if block_execution.execution_of(config) == "bsr":
+        block_execution.check_config(config, algorithm)
+        return _create_block_state(config, model, algorithm, x_example, calibration, mesh)
 
     # The key is made inside the jitted function: a host-made key would be a
     # single-device array that a multi-process computation cannot take.
@@ -154,6 +169,32 @@ def create_train_state(
             # Nothing may still run on the mesh when the first step is dispatched.
             state = jax.block_until_ready(state)
     return state, optim.make_masked_optimizer(config, algorithm), algorithm
+
+
+def _create_block_state(config, model, algorithm, x_example, calibration, mesh):
+    """`create_train_state` for ``execution="bsr"``: built eagerly, then placed."""
+    values, opt_state, run_key = block_execution.init_values(
+        config,
+        model,
+        algorithm,
+        jax.random.key(config.seed),
+        x_example,
+        calibration,
+        _cross_entropy,
+    )
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=values,
+        opt_state=opt_state,
+        rng=jax.random.key_data(run_key),
+    )
+    if mesh is not None:
+        shardings = distributed.state_shardings(state, mesh, min_size=fsdp_min_size(config))
+        state = jax.device_put(state, shardings)
+        if distributed.steps_must_block(mesh):
+            state = jax.block_until_ready(state)
+    tx = block_execution.make_optimizer(config, algorithm, block_sparse.get_layouts(opt_state))
+    return state, tx, algorithm
 
 
 def fsdp_min_size(config: ml_collections.ConfigDict) -> int:
@@ -180,7 +221,7 @@ def algo_state_of(opt_state: optax.OptState) -> PyTree:
     return found[0].algo_state if found else ()
 
 
-def step_functions(model, tx, algorithm, *, skip_nonfinite: bool = False):
+def step_functions(model, tx, algorithm, *, skip_nonfinite: bool = False, execution="masked"):
     """Un-jitted (train_step, eval_step, sparsity) bodies; see `make_step_functions`.
 
     Vmap or jit them as the trainer needs (`experiments.sweep` vmaps them over seeds).
@@ -189,11 +230,22 @@ def step_functions(model, tx, algorithm, *, skip_nonfinite: bool = False):
     the batch order stays that of an uninterrupted run) and reports
     ``skipped = 1`` in its metrics.
 
+    With ``execution="bsr"`` (a state from `create_train_state` of a bsr config, ``tx``
+    a `sparsejax.block_sparse.sparse_blocks` transform) the model runs inside
+    ``block_sparse_calls(layouts)`` in training and evaluation, the dense gradient
+    reaches ``tx`` as ``dense_grads`` (computed only on its mask-update steps), and
+    ``sparsity`` is the layouts' exact fraction (`block_execution.layout_sparsity`).
+
     Raises:
       ValueError: for an algorithm ``model`` cannot run (`nnx_models.check_algorithm`: a
-        Linen method interceptor with an NNX model).
+        Linen method interceptor with an NNX model), an unknown ``execution``.
     """
     nnx_models.check_algorithm(model, algorithm)
+    if execution not in block_execution.EXECUTIONS:
+        raise ValueError(
+            f"execution={execution!r} is unknown; known: {list(block_execution.EXECUTIONS)}"
+        )
+    bsr = execution == "bsr"
 
     def effective(state: TrainState):
         return algorithm.forward_params_with_state(
@@ -206,12 +258,41 @@ def step_functions(model, tx, algorithm, *, skip_nonfinite: bool = False):
             logits = model.apply({"params": forward}, x)
         return _cross_entropy(logits, y), logits
 
-    def train_step(state: TrainState, x, y):
+    def values_loss_fn(values, batch):
+        # The model on block values: only ever called inside block_sparse_calls.
+        logits = model.apply({"params": values}, batch[0])
+        return _cross_entropy(logits, batch[1]), logits
+
+    def masked_grads(state: TrainState, x, y):
         masks_tree = transforms.get_masks(state.opt_state)
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, masks_tree, algo_state_of(state.opt_state), x, y
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return loss, logits, grads, updates, opt_state
+
+    def block_grads(state: TrainState, x, y):
+        layouts = block_sparse.get_layouts(state.opt_state)
+
+        def sparse_loss(values):
+            with block_sparse.block_sparse_calls(layouts):
+                return values_loss_fn(values, (x, y))
+
+        (loss, logits), grads = jax.value_and_grad(sparse_loss, has_aux=True)(state.params)
+        updates, opt_state = tx.update(
+            grads,
+            state.opt_state,
+            state.params,
+            dense_grads=lambda: block_sparse.dense_gradients(
+                values_loss_fn, state.params, layouts, (x, y), has_aux=True
+            ),
+        )
+        return loss, logits, grads, updates, opt_state
+
+    def train_step(state: TrainState, x, y):
+        loss, logits, grads, updates, opt_state = (block_grads if bsr else masked_grads)(
+            state, x, y
+        )
         params = optax.apply_updates(state.params, updates)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
         metrics = {"loss": loss, "accuracy": accuracy}
@@ -228,13 +309,21 @@ def step_functions(model, tx, algorithm, *, skip_nonfinite: bool = False):
         new_state = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
+    def logits_of(state: TrainState, x):
+        if not bsr:
+            return model.apply({"params": effective(state)}, x)
+        with block_sparse.block_sparse_calls(block_sparse.get_layouts(state.opt_state)):
+            return model.apply({"params": state.params}, x)
+
     def eval_step(state: TrainState, x, y):
-        logits = model.apply({"params": effective(state)}, x)
+        logits = logits_of(state, x)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
         correct = jnp.sum(jnp.argmax(logits, -1) == y)
         return loss, correct
 
     def sparsity(state: TrainState):
+        if bsr:
+            return block_execution.layout_sparsity(block_sparse.get_layouts(state.opt_state))
         return masks.sparsity_of(effective(state), transforms.get_masks(state.opt_state))
 
     return train_step, eval_step, sparsity
@@ -248,6 +337,7 @@ def make_step_functions(
     mesh: jax.sharding.Mesh | None = None,
     state_sharding: PyTree | None = None,
     skip_nonfinite: bool = False,
+    execution: str = "masked",
 ):
     """Jitted (train_step, eval_step, sparsity) for ``model`` trained with ``tx``.
 
@@ -264,10 +354,10 @@ def make_step_functions(
     On a mesh of several CPU devices of one process each function returns
     only once its results are computed (`distributed.blocking_steps`: XLA:CPU's
     in-process collectives deadlock when steps are dispatched ahead);
-    elsewhere dispatch stays asynchronous.
+    elsewhere dispatch stays asynchronous. ``execution`` as in `step_functions`.
     """
     train_step, eval_step, sparsity = step_functions(
-        model, tx, algorithm, skip_nonfinite=skip_nonfinite
+        model, tx, algorithm, skip_nonfinite=skip_nonfinite, execution=execution
     )
     if mesh is None:
         return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step), jax.jit(sparsity)

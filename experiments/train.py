@@ -28,7 +28,7 @@ from tqdm import tqdm
 # Imported for its registrations too: `import tensornets` adds spectral_truncation and
 # greedy_growth to `sparsejax.algorithms`, which `from_config` below resolves names in.
 import tensornets  # noqa: F401
-from experiments import checkpoints, distributed, nnx_models, optim
+from experiments import block_execution, checkpoints, distributed, nnx_models, optim
 from experiments import data as data_lib
 from experiments import models as models_lib
 from experiments import state as state_lib
@@ -102,8 +102,10 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     # Build the cheap pieces now, so a bad optimizer, sparsity or model value fails
     # before any data is loaded or anything is compiled or written.
     optim.make_optimizer(config, config.total_steps)
+    block_execution.execution_of(config)
     algorithm = algorithms.from_config(config.sparsity, config.total_steps)
     nnx_models.check_algorithm(models_lib.make_model(config, 10), algorithm)
+    block_execution.check_config(config, algorithm)
 
 
 @jax.jit
@@ -252,6 +254,7 @@ def _run(
         mesh=mesh,
         state_sharding=state_sharding,
         skip_nonfinite=skip_nonfinite,
+        execution=block_execution.execution_of(config),
     )
     batch_sharding = distributed.batch_sharding(mesh)
     data_size = mesh.shape[distributed.DATA_AXIS]

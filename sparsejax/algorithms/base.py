@@ -546,8 +546,17 @@ def _nm_mask_traced(scores: jax.Array, n: jax.Array, m: int, axis: int) -> jax.A
 # name -> (class, the defaults that distinguish the registered variant).
 _REGISTRY: dict[str, tuple[type[Algorithm], dict[str, Any]]] = {}
 
-# Config keys understood by `from_config` beyond the dataclass fields.
-_CONFIG_ONLY_KEYS = ("algorithm", "target", "begin_fraction", "end_fraction")
+# Config keys understood by `from_config` beyond the dataclass fields. ``execution`` and
+# ``block_layout`` choose how a trainer runs the algorithm (experiments/block_execution.py)
+# and are ignored here.
+_CONFIG_ONLY_KEYS = (
+    "algorithm",
+    "target",
+    "begin_fraction",
+    "end_fraction",
+    "execution",
+    "block_layout",
+)
 
 
 def _fields(cls: type[Algorithm]) -> set[str]:
