@@ -144,12 +144,21 @@ def stack_seeds(
       A `SeedStack`.
 
     Raises:
-      ValueError: for no seeds, a ``start_step`` out of range, or an algorithm that
-        reparametrizes (spectral truncation), which is not run vmapped over seeds.
+      ValueError: for no seeds, a ``start_step`` out of range, an algorithm that
+        reparametrizes (spectral truncation), which is not run vmapped over seeds, or
+        ``config.sparsity.execution='bsr'``.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds must not be empty")
+    if config.sparsity.get("execution", "masked") != "masked":
+        # Each seed's block layout is built eagerly from its concrete masks
+        # (experiments.block_execution), so the states are not one vmapped init.
+        raise ValueError(
+            f"config.sparsity.execution={config.sparsity.execution!r}: a sweep runs the "
+            "seeds vmapped in the masked mode only; train each seed with experiments.main "
+            "or set config.sparsity.execution='masked'"
+        )
     _check_start_step(start_step, config.total_steps)
     model = models_lib.make_model(config, dataset.num_classes)
     algorithm = algorithms.from_config(config.sparsity, config.total_steps)
