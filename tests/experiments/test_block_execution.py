@@ -1,4 +1,4 @@
-"""``config.sparsity.execution='bsr'``: the trainer runs block-sparse (`experiments.block_execution`).
+"""``config.sparsity.execution="bsr"``: the trainer runs block-sparse (block_execution).
 
 The runs use ``configs/block_sparse_mlp.py:runlocal``: a 64-256-256-10 ReLU MLP on
 teacher-student data, block RigL at 90% of 32x32 blocks, masks moved every 5 of 20 steps.
@@ -170,9 +170,7 @@ def test_bsr_train_step_is_traced_once_across_mask_updates(layout):
         ({"pack_masks": True}, "config.sparsity.execution='bsr'.*pack_masks"),
     ],
 )
-def test_bad_execution_configs_are_refused_before_anything_is_written(
-    tmp_path, overrides, message
-):
+def test_bad_execution_configs_are_refused_before_anything_is_written(tmp_path, overrides, message):
     workdir = tmp_path / "run"
     with pytest.raises(ValueError, match=message):
         train.train_and_evaluate(_config(**overrides), str(workdir))
