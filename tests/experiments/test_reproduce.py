@@ -179,3 +179,19 @@ def test_calibrate_penalty_finds_the_coefficient_of_a_target_l0(power):
     assert found["l0"] == pytest.approx(300.0 / found["coeff"] ** power)
     # Every step is limited to a factor of 8.
     assert all(1 / 8 - 1e-9 <= b / a <= 8 + 1e-9 for a, b in zip(calls, calls[1:]))
+
+
+def test_sae_lm_reads_topk_frontier_in_log_l0():
+    from experiments.tables import sae_lm
+
+    results = {("TopK", 8): [0.4, 0.5], ("TopK", 16): [0.3, 0.3], ("TopK", 32): [0.2, 0.1]}
+    # 1 - FVU at L0 = 8 * sqrt(2): half-way between k=8 and k=16 in log L0.
+    at, how = sae_lm._topk_frontier(results, [8, 16, 32], 8 * 2**0.5)
+    np.testing.assert_allclose(at, [0.65, 0.6])
+    assert how == "TopK interpolated in log L0 between k=8 and k=16"
+    at, how = sae_lm._topk_frontier(results, [8, 16, 32], 64.0)
+    np.testing.assert_allclose(at, [0.9, 1.0])
+    assert "extrapolated" in how and "k=16 and k=32" in how
+    at, _ = sae_lm._topk_frontier(results, [8, 16, 32], 32.0)
+    np.testing.assert_allclose(at, [0.8, 0.9])
+    assert sae_lm._topk_frontier({("TopK", 8): [0.5]}, [8], 10.0) is None
