@@ -31,13 +31,13 @@ the mean-ablation gap it recovers, and retrieval recall@1 and MRR of the spliced
 is the SAE's initialisation and batch order; the activations are the same for every seed.
 
 Cost of the full run with 5 seeds: 3 rows x 3 columns x 5 seeds = 45 SAEs plus up to 18
-calibration fits, each followed by one held-out evaluation and (table SAEs only) one
-spliced-in embedding of 100 passages and 46 retrieval topics. Measured on this project's
-2 cores while other jobs shared them: a fit 10-20 s, a spliced evaluation 5-15 s (compiled
-once per row); about 30 minutes in all. Per-cell results are kept in
-``WORKDIR/sae_lm_cells.jsonl``, so an interrupted run resumes where it stopped. ``--quick``
-(64 windows of 32 tokens, 128 latents, one column k = 8, 60 steps of 128 tokens, fixed
-coefficients, 16 passages and 8 topics cut to 32 tokens) takes under a minute.
+calibration fits, each followed by one held-out evaluation and (table SAEs only) one spliced-in
+embedding of 100 passages and 46 retrieval topics. Measured on this project's 2 cores while
+other jobs shared them (load average 5-7): a cell (fit, evaluation, spliced embedding) 40-80 s,
+42.9 minutes in all (9 calibration fits, 3 a column). Per-cell results are kept in
+``WORKDIR/sae_lm_cells.jsonl``, so an interrupted run resumes where it stopped. ``--quick`` (64
+windows of 32 tokens, 128 latents, one column k = 8, 60 steps of 128 tokens, fixed coefficients,
+16 passages and 8 topics cut to 32 tokens) takes under a minute.
 """
 
 from __future__ import annotations
