@@ -221,7 +221,9 @@ def algo_state_of(opt_state: optax.OptState) -> PyTree:
     return found[0].algo_state if found else ()
 
 
-def step_functions(model, tx, algorithm, *, skip_nonfinite: bool = False, execution="masked"):
+def step_functions(
+    model, tx, algorithm, *, skip_nonfinite: bool = False, execution: str = "masked"
+):
     """Un-jitted (train_step, eval_step, sparsity) bodies; see `make_step_functions`.
 
     Vmap or jit them as the trainer needs (`experiments.sweep` vmaps them over seeds).
