@@ -24,34 +24,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_timing import time_interleaved
 
 import pallas_kernels as pk
 
 FULL_CASES = ((32, 0.5), (32, 0.8), (32, 0.9), (32, 0.95), (16, 0.9), (64, 0.9))
-
-
-def time_interleaved(fns: dict, iters: int, rounds: int) -> dict:
-    """Median over rounds of the per-round median time (seconds) of each callable."""
-    for f in fns.values():
-        for _ in range(2):
-            jax.block_until_ready(f())
-    per_round = {k: [] for k in fns}
-    for _ in range(rounds):
-        samples = {k: [] for k in fns}
-        for _ in range(iters):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                jax.block_until_ready(f())
-                samples[k].append(time.perf_counter() - t0)
-        for k in fns:
-            per_round[k].append(statistics.median(samples[k]))
-    return {k: statistics.median(v) for k, v in per_round.items()}
 
 
 def make_case(b: int, k: int, n: int, block: int, sparsity: float, seed: int = 0):

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
+from bench_timing import time_interleaved
 from jax.experimental import sparse as jsparse
 
 import pallas_kernels as pk
@@ -52,24 +51,6 @@ def nm_mask(rng, shape, n, m):
     scores = rng.random((shape[0] // m, m, shape[1]))
     rank = np.argsort(np.argsort(-scores, axis=1), axis=1)
     return (rank < n).reshape(shape)
-
-
-def time_interleaved(fns: dict, iters: int, rounds: int) -> dict:
-    """Median over rounds of the per-round median time (seconds) of each callable."""
-    for f in fns.values():
-        for _ in range(2):
-            jax.block_until_ready(f())
-    per_round = {k: [] for k in fns}
-    for _ in range(rounds):
-        samples = {k: [] for k in fns}
-        for _ in range(iters):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                jax.block_until_ready(f())
-                samples[k].append(time.perf_counter() - t0)
-        for k in fns:
-            per_round[k].append(statistics.median(samples[k]))
-    return {k: statistics.median(v) for k, v in per_round.items()}
 
 
 def case(b, k, n, density, block, *, iters, rounds, baselines=True, seed=0):

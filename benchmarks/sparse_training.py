@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from bench_timing import time_interleaved
 
 from sparsejax import algorithms, transforms
 from sparsejax import block_sparse as bs
@@ -54,24 +53,6 @@ class MLP(nn.Module):
         x = nn.relu(nn.Dense(self.hidden)(x))
         x = nn.relu(nn.Dense(self.hidden)(x))
         return nn.Dense(self.classes)(x)
-
-
-def time_interleaved(fns: dict, iters: int, rounds: int) -> dict:
-    """Median over rounds of the per-round median time (seconds) of each callable."""
-    for f in fns.values():
-        for _ in range(2):
-            jax.block_until_ready(f())
-    per_round = {k: [] for k in fns}
-    for _ in range(rounds):
-        samples = {k: [] for k in fns}
-        for _ in range(iters):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                jax.block_until_ready(f())
-                samples[k].append(time.perf_counter() - t0)
-        for k in fns:
-            per_round[k].append(statistics.median(samples[k]))
-    return {k: statistics.median(v) for k, v in per_round.items()}
 
 
 def tree_bytes(*trees) -> int:
