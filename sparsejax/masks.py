@@ -190,8 +190,53 @@ def topk_mask_by_count(scores: jax.Array, k: Any) -> jax.Array:
     scores = jnp.asarray(scores)
     if scores.size == 0:
         return jnp.zeros(scores.shape, bool)
-    ranks = _rank_descending(scores.astype(jnp.float32) if scores.dtype == bool else scores)
+    if scores.dtype == jnp.bool_ or (
+        jnp.issubdtype(scores.dtype, jnp.floating) and jnp.finfo(scores.dtype).bits <= 32
+    ):
+        return _topk_by_bisection(scores.astype(jnp.float32), k).reshape(scores.shape)
+    ranks = _rank_descending(scores)
     return (ranks < k).reshape(scores.shape)
+
+
+def _sortable_bits(scores: jax.Array) -> jax.Array:
+    """uint32 keys whose ascending order is the descending order of float32 ``scores``.
+
+    The float's bits are made monotone (negative floats have their bits flipped, positive
+    ones their sign bit set); -0.0 counts as 0.0 and every NaN as the largest key (last), as
+    in a comparison sort.
+    """
+    key = -scores
+    # -0.0 and 0.0 compare equal in a sort; XLA folds "x + 0.0" away, so select instead.
+    key = jnp.where(key == 0, jnp.zeros_like(key), key)
+    bits = jax.lax.bitcast_convert_type(key, jnp.uint32)
+    sign = jnp.uint32(0x80000000)
+    monotone = jnp.where(bits & sign, ~bits, bits | sign)
+    return jnp.where(jnp.isnan(key), jnp.uint32(0xFFFFFFFF), monotone)
+
+
+def _topk_by_bisection(scores: jax.Array, k: Any) -> jax.Array:
+    """`topk_mask_by_count` for float32 scores in linear time, the same entries as the sort.
+
+    The k-th smallest key t is found by bisection over the 32-bit key range (32 counting
+    passes, each one vectorized reduction), then every key below t is kept and the entries
+    equal to t in index order until k are kept: the ranking of a stable sort, without one.
+    XLA:CPU sorts 10^5 entries in milliseconds on one core; the passes are cheaper.
+    """
+    flat = _sortable_bits(scores.reshape(-1))
+    k = jnp.asarray(k, jnp.int32)
+
+    def narrow(_, bounds):
+        lo, hi = bounds  # the answer t is in [lo, hi]
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(flat <= mid, dtype=jnp.int32) >= k
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    bounds = (jnp.uint32(0), jnp.uint32(0xFFFFFFFF))
+    t, _ = jax.lax.fori_loop(0, 32, narrow, bounds)
+    below = flat < t
+    ties = flat == t
+    room = k - jnp.sum(below, dtype=jnp.int32)
+    return below | (ties & (jnp.cumsum(ties, dtype=jnp.int32) <= room))
 
 
 def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:

@@ -131,3 +131,34 @@ def test_block_and_channel_masks_take_the_magnitude_of_int8_minimum():
     np.testing.assert_array_equal(
         masks.channel_mask(scores, 0.5, axis=0), [[True, True], [False, False]]
     )
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "specials", "bool", "float16"])
+def test_linear_time_selection_keeps_exactly_what_the_stable_sort_keeps(kind):
+    """Float and bool scores take the bisection path; the sort ranking is the reference."""
+    rng = np.random.default_rng(7)
+    select = jax.jit(masks.topk_mask_by_count)
+
+    @jax.jit
+    def by_sort(s, k):
+        return (
+            masks._rank_descending(s.astype(jnp.float32) if s.dtype == bool else s) < k
+        ).reshape(s.shape)
+
+    for n in (1, 7, 64, 257):
+        if kind == "normal":
+            s = rng.normal(size=n).astype(np.float32)
+        elif kind == "ties":
+            s = rng.integers(-3, 3, size=n).astype(np.float32)
+        elif kind == "specials":
+            s = rng.normal(size=n).astype(np.float32)
+            for v in (np.nan, -np.nan, -np.inf, np.inf, 0.0, -0.0):
+                s[rng.random(n) < 0.15] = v
+        elif kind == "bool":
+            s = rng.random(n) < 0.5
+        else:
+            s = rng.normal(size=n).astype(np.float16)
+        for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+            got = np.asarray(select(s, k))
+            np.testing.assert_array_equal(got, np.asarray(by_sort(jnp.asarray(s), k)))
+            assert got.sum() == k
