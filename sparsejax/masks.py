@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The one mask packer lives in `sparsejax.packing`; masks re-exports it.
+# The one mask packer lives in `sparsejax.packing`, the exact top-k in `sparsejax.ranking`;
+# masks re-exports them.
 from sparsejax.packing import PackedMask, pack_mask, pack_masks, unpack_masks
+from sparsejax.ranking import descending_key, topk_mask_by_count
 
 PyTree = Any
 
@@ -114,25 +116,6 @@ def num_kept(size: int, sparsity: Any) -> Any:
     return jnp.clip(kept, lowest, size)
 
 
-def _descending_key(scores: jax.Array) -> jax.Array:
-    """A key whose ascending order is the descending order of ``scores``, exact for every dtype.
-
-    Floats are negated (exact; NaN stays NaN, which sorts last). Integers and
-    bools are bit-flipped instead: ``~x`` is ``-x - 1`` for signed and ``max - x``
-    for unsigned types, an order-reversing bijection that cannot overflow, where
-    negation wraps uint8 (0 would become the largest) and int8's -128.
-
-    Raises:
-      ValueError: for scores that are not real numbers (e.g. complex).
-    """
-    dtype = scores.dtype
-    if jnp.issubdtype(dtype, jnp.floating):
-        return -scores
-    if dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer):
-        return ~scores
-    raise ValueError(f"scores must be real (bool, integer or floating), got dtype {dtype}")
-
-
 def _magnitude(scores: jax.Array) -> jax.Array:
     """``|scores|`` without overflow: signed integers come back unsigned (|-128| = 128 in uint8)."""
     if jnp.issubdtype(scores.dtype, jnp.signedinteger):
@@ -140,19 +123,6 @@ def _magnitude(scores: jax.Array) -> jax.Array:
         unsigned = jnp.dtype(f"uint{jnp.iinfo(scores.dtype).bits}")
         return jnp.abs(scores).astype(unsigned)
     return jnp.abs(scores)
-
-
-def _rank_descending(scores: jax.Array) -> jax.Array:
-    """Rank of every entry of a flat array when sorted by descending score.
-
-    Rank 0 is the largest score; equal scores are ordered by position (lower
-    index first), which makes top-k selection deterministic. NaN ranks last.
-    Exact for every real dtype (see `_descending_key`).
-    """
-    flat = scores.reshape(-1)
-    # A stable argsort of the order-reversed key breaks ties by index.
-    order = jnp.argsort(_descending_key(flat), stable=True)
-    return jnp.zeros_like(order).at[order].set(jnp.arange(flat.size, dtype=order.dtype))
 
 
 def topk_mask(scores: jax.Array, sparsity: Any) -> jax.Array:
@@ -175,68 +145,6 @@ def topk_mask(scores: jax.Array, sparsity: Any) -> jax.Array:
     scores = jnp.asarray(scores)
     k = num_kept(scores.size, sparsity)
     return topk_mask_by_count(scores, k)
-
-
-def topk_mask_by_count(scores: jax.Array, k: Any) -> jax.Array:
-    """Keeps exactly ``k`` highest-scoring entries (``k`` may be traced).
-
-    Args:
-      scores: array of any shape.
-      k: number of entries to keep, 0 <= k <= size.
-
-    Returns:
-      Boolean array of ``scores.shape`` with ``k`` True entries.
-    """
-    scores = jnp.asarray(scores)
-    if scores.size == 0:
-        return jnp.zeros(scores.shape, bool)
-    if scores.dtype == jnp.bool_ or (
-        jnp.issubdtype(scores.dtype, jnp.floating) and jnp.finfo(scores.dtype).bits <= 32
-    ):
-        return _topk_by_bisection(scores.astype(jnp.float32), k).reshape(scores.shape)
-    ranks = _rank_descending(scores)
-    return (ranks < k).reshape(scores.shape)
-
-
-def _sortable_bits(scores: jax.Array) -> jax.Array:
-    """uint32 keys whose ascending order is the descending order of float32 ``scores``.
-
-    The float's bits are made monotone (negative floats have their bits flipped, positive
-    ones their sign bit set); -0.0 counts as 0.0 and every NaN as the largest key (last), as
-    in a comparison sort.
-    """
-    key = -scores
-    # -0.0 and 0.0 compare equal in a sort; XLA folds "x + 0.0" away, so select instead.
-    key = jnp.where(key == 0, jnp.zeros_like(key), key)
-    bits = jax.lax.bitcast_convert_type(key, jnp.uint32)
-    sign = jnp.uint32(0x80000000)
-    monotone = jnp.where(bits & sign, ~bits, bits | sign)
-    return jnp.where(jnp.isnan(key), jnp.uint32(0xFFFFFFFF), monotone)
-
-
-def _topk_by_bisection(scores: jax.Array, k: Any) -> jax.Array:
-    """`topk_mask_by_count` for float32 scores in linear time, the same entries as the sort.
-
-    The k-th smallest key t is found by bisection over the 32-bit key range (32 counting
-    passes, each one vectorized reduction), then every key below t is kept and the entries
-    equal to t in index order until k are kept: the ranking of a stable sort, without one.
-    XLA:CPU sorts 10^5 entries in milliseconds on one core; the passes are cheaper.
-    """
-    flat = _sortable_bits(scores.reshape(-1))
-    k = jnp.asarray(k, jnp.int32)
-
-    def narrow(_, bounds):
-        lo, hi = bounds  # the answer t is in [lo, hi]
-        mid = lo + (hi - lo) // 2
-        enough = jnp.sum(flat <= mid, dtype=jnp.int32) >= k
-        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-
-    bounds = (jnp.uint32(0), jnp.uint32(0xFFFFFFFF))
-    t, _ = jax.lax.fori_loop(0, 32, narrow, bounds)
-    below = flat < t
-    ties = flat == t
-    room = k - jnp.sum(below, dtype=jnp.int32)
-    return below | (ties & (jnp.cumsum(ties, dtype=jnp.int32) <= room))
 
 
 def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
@@ -322,7 +230,7 @@ def group_ranks(groups: jax.Array) -> jax.Array:
     """
     m = groups.shape[-1]
     if m > 16:
-        order = jnp.argsort(_descending_key(groups), axis=-1, stable=True)
+        order = jnp.argsort(descending_key(groups), axis=-1, stable=True)
         return jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32)
     # NaN is ordered below every number (and equal to another NaN) to rank last.
     nan = jnp.isnan(groups) if jnp.issubdtype(groups.dtype, jnp.floating) else None
