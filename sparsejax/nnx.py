@@ -80,6 +80,7 @@ __all__ = [
     "forward_context",
     "functional",
     "get_masks",
+    "linen_twin",
     "masks_from_model",
     "optimizer",
     "prune_model",
@@ -381,21 +382,40 @@ class _Captured(Exception):
     """Stops the forward pass once every wanted layer input is seen."""
 
 
-def _linen_twin(layer: nnx.Module) -> nn.Module:
-    """An unbound Linen Dense / Conv with ``layer``'s hyperparameters (for `input_matrix`)."""
-    use_bias = layer.bias is not None
+def linen_twin(layer: nnx.Module) -> nn.Module:
+    """The unbound Linen ``nn.Dense`` / ``nn.Conv`` with ``layer``'s hyperparameters.
+
+    Args:
+      layer: an ``nnx.Linear`` or ``nnx.Conv``.
+
+    Returns:
+      A Linen layer whose params (``kernel``, ``bias``) have the NNX layer's names, shapes
+      and dtypes and whose call computes the same function: what Linen-side code (e.g.
+      `sparsejax.posttrain.input_matrix`, `tensornets.layers.Factorized`) reads a layer by.
+
+    Raises:
+      ValueError: for any other layer type.
+    """
+    common = {
+        "use_bias": layer.bias is not None,
+        "dtype": layer.dtype,
+        "param_dtype": layer.param_dtype,
+        "precision": layer.precision,
+    }
     if isinstance(layer, nnx.Linear):
-        return nn.Dense(layer.out_features, use_bias=use_bias)
-    return nn.Conv(
-        layer.out_features,
-        kernel_size=layer.kernel_size,
-        strides=layer.strides,
-        padding=layer.padding,
-        input_dilation=layer.input_dilation,
-        kernel_dilation=layer.kernel_dilation,
-        feature_group_count=layer.feature_group_count,
-        use_bias=use_bias,
-    )
+        return nn.Dense(layer.out_features, **common)
+    if isinstance(layer, nnx.Conv):
+        return nn.Conv(
+            layer.out_features,
+            kernel_size=layer.kernel_size,
+            strides=layer.strides,
+            padding=layer.padding,
+            input_dilation=layer.input_dilation,
+            kernel_dilation=layer.kernel_dilation,
+            feature_group_count=layer.feature_group_count,
+            **common,
+        )
+    raise ValueError(f"layer must be an nnx.Linear or nnx.Conv, got layer={type(layer).__name__}")
 
 
 def _names(path: tuple[Any, ...]) -> tuple[str, ...]:
@@ -479,7 +499,7 @@ def prune_model(
     calls: list[posttrain.LayerCall] = []
 
     def record(path, layer, original, args, kwargs):
-        calls.append(posttrain.LayerCall(_names(path), _linen_twin(layer)))
+        calls.append(posttrain.LayerCall(_names(path), linen_twin(layer)))
         return original(layer, *args, **kwargs)
 
     try:

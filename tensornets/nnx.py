@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsejax import nnx as sparse_nnx
 from tensornets import layers
 from tensornets import rank as rank_lib
 
@@ -53,30 +54,11 @@ _KINDS = ((nnx.Linear, "dense"), (nnx.Conv, "conv"), (nnx.Embed, "embed"))
 def _linen_twin(layer: nnx.Module) -> tuple[nn.Module, jax.Array]:
     """The Linen layer with ``layer``'s hyperparameters, and an example input for init."""
     if isinstance(layer, nnx.Linear):
-        twin = nn.Dense(
-            layer.out_features,
-            use_bias=layer.use_bias,
-            dtype=layer.dtype,
-            param_dtype=layer.param_dtype,
-            precision=layer.precision,
-        )
-        return twin, jnp.zeros((1, layer.in_features), layer.param_dtype)
+        return sparse_nnx.linen_twin(layer), jnp.zeros((1, layer.in_features), layer.param_dtype)
     if isinstance(layer, nnx.Conv):
         if layer.mask is not None:
             raise ValueError("layer.mask is not supported: a masked conv has no factorization")
-        twin = nn.Conv(
-            layer.out_features,
-            kernel_size=layer.kernel_size,
-            strides=layer.strides,
-            padding=layer.padding,
-            input_dilation=layer.input_dilation,
-            kernel_dilation=layer.kernel_dilation,
-            feature_group_count=layer.feature_group_count,
-            use_bias=layer.use_bias,
-            dtype=layer.dtype,
-            param_dtype=layer.param_dtype,
-            precision=layer.precision,
-        )
+        twin = sparse_nnx.linen_twin(layer)
         dilation = layer.kernel_dilation
         dilations = (dilation,) * len(layer.kernel_size) if isinstance(dilation, int) else dilation
         # The smallest input every padding accepts: one window of the dilated kernel.
