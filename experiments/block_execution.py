@@ -124,56 +124,44 @@ def make_optimizer(
 
 def init_values(
     config: ml_collections.ConfigDict,
-    model: Any,
     algorithm: algorithms.Algorithm,
+    params: PyTree,
+    masks_tree: PyTree,
+    *,
     key: jax.Array,
-    x_example: jax.Array,
-    calibration: tuple[jax.Array, jax.Array],
-    loss_fn: Any,
-) -> tuple[PyTree, optax.OptState, jax.Array]:
-    """The initial values params, optimizer state and run key of a bsr run (eager).
+) -> tuple[PyTree, optax.OptState]:
+    """The initial values params and optimizer state of a bsr run (eager).
 
-    Splits ``key`` as `experiments.state.init_state` does and draws the same initial
-    params and masks, so the COO layout holds exactly the masked run's initial blocks.
-    Not jit-able (the layouts' sizes come from the concrete masks).
+    Takes the masked run's initial draw (`experiments.state` draws params and masks once for
+    both executions), so the COO layout holds exactly the masked run's initial blocks. Not
+    jit-able (the layouts' sizes come from the concrete masks).
 
     Args:
       config: the run config (``optimizer``, ``total_steps``, ``sparsity.block_layout``).
-      model: a Flax Linen module. algorithm: from `sparsejax.algorithms`.
-      key: the run's ``jax.random.key``.
-      x_example: inputs with a batch axis, for shapes. calibration: ``(x, y)``.
-      loss_fn: ``(logits, labels) -> scalar``, for prune-at-init masks.
+      algorithm: from `sparsejax.algorithms`.
+      params: the initial dense params. masks_tree: their initial masks.
+      key: the masks' key (the transform's key in the masked run).
 
     Returns:
-      ``(values, opt_state, run_key)``: values params (`block_sparse.to_block_sparse`), the
-      `block_sparse.SparseBlocksState` holding the layouts, and the run's own key.
+      ``(values, opt_state)``: values params (`block_sparse.to_block_sparse`) and the
+      `block_sparse.SparseBlocksState` holding the layouts.
 
     Raises:
       ValueError: naming ``config.sparsity.execution`` for a model whose sparsified
         leaves are not block-divisible 2-D Dense kernels.
     """
-    init_key, mask_key, run_key = jax.random.split(key, 3)
-    params = jax.jit(model.init)(init_key, jnp.asarray(x_example[:1]))["params"]
-    masks_tree = algorithm.masks_from_model(
-        params,
-        key=mask_key,
-        apply_fn=lambda q, x: model.apply({"params": q}, x),
-        batch=calibration,
-        loss_fn=loss_fn,
-        input_shape=x_example.shape[1:],
-    )
     try:
         values, layouts = block_sparse.to_block_sparse(
             params,
             algorithm,
-            key=mask_key,
+            key=key,
             masks=masks_tree,
             layout=config.sparsity.get("block_layout", "coo"),
         )
     except ValueError as error:
         raise ValueError(f"{_PREFIX} cannot hold config.model's kernels: {error}") from None
-    tx = make_optimizer(config, algorithm, layouts, key=mask_key)
-    return values, tx.init(values), run_key
+    tx = make_optimizer(config, algorithm, layouts, key=key)
+    return values, tx.init(values)
 
 
 def layout_sparsity(layouts: PyTree) -> jax.Array:

@@ -65,6 +65,27 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def _initial_draw(model, algorithm, key, x_example, calibration, *, params=None, masks_tree=None):
+    """``(params, masks, mask_key, run_key)`` of a run's ``key``: one draw for both executions.
+
+    The masked (`init_state`) and the block-sparse (`_create_block_state`) starts share it, so
+    a bsr run starts from exactly the masked run's params and masks.
+    """
+    init_key, mask_key, run_key = jax.random.split(key, 3)
+    if params is None:
+        params = model.init(init_key, x_example[:1])["params"]
+    if masks_tree is None:
+        masks_tree = algorithm.masks_from_model(
+            params,
+            key=mask_key,
+            apply_fn=lambda q, x: model.apply({"params": q}, x),
+            batch=calibration,
+            loss_fn=_cross_entropy,
+            input_shape=x_example.shape[1:],
+        )
+    return params, masks_tree, mask_key, run_key
+
+
 def init_state(
     config: ml_collections.ConfigDict,
     model: Any,
@@ -95,18 +116,9 @@ def init_state(
     Returns:
       The state; params are already sparse (except for straight-through algorithms).
     """
-    init_key, mask_key, run_key = jax.random.split(key, 3)
-    if params is None:
-        params = model.init(init_key, x_example[:1])["params"]
-    if masks_tree is None:
-        masks_tree = algorithm.masks_from_model(
-            params,
-            key=mask_key,
-            apply_fn=lambda q, x: model.apply({"params": q}, x),
-            batch=calibration,
-            loss_fn=_cross_entropy,
-            input_shape=x_example.shape[1:],
-        )
+    params, masks_tree, mask_key, run_key = _initial_draw(
+        model, algorithm, key, x_example, calibration, params=params, masks_tree=masks_tree
+    )
     tx = optim.make_masked_optimizer(config, algorithm, key=mask_key, masks=masks_tree)
     opt_state = tx.init(params)
     if not algorithm.straight_through:
@@ -173,14 +185,11 @@ def create_train_state(
 
 def _create_block_state(config, model, algorithm, x_example, calibration, mesh):
     """`create_train_state` for ``execution="bsr"``: built eagerly, then placed."""
-    values, opt_state, run_key = block_execution.init_values(
-        config,
-        model,
-        algorithm,
-        jax.random.key(config.seed),
-        x_example,
-        calibration,
-        _cross_entropy,
+    params, masks_tree, mask_key, run_key = _initial_draw(
+        model, algorithm, jax.random.key(config.seed), x_example, calibration
+    )
+    values, opt_state = block_execution.init_values(
+        config, algorithm, params, masks_tree, key=mask_key
     )
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
