@@ -340,6 +340,19 @@ def test_jitted_step_traces_once_across_mask_update_steps(algo_name):
     assert sum(changed) >= 3, "too few mask updates happened in the steps run"
 
 
+@pytest.mark.parametrize("algo_name", list(_SPREAD))
+def test_the_mask_update_cond_carries_only_masks_not_optimizer_state(algo_name):
+    # Ordinary steps must not pay for mask updates: a cond whose branches return the
+    # optimizer moments costs XLA:CPU a pass over them every step (benchmarks/overhead.py).
+    tx = transforms.masked(optax.adam(1e-2), _SPREAD[algo_name]())
+    params = _params()
+    state = tx.init(params)
+    jaxpr = jax.make_jaxpr(lambda s: tx.update(jax.grad(loss_fn)(params), s, params))(state)
+    conds = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
+    assert len(conds) == 1
+    assert conds[0].outvars and all(v.aval.dtype == jnp.bool_ for v in conds[0].outvars)
+
+
 def test_init_under_jit_equals_eager():
     for make in (_SHORT["static"], _SHORT["magnitude"]):  # random and dense initial masks
         tx = transforms.masked(optax.adam(1e-2), make())
