@@ -35,7 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The teacher's input width: the first hidden kernel is input_dim x width.
     config.dataset.input_dim = 64 if runlocal else 4096
     config.dataset.hidden = 64
-    config.dataset.num_train = 512 if runlocal else 8000
+    # 8000 examples were memorized (train 100%, test 29%); 64000 give test ~59%.
+    config.dataset.num_train = 512 if runlocal else 64000
     config.dataset.num_test = 256 if runlocal else 1000
     config.model = ml_collections.ConfigDict(
         {"name": "mlp", "api": "linen", "features": (width, width)}
