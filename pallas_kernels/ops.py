@@ -3,7 +3,8 @@
 ``block_sparse_matmul(x, w: BSR)`` and ``nm_matmul(x, w: NM)`` compute ``x @ W`` for
 ``x`` of shape ``(..., K)``. ``impl`` picks the implementation:
 
-* ``'auto'``: Pallas on TPU and GPU, the XLA path on CPU (and anything else);
+* ``'auto'``: Pallas on TPU and on GPU within `GPU_JAX_RANGE`, the XLA path elsewhere
+  (CPU; a GPU whose JAX no longer has the Triton lowering);
 * ``'xla'``: plain XLA, correct everywhere, built to be fast on CPU;
 * ``'pallas'``: the compiled kernel for the default backend (TPU: scalar-prefetch kernel;
   GPU: Triton-lowered kernel);
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -51,14 +53,40 @@ __all__ = [
     "block_sparse_matmul_reference",
     "nm_matmul",
     "nm_matmul_reference",
+    "GPU_JAX_RANGE",
+    "gpu_kernels_supported",
     "resolve_impl",
 ]
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
+# The GPU kernels are written for Pallas' Triton lowering as it is in JAX 0.10 (compiler
+# params `pallas.triton.CompilerParams`, a generic ``jnp.dot`` in the kernel). JAX 0.11
+# deprecates that lowering for Mosaic GPU, whose kernels are warpgroup-level code; outside
+# [low, high) 'auto' runs the XLA path on GPU.
+GPU_JAX_RANGE = ((0, 10), (0, 11))
+
+
+def gpu_kernels_supported(version: str | None = None) -> bool:
+    """Whether JAX ``version`` (default: the installed one) runs the Triton GPU kernels.
+
+    True when ``version`` lies in `GPU_JAX_RANGE` and the Triton lowering imports.
+    """
+    parts = [int(p) for p in re.findall(r"\d+", version or jax.__version__)[:2]]
+    low, high = GPU_JAX_RANGE
+    if len(parts) < 2 or not low <= tuple(parts) < high:
+        return False
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
 
 def resolve_impl(impl: str) -> str:
     """Maps ``impl`` to a concrete one: ``'xla'``, ``'tpu'``, ``'gpu'`` or ``'interpret'``.
+
+    ``'auto'`` on a GPU picks ``'xla'`` when `gpu_kernels_supported` is False.
 
     Raises:
       ValueError: for an unknown ``impl`` (the message lists the known ones), or
@@ -71,8 +99,10 @@ def resolve_impl(impl: str) -> str:
         return "xla"
     if impl == "pallas_interpret":
         return "interpret"
-    if backend in ("tpu", "gpu", "cuda", "rocm"):
-        return "tpu" if backend == "tpu" else "gpu"
+    if backend == "tpu":
+        return "tpu"
+    if backend in ("gpu", "cuda", "rocm"):
+        return "gpu" if impl == "pallas" or gpu_kernels_supported() else "xla"
     if impl == "pallas":
         raise ValueError(
             f"impl='pallas' needs a TPU or GPU backend, got {backend!r}; use impl='xla' or "

@@ -174,6 +174,23 @@ def test_impl_validation():
             pk.block_sparse_matmul(x, w, impl="pallas")
 
 
+@pytest.mark.parametrize(
+    ("version", "supported"),
+    [("0.10.2", True), ("0.10.0rc1", True), ("0.9.9", False), ("0.11.0", False), ("1.0", False)],
+)
+def test_gpu_kernels_are_supported_in_the_stated_jax_range_only(version, supported):
+    assert pk.ops.gpu_kernels_supported(version) is supported
+
+
+def test_auto_on_a_gpu_falls_back_to_xla_outside_the_supported_range(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for ok, auto in ((True, "gpu"), (False, "xla")):
+        monkeypatch.setattr(pk.ops, "gpu_kernels_supported", lambda version=None, ok=ok: ok)
+        assert pk.ops.resolve_impl("auto") == auto
+        assert pk.ops.resolve_impl("pallas") == "gpu"  # asked for explicitly: tried, may fail
+        assert pk.ops.resolve_impl("xla") == "xla"
+
+
 def _nm(n, m, groups, cols, seed, packed=False):
     rng = np.random.default_rng(seed)
     shape = (groups * m, cols)
