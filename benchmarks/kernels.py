@@ -4,8 +4,8 @@
     python benchmarks/kernels.py --sweep              # + 2 sizes x 5 densities x 4 blocks
     python benchmarks/kernels.py --rounds=5 --iters=30
 
-Headline: ``Y = X @ W`` with X 256x2048, W 2048x2048 at 10% block density (32x32 blocks),
-float32, on whatever backend JAX picks. Printed, all from the same run:
+Headline: ``Y = X @ W`` with X 256x2048, W 2048x2048 at 10% block density (32x32 blocks,
+then 16x16 and 64x64), float32, on whatever backend JAX picks. Printed, all from the same run:
 
   dense          jit(jnp.dot) on the densified W (what a masked model runs)
   ours           pallas_kernels.block_sparse_matmul, impl='auto' (the XLA path on CPU)
@@ -149,6 +149,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--sweep", action="store_true", help="also sweep sizes/densities/blocks")
     parser.add_argument("--no-baselines", action="store_true", help="skip jax.sparse/scipy")
+    parser.add_argument(
+        "--blocks", type=int, nargs="+", default=[32, 16, 64], help="headline block sizes"
+    )
     args = parser.parse_args()
     kw = dict(iters=args.iters, rounds=args.rounds)
     print(
@@ -157,12 +160,12 @@ def main():
         "cores and change the ratios; measure on an idle machine)"
     )
 
-    times, stored, dense_bytes, density, err = case(
-        256, 2048, 2048, 0.1, 32, baselines=not args.no_baselines, **kw
-    )
-    print_case(
-        "X 256x2048 @ W 2048x2048, 10% of 32x32 blocks", times, stored, dense_bytes, density, err
-    )
+    for block in args.blocks:
+        times, stored, dense_bytes, density, err = case(
+            256, 2048, 2048, 0.1, block, baselines=not args.no_baselines, **kw
+        )
+        title = f"X 256x2048 @ W 2048x2048, 10% of {block}x{block} blocks"
+        print_case(title, times, stored, dense_bytes, density, err)
 
     for packed in (False, True):
         t, ratio = nm_case(256, 2048, 2048, packed=packed, **kw)
