@@ -306,7 +306,10 @@ def masked(
             if algorithm.reset_grown_moments:
                 # Empty on ordinary steps (the masks did not change).
                 grown = jax.tree.map(
-                    lambda n, o: None if n is None else n & ~o, new_masks, old_masks, is_leaf=is_none
+                    lambda n, o: None if n is None else n & ~o,
+                    new_masks,
+                    old_masks,
+                    is_leaf=is_none,
                 )
                 inner_state = reset_moments(inner_state, params, grown)
             new_masks, inner_updates, stepped_state = ordinary(new_masks, inner_state)
