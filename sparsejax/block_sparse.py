@@ -568,13 +568,8 @@ def sparse_blocks(
         pairs = jax.tree.map(one, lays, params, new_masks, grow, is_leaf=_layout_or_none)
         is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and not _is_layout(x)  # noqa: E731
         new_lays = jax.tree.map(lambda t: t[0], pairs, is_leaf=is_pair)
-        grown = jax.tree.map(
-            lambda t, v: None if t[1] is None else jnp.broadcast_to(t[1][..., None, None], v.shape),
-            pairs,
-            params,
-            is_leaf=is_pair,
-        )
-        return new_lays, grown
+        grown = jax.tree.map(lambda t: t[1], pairs, is_leaf=is_pair)
+        return new_lays, grown  # grown: bool per slot, (nb,) or (N/bn, f)
 
     def update_fn(updates, state, params=None, *, dense_grads=None, **extra_args):
         del extra_args
@@ -587,33 +582,50 @@ def sparse_blocks(
             )
         step = state.count
 
-        def ordinary():
-            inner_updates, inner_state = inner.update(updates, state.inner_state, params)
-            return state.layouts, inner_updates, inner_state
-
-        if not algorithm.updates_masks:
-            lays, out, inner_state = ordinary()
-        else:
+        out, inner_state = inner.update(updates, state.inner_state, params)
+        lays = state.layouts
+        if algorithm.updates_masks:
             if dense_grads is None:
                 raise ValueError(
                     "sparse_blocks(...).update needs dense_grads=<function returning the "
                     "dense gradients> (block_sparse.make_train_step passes it)"
                 )
-
-            def mask_update():
-                lays, grown = relayout(state, params, dense_grads, step)
-                inner_state = reset_moments(state.inner_state, params, grown)
-                # Grown slots held a dropped block: -v takes them to exactly zero.
-                out = jax.tree.map(
-                    lambda g, v: jnp.zeros_like(v) if g is None else jnp.where(g, -v, 0.0),
-                    grown,
-                    params,
-                    is_leaf=is_none,
-                )
-                return lays, out, inner_state
-
-            lays, out, inner_state = jax.lax.cond(
-                algorithm.is_update_step(step), mask_update, ordinary
+            is_update = algorithm.is_update_step(step)
+            # As in `transforms.masked`: only the layouts and the grown slots go through the
+            # cond (the dense gradient is computed inside it, on update steps only); the
+            # optimizer's skip and the moment reset are selects fused into its arithmetic,
+            # where a cond carrying values and moments would pass them through every step.
+            lays, grown_slots = jax.lax.cond(
+                is_update,
+                lambda: relayout(state, params, dense_grads, step),
+                lambda: (
+                    lays,
+                    jax.tree.map(
+                        lambda lay: None if lay is None else jnp.zeros(lay.rows.shape, bool),
+                        lays,
+                        is_leaf=_layout_or_none,
+                    ),
+                ),
+            )
+            grown = jax.tree.map(
+                lambda g, v: None if g is None else jnp.broadcast_to(g[..., None, None], v.shape),
+                grown_slots,
+                params,
+                is_leaf=is_none,
+            )
+            reset = reset_moments(state.inner_state, params, grown)
+            # Update steps: no inner step; grown slots held a dropped block, -v zeroes them.
+            out = jax.tree.map(
+                lambda g, v, u: jnp.where(
+                    is_update, jnp.zeros_like(v) if g is None else jnp.where(g, -v, 0.0), u
+                ),
+                grown,
+                params,
+                out,
+                is_leaf=is_none,
+            )
+            inner_state = jax.tree.map(
+                lambda kept, stepped: jax.lax.select(is_update, kept, stepped), reset, inner_state
             )
         new_state = SparseBlocksState(
             count=optax.safe_int32_increment(step),

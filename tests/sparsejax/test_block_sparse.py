@@ -295,6 +295,25 @@ def test_fan_in_training_keeps_exact_fan_in_in_one_trace():
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
 
 
+@pytest.mark.parametrize("layout", ["coo", "fan_in"])
+def test_the_update_cond_carries_block_positions_not_values_or_moments(layout):
+    # Ordinary steps must not pass values and Adam moments through a cond (a copy of the
+    # whole state every step on XLA:CPU); the dense gradient stays inside it.
+    algo = _algo()
+    model, params, x, y = _setup()
+    values, layouts = bs.to_block_sparse(params, algo, layout=layout)
+    tx = bs.sparse_blocks(optax.adam(1e-3), algo, layouts)
+    opt_state = tx.init(values)
+    step = bs.make_train_step(_loss_fn(model), tx)
+    jaxpr = jax.make_jaxpr(step)(values, opt_state, _batch(x, y, 0))
+    conds = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
+    assert len(conds) == 1
+    assert {str(v.aval.dtype) for v in conds[0].outvars} == {"int32", "bool"}
+    # The branch taken on update steps holds the dense products of the dense gradient.
+    update_branch = str(conds[0].params["branches"][1])
+    assert "dot_general" in update_branch
+
+
 def test_static_training_keeps_its_blocks():
     algo = _algo("static")
     model, params, x, y = _setup()
