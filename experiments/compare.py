@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import glob
 import math
+import os
 import statistics
 import sys
 from collections.abc import Sequence
@@ -94,9 +95,10 @@ def _parse_group(text: str) -> tuple[str, list[str]]:
     name, sep, pattern = text.partition("=")
     if not sep or not name or not pattern:
         raise ValueError(f"--group must be NAME=PATTERN, got {text!r}")
-    dirs = sorted(glob.glob(pattern))
+    # Folders only: a run's log file next to its workdir often matches the same pattern.
+    dirs = sorted(d for d in glob.glob(pattern) if os.path.isdir(d))
     if not dirs:
-        raise ValueError(f"--group {text!r}: no workdir matches {pattern!r}")
+        raise ValueError(f"--group {text!r}: no workdir (folder) matches {pattern!r}")
     return name, dirs
 
 

@@ -59,6 +59,9 @@ def test_bad_groups_are_refused_with_the_argument(tmp_path, capsys):
     assert compare.main(["--group", "nameonly"]) == compare.EXIT_BAD_INPUT
     assert "--group must be NAME=PATTERN, got 'nameonly'" in capsys.readouterr().err
     assert compare.main(["--group", f"x={tmp_path}/none*"]) == compare.EXIT_BAD_INPUT
-    assert "no workdir matches" in capsys.readouterr().err
+    assert "no workdir (folder) matches" in capsys.readouterr().err
+    _run(tmp_path / "run_s0", [0.5], [1.0])
+    (tmp_path / "run_s0.log").write_text("a log, not a run")
+    assert compare.main(["--group", f"x={tmp_path}/run_s0*"]) == 0  # the log is skipped
     with pytest.raises(ValueError, match="at least one workdir"):
         compare.summarize([])
