@@ -10,7 +10,8 @@ prints the number of runs, the final step, the final ``--metric``, ``test_loss``
 speed: the median over all runs of the logged ``steps_per_second`` intervals except each
 run's first (it holds the compilation). Then every other group is compared with the first:
 the difference of the metric's means with its Welch 95% interval, "within noise" when that
-interval contains zero (with three seeds a wide interval says little; it is printed).
+interval contains zero (with three seeds a wide interval says little; it is printed), and no
+verdict when a group has a single run.
 """
 
 from __future__ import annotations
@@ -82,7 +83,10 @@ def compare(groups: dict[str, Sequence[str]], metric: str = "test_accuracy") -> 
     for name in names[1:]:
         s = summaries[name]
         d, lo, hi = stats.diff_ci(s[metric], base[metric])
-        verdict = "within noise" if lo <= 0 <= hi else "differs"
+        if min(len(s[metric]), len(base[metric])) < 2:
+            verdict = "no interval: a group has one run"
+        else:
+            verdict = "within noise" if lo <= 0 <= hi else "differs"
         speed = s["steps_per_second"] / base["steps_per_second"]
         lines.append(
             f"{name} - {names[0]}: {metric} {100 * d:+.2f}, 95% CI [{100 * lo:+.2f}, "

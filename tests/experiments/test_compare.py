@@ -63,5 +63,17 @@ def test_bad_groups_are_refused_with_the_argument(tmp_path, capsys):
     _run(tmp_path / "run_s0", [0.5], [1.0])
     (tmp_path / "run_s0.log").write_text("a log, not a run")
     assert compare.main(["--group", f"x={tmp_path}/run_s0*"]) == 0  # the log is skipped
+
+
+def test_single_runs_get_no_verdict(tmp_path):
+    a, b = (
+        _run(tmp_path / "a", [0.1, 0.5], [1.0, 2.0]),
+        _run(tmp_path / "b", [0.1, 0.6], [1.0, 6.0]),
+    )
+    line = compare.compare({"a": [a], "b": [b]})[-1]
+    assert line == (
+        "b - a: test_accuracy +10.00, 95% CI [+10.00, +10.00] "
+        "(no interval: a group has one run); speed 3.00x"
+    )
     with pytest.raises(ValueError, match="at least one workdir"):
         compare.summarize([])
