@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from bench_timing import time_interleaved
+from kernels import block_mask, nm_mask
 
 import pallas_kernels as pk
 
@@ -66,6 +67,11 @@ class Report:
         else:
             self.passed += 1
             print(f"PASS  {name:<46} rel err {err:.1e}")
+
+    def close_grads(self, name: str, got, want) -> None:
+        """`close` on each of ``(y, dX, dValues)`` (`_grads`), as ``name fwd|dx|dvalues``."""
+        for part, g, r in zip(("fwd", "dx", "dvalues"), got, want):
+            self.close(f"{name} {part}", g, r)
 
     def check(self, name: str, ok: bool, detail: str) -> None:
         if ok:
@@ -94,12 +100,12 @@ def impls() -> list[str]:
     return ["xla", "pallas", "auto"]
 
 
-def block_mask(rng, shape, block, density):
-    """A bool mask keeping exactly round(density * blocks) random ``block`` blocks."""
-    kb, nb = shape[0] // block[0], shape[1] // block[1]
-    flat = np.zeros(kb * nb, bool)
-    flat[rng.choice(kb * nb, max(1, round(density * kb * nb)), replace=False)] = True
-    return np.kron(flat.reshape(kb, nb), np.ones(block, bool))
+def fan_in_blocks(w, scores, fan):
+    """Fan-in values and rows of ``w``: the ``fan`` highest ``scores`` blocks of every column."""
+    rows = np.asarray(pk.fan_in_select(jnp.asarray(scores), fan))
+    grid = np.zeros(scores.shape, bool)
+    grid[rows, np.arange(scores.shape[1])[:, None]] = True
+    return pk.fan_in_from_dense(w, grid)
 
 
 def _grads(fn, x, values):
@@ -126,16 +132,13 @@ def check_bsr(report: Report, rng, size, block) -> None:
 
         def run(impl=impl):
             fn = jax.jit(lambda x, v: pk.block_sparse_matmul(x, pk.BSR(v, layout), impl=impl))
-            got = _grads(fn, x, bsr.values)
-            for part, g, r in zip(("fwd", "dx", "dvalues"), got, want):
-                report.close(f"bsr {block[0]}x{block[1]} {impl} {part}", g, r)
+            report.close_grads(f"bsr {block[0]}x{block[1]} {impl}", _grads(fn, x, bsr.values), want)
 
         report.guard(f"bsr {block[0]}x{block[1]} {impl}", run)
 
 
 def check_nm(report: Report, rng, size) -> None:
-    scores = rng.random((size // 4, 4, size))
-    mask = (np.argsort(np.argsort(-scores, axis=1), axis=1) < 2).reshape(size, size)
+    mask = nm_mask(rng, (size, size), 2, 4)
     w = rng.standard_normal((size, size)).astype(np.float32) * mask
     x = jnp.asarray(rng.standard_normal((48, size)), jnp.float32)
     for packed in (False, True):
@@ -150,9 +153,7 @@ def check_nm(report: Report, rng, size) -> None:
 
             def run(impl=impl, want=want, with_values=with_values, nm=nm, kind=kind):
                 fn = jax.jit(lambda x, v: pk.nm_matmul(x, with_values(v), impl=impl))
-                got = _grads(fn, x, nm.values)
-                for part, g, r in zip(("fwd", "dx", "dvalues"), got, want):
-                    report.close(f"nm 2:4 {kind} {impl} {part}", g, r)
+                report.close_grads(f"nm 2:4 {kind} {impl}", _grads(fn, x, nm.values), want)
 
             report.guard(f"nm 2:4 {kind} {impl}", run)
 
@@ -161,16 +162,11 @@ def check_dynamic(report: Report, rng, size, block=(32, 32)) -> None:
     kb, nbc = size // block[0], size // block[1]
     x = jnp.asarray(rng.standard_normal((48, size)), jnp.float32)
     w = rng.standard_normal((size, size)).astype(np.float32)
-    fan = max(1, kb // 4)
-    rows = pk.fan_in_select(jnp.asarray(rng.random((kb, nbc))), fan)
-    grid = np.zeros((kb, nbc), bool)
-    grid[np.asarray(rows), np.arange(nbc)[:, None]] = True
-    values, rows = pk.fan_in_from_dense(w, grid)
+    values, rows = fan_in_blocks(w, rng.random((kb, nbc)), max(1, kb // 4))
     with jax.default_matmul_precision("highest"):
         want = _grads(lambda a, v: pk.fan_in_matmul_reference(a, v, rows), x, values)
     got = _grads(jax.jit(lambda a, v: pk.fan_in_matmul(a, v, rows)), x, values)
-    for part, g, r in zip(("fwd", "dx", "dvalues"), got, want):
-        report.close(f"fan-in {block[0]}x{block[1]} {part}", g, r)
+    report.close_grads(f"fan-in {block[0]}x{block[1]}", got, want)
     coo_grid = block_mask(rng, (size, size), block, 0.25)[:: block[0], :: block[1]]
     cvalues, crow, ccol = pk.coo_from_dense(w, coo_grid)
 
@@ -179,9 +175,7 @@ def check_dynamic(report: Report, rng, size, block=(32, 32)) -> None:
 
     with jax.default_matmul_precision("highest"):
         want = _grads(lambda a, v: pk.coo_matmul_reference(a, v, crow, ccol, n=size), x, cvalues)
-    got = _grads(jax.jit(coo), x, cvalues)
-    for part, g, r in zip(("fwd", "dx", "dvalues"), got, want):
-        report.close(f"COO {block[0]}x{block[1]} {part}", g, r)
+    report.close_grads(f"COO {block[0]}x{block[1]}", _grads(jax.jit(coo), x, cvalues), want)
 
 
 def check_training(report: Report, width: int, steps: int = 24) -> None:
@@ -268,17 +262,12 @@ def timings(rng, size, batch, iters, rounds) -> None:
     x = jnp.asarray(rng.standard_normal((batch, size)), jnp.float32)
     wd = jnp.asarray(w)
     bsr = pk.BSR.from_dense(w, mask, block_shape=block)
-    nm_mask = (np.argsort(np.argsort(-rng.random((size // 4, 4, size)), 1), 1) < 2).reshape(
-        size, size
-    )
-    nm = pk.NM.from_dense(rng.standard_normal(w.shape).astype(np.float32) * nm_mask, nm_mask)
+    nm_keep = nm_mask(rng, (size, size), 2, 4)
+    nm = pk.NM.from_dense(rng.standard_normal(w.shape).astype(np.float32) * nm_keep, nm_keep)
     grid = mask[:: block[0], :: block[1]]
     cvalues, crow, ccol = pk.coo_from_dense(w, grid)
     fan = max(1, round(grid.sum() / grid.shape[1]))
-    frows = pk.fan_in_select(jnp.asarray(grid + 0.5 * rng.random(grid.shape)), fan)
-    fgrid = np.zeros_like(grid)
-    fgrid[np.asarray(frows), np.arange(grid.shape[1])[:, None]] = True
-    fvalues, frows = pk.fan_in_from_dense(w, fgrid)
+    fvalues, frows = fan_in_blocks(w, grid + 0.5 * rng.random(grid.shape), fan)
 
     def fwd_bwd(fn):
         return jax.jit(jax.grad(lambda x, *a: jnp.sum(fn(x, *a) ** 2), argnums=(0, 1)))
